@@ -1,0 +1,418 @@
+"""Trainer side of the weight sync: quantize, pack into buckets, broadcast."""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+
+from . import wire
+from .transport import DEFAULT_TIMEOUT_S, BroadcastGroup, Transport, TransportError
+from .wire import (
+    ALIGNMENT,
+    FLAG_LAST,
+    ChecksumAlgo,
+    EndOfStep,
+    Header,
+    MessageKind,
+    TensorEntry,
+    WireLimits,
+)
+
+__all__ = ["WeightSender", "SendStats", "DEFAULT_BUCKET_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_BYTES = 256 << 20
+_END = object()
+
+
+@dataclass
+class SendStats:
+    """Per-step statistics returned by :meth:`WeightSender.send`.
+
+    Times are host wall-clock seconds. ``quantize_s`` is the time spent
+    pulling the next tensor out of the (quantizing) weight iterator, which
+    includes whatever the caller's own iterator does (e.g. gathering shards).
+    ``pack_s`` is the time to copy tensors into bucket buffers (for CUDA
+    buffers this is launch time only), ``checksum_s`` the payload checksum,
+    ``transfer_s`` the time blocked in the transport (enqueue + waiting for a
+    buffer to be free again + the final drain).
+    """
+
+    step: int
+    num_tensors: int = 0
+    num_buckets: int = 0
+    num_bytes: int = 0  # sum of tensor bytes
+    wire_bytes: int = 0  # everything broadcast: headers, manifests, payloads (incl. padding)
+    max_payload_bytes: int = 0
+    oversize_tensors: int = 0  # tensors larger than bucket_bytes, sent as their own bucket
+    buffers_allocated: int = 0  # bucket buffers held by the sender (2 once warm)
+    quantize_s: float = 0.0
+    pack_s: float = 0.0
+    checksum_s: float = 0.0
+    transfer_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Peekable:
+    """Iterator with one-item look-ahead that accounts the time spent in it."""
+
+    def __init__(self, it: Iterator, stats: SendStats) -> None:
+        self._it = it
+        self._stats = stats
+        self._head: Any = None
+        self._has_head = False
+
+    def _pull(self) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return next(self._it)
+        except StopIteration:
+            return _END
+        finally:
+            self._stats.quantize_s += time.perf_counter() - t0
+
+    def peek(self) -> Any:
+        if not self._has_head:
+            self._head = self._pull()
+            self._has_head = True
+        return self._head
+
+    def next(self) -> Any:
+        if self._has_head:
+            self._has_head = False
+            head, self._head = self._head, None
+            return head
+        return self._pull()
+
+
+class _Slot:
+    """A bucket buffer plus the transfers that still read from it."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+        self.handles: list = []
+        self.keepalive: list = []
+
+    def wait(self) -> None:
+        handles, self.handles = self.handles, []
+        try:
+            for h in handles:
+                h.wait()
+        finally:
+            self.keepalive = []
+
+
+class WeightSender:
+    """Rank 0 of the weight-sync group.
+
+    Args:
+        layout: the serving checkpoint's ``FP8Layout`` (from
+            ``vllm_fp8_overlay.formats.detect_layout``) or ``None`` to send
+            tensors as given (BF16 target). A plain dict (``layout.to_dict()``)
+            is accepted too.
+        host, port: address the TCPStore listens on (this process is the store
+            master). Receivers connect to the same address.
+        world_size: 1 + total number of receiving workers.
+        backend: ``"auto"`` (NCCL for a CUDA device, gloo for CPU), ``"gloo"``
+            or ``"nccl"``.
+        bucket_bytes: capacity of each of the two bucket buffers.
+        device: device of the bucket buffers (``None``: current CUDA device if
+            available, else CPU).
+        timeout: seconds for group creation and each collective.
+        checksum: ``"auto"`` (crc32 for CPU buffers, none for CUDA buffers),
+            ``"crc32"`` or ``"none"``.
+        transport: inject a ready transport (tests / custom transports);
+            ``host``/``port``/``world_size``/``backend`` are then ignored.
+
+    Construction blocks until every receiver has joined.
+    """
+
+    def __init__(
+        self,
+        layout: Any,
+        host: str,
+        port: int,
+        world_size: int,
+        backend: str = "auto",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        device: torch.device | str | int | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        checksum: str = "auto",
+        group_name: str = "weights",
+        limits: WireLimits = wire.DEFAULT_LIMITS,
+        transport: Transport | None = None,
+    ) -> None:
+        if not isinstance(bucket_bytes, int) or bucket_bytes < ALIGNMENT:
+            raise ValueError(f"bucket_bytes must be an int >= {ALIGNMENT}, got {bucket_bytes!r}")
+        if bucket_bytes > limits.max_bucket_bytes:
+            raise ValueError(f"bucket_bytes {bucket_bytes} > limits.max_bucket_bytes {limits.max_bucket_bytes}")
+        if checksum not in ("auto", "crc32", "none"):
+            raise ValueError(f"checksum must be 'auto', 'crc32' or 'none', got {checksum!r}")
+        self.layout = layout
+        if layout is None:
+            self._layout_dict = None
+        elif isinstance(layout, Mapping):
+            self._layout_dict = dict(layout)
+        else:
+            self._layout_dict = layout.to_dict()
+        # Fail early if the layout cannot travel.
+        wire._dumps(self._layout_dict)
+        self.bucket_bytes = bucket_bytes
+        self.limits = limits
+        if transport is None:
+            transport = BroadcastGroup(
+                host, port, world_size, 0, backend=backend, device=device, timeout=timeout, group_name=group_name
+            )
+        if transport.rank != 0:
+            raise ValueError("the sender must be rank 0")
+        self.transport = transport
+        self.device = torch.device(transport.device)
+        if checksum == "auto":
+            checksum = "crc32" if self.device.type == "cpu" else "none"
+        self._algo = ChecksumAlgo.NAMES[checksum]
+        self._slots = [_Slot(), _Slot()]
+        self._cur = 0
+        self._oversize = _Slot()
+        self._broken: str | None = None
+        self._closed = False
+        self._last_step: int | None = None
+
+    # ------------------------------------------------------------------ API
+
+    def send(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], step: int) -> SendStats:
+        """Quantize (if a layout is set), pack and broadcast one step.
+
+        ``weights`` is a state dict or an iterable of ``(hf_name, tensor)``;
+        it is consumed lazily, layer by layer. Receivers must be inside
+        ``receive_step`` / ``receive_all`` for the same step concurrently.
+        On any error the receivers get an ABORT message (when the group still
+        works) and the error is re-raised.
+        """
+        if self._closed:
+            raise TransportError("sender is closed")
+        if self._broken:
+            raise TransportError(f"sender is unusable after an earlier transport failure: {self._broken}")
+        if type(step) is not int or not 0 <= step < 2**63:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        stats = SendStats(step=step)
+        t_start = time.perf_counter()
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        if self.layout is not None and not isinstance(self.layout, Mapping):
+            from ..formats import quantize_weights
+
+            items = quantize_weights(iter(items), self.layout)
+        it = _Peekable(iter(items), stats)
+        try:
+            self._send_step(it, stats)
+        except TransportError as e:
+            self._broken = str(e)
+            raise
+        except BaseException as e:
+            self._abort(step, f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            stats.buffers_allocated = sum(s.buf is not None for s in self._slots)
+            stats.total_s = time.perf_counter() - t_start
+        self._last_step = step
+        return stats
+
+    def close(self) -> None:
+        """Wait for in-flight transfers and tear the group down. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._broken:
+                for s in (*self._slots, self._oversize):
+                    s.wait()
+        finally:
+            for s in self._slots:
+                s.buf = None
+            self.transport.close()
+
+    def __enter__(self) -> "WeightSender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ internals
+
+    def _send_step(self, it: _Peekable, stats: SendStats) -> None:
+        entries: list[TensorEntry] = []
+        end = 0
+        manifest_est = 64
+        seen: set[str] = set()
+        slot = self._acquire(self._cur, stats)
+        while True:
+            item = it.next()
+            if item is _END:
+                break
+            name, t = self._check_item(item, seen)
+            n = t.numel() * t.element_size()
+            stats.num_tensors += 1
+            stats.num_bytes += n
+            if n > self.bucket_bytes:
+                if entries:
+                    self._flush(slot, entries, end, False, stats)
+                    slot = self._next_slot(stats)
+                    entries, end, manifest_est = [], 0, 64
+                last = it.peek() is _END
+                self._send_oversize(name, t, last, stats)
+                continue
+            off = (end + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT if entries else 0
+            entry_est = len(name) + 96 + 12 * t.dim()
+            if entries and (
+                off + n > self.bucket_bytes
+                or len(entries) >= self.limits.max_tensors_per_bucket
+                or manifest_est + entry_est > self.limits.max_manifest_bytes
+            ):
+                self._flush(slot, entries, end, False, stats)
+                slot = self._next_slot(stats)
+                entries, end, manifest_est, off = [], 0, 64, 0
+            entry = TensorEntry(name=name, dtype=t.dtype, shape=tuple(t.shape), offset=off, nbytes=n)
+            t0 = time.perf_counter()
+            self._pack(slot.buf, entry, t)
+            stats.pack_s += time.perf_counter() - t0
+            entries.append(entry)
+            end = off + n
+            manifest_est += entry_est
+        if entries:
+            self._flush(slot, entries, end, True, stats)
+        summary = EndOfStep(
+            step=stats.step, num_buckets=stats.num_buckets, num_tensors=stats.num_tensors, num_bytes=stats.num_bytes
+        )
+        hdr, man = wire.encode_end(summary)
+        t0 = time.perf_counter()
+        self._broadcast_bytes(hdr, self._oversize, stats)
+        self._broadcast_bytes(man, self._oversize, stats)
+        for s in (*self._slots, self._oversize):
+            s.wait()
+        stats.transfer_s += time.perf_counter() - t0
+
+    def _check_item(self, item: Any, seen: set[str]) -> tuple[str, torch.Tensor]:
+        try:
+            name, t = item
+        except (TypeError, ValueError):
+            raise TypeError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}") from None
+        wire.validate_name(name, self.limits)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        wire.dtype_to_str(t.dtype)
+        if t.dim() > self.limits.max_dims or any(d > self.limits.max_dim_size for d in t.shape):
+            raise wire.LimitExceededError(f"{name}: shape {tuple(t.shape)} exceeds the wire limits")
+        if name in seen:
+            raise ValueError(f"tensor {name!r} appears twice in one step")
+        seen.add(name)
+        return name, t.detach()
+
+    def _acquire(self, idx: int, stats: SendStats) -> _Slot:
+        slot = self._slots[idx]
+        if slot.handles:
+            t0 = time.perf_counter()
+            slot.wait()
+            stats.transfer_s += time.perf_counter() - t0
+        if slot.buf is None:
+            slot.buf = torch.zeros(self.bucket_bytes, dtype=torch.uint8, device=self.device)
+        return slot
+
+    def _next_slot(self, stats: SendStats) -> _Slot:
+        # Seam for overlap: bucket k is in flight in slot `cur` while bucket
+        # k+1 is quantized and packed into the other slot. With gloo the
+        # broadcast runs on gloo's worker threads; with NCCL on its stream.
+        # A later CUDA-stream pipeline only needs to change _pack / _flush.
+        self._cur ^= 1
+        return self._acquire(self._cur, stats)
+
+    def _pack(self, buf: torch.Tensor, entry: TensorEntry, t: torch.Tensor) -> None:
+        # Async H2D / D2D copies are safe (same stream as the broadcast);
+        # D2H copies into a CPU buffer must be synchronous.
+        wire.pack_into(buf, entry, t, non_blocking=self.device.type == "cuda")
+
+    def _header_bytes(self, index: int, last: bool, manifest: bytes, payload: torch.Tensor, step: int) -> bytes:
+        return wire.encode_header(
+            Header(
+                kind=MessageKind.BUCKET,
+                step=step,
+                index=index,
+                flags=FLAG_LAST if last else 0,
+                manifest_len=len(manifest),
+                payload_len=payload.numel(),
+                checksum_algo=self._algo,
+                payload_checksum=wire.payload_checksum(payload, self._algo),
+                manifest_crc32=zlib.crc32(manifest),
+            )
+        )
+
+    def _broadcast_bytes(self, data: bytes, slot: _Slot, stats: SendStats) -> None:
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if self.device.type != "cpu":
+            t = t.to(self.device)
+        slot.keepalive.append(t)
+        slot.handles.append(self.transport.broadcast(t, async_op=True))
+        stats.wire_bytes += len(data)
+
+    def _dispatch(self, slot: _Slot, entries: list[TensorEntry], payload: torch.Tensor, last: bool, stats: SendStats) -> None:
+        if stats.num_buckets >= self.limits.max_buckets_per_step:
+            raise wire.LimitExceededError(f"more than {self.limits.max_buckets_per_step} buckets in one step")
+        manifest = wire.encode_manifest(entries, self._layout_dict)
+        if len(manifest) > self.limits.max_manifest_bytes:
+            raise wire.LimitExceededError(f"manifest of {len(manifest)} bytes exceeds the limit")
+        t0 = time.perf_counter()
+        hdr = self._header_bytes(stats.num_buckets, last, manifest, payload, stats.step)
+        t1 = time.perf_counter()
+        stats.checksum_s += t1 - t0
+        self._broadcast_bytes(hdr, slot, stats)
+        self._broadcast_bytes(manifest, slot, stats)
+        if payload.numel():
+            slot.keepalive.append(payload)
+            slot.handles.append(self.transport.broadcast(payload, async_op=True))
+        stats.transfer_s += time.perf_counter() - t1
+        stats.wire_bytes += payload.numel()
+        stats.max_payload_bytes = max(stats.max_payload_bytes, payload.numel())
+        stats.num_buckets += 1
+
+    def _flush(self, slot: _Slot, entries: list[TensorEntry], end: int, last: bool, stats: SendStats) -> None:
+        self._dispatch(slot, entries, slot.buf[:end], last, stats)
+
+    def _send_oversize(self, name: str, t: torch.Tensor, last: bool, stats: SendStats) -> None:
+        """A tensor larger than a bucket travels alone, straight from its own
+        memory when it already lives on the transport device."""
+        t0 = time.perf_counter()
+        self._oversize.wait()
+        stats.transfer_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if t.device == self.device and t.is_contiguous():
+            payload = wire.tensor_bytes(t)
+        else:
+            payload = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8, device=self.device)
+            payload.copy_(wire.tensor_bytes(t))
+        stats.pack_s += time.perf_counter() - t0
+        entry = TensorEntry(name=name, dtype=t.dtype, shape=tuple(t.shape), offset=0, nbytes=payload.numel())
+        stats.oversize_tensors += 1
+        self._dispatch(self._oversize, [entry], payload, last, stats)
+
+    def _abort(self, step: int, reason: str) -> None:
+        """Tell receivers the step is void so they do not hang."""
+        try:
+            for s in (*self._slots, self._oversize):
+                s.wait()
+            hdr, man = wire.encode_abort(step, reason, self.limits)
+            scratch = SendStats(step=step)
+            tmp = _Slot()
+            self._broadcast_bytes(hdr, tmp, scratch)
+            self._broadcast_bytes(man, tmp, scratch)
+            tmp.wait()
+        except Exception as e:  # the group is gone; nothing more we can do
+            self._broken = f"abort of step {step} failed: {e}"
+            logger.error("weight sync: could not notify receivers of the aborted step %d: %s", step, e)
