@@ -1,0 +1,310 @@
+"""The patch overlay: declarations, activation, status and exact reversal.
+
+A :class:`Patch` declares which vLLM releases it serves, which upstream PR
+made it unnecessary, and which functions it wraps. :func:`activate` installs a
+post-import hook per patch (``wrapt``), so a patch attaches when vLLM imports
+its target module, or at once if vLLM already did. Activation never imports
+vLLM itself and never raises into vLLM: a patch whose target no longer looks
+as written against is skipped with one warning, and ``status()`` says why.
+
+Wrapping rebinds every module global in ``vllm.*`` that refers to the target
+function (vLLM re-exports names such as ``finalize_layerwise_processing`` from
+the reload package), so the patch is seen whatever the import order, the way a
+fork would be. :func:`deactivate` puts every binding back.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import wrapt
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from . import vllm_version as _vv
+
+# A child of vLLM's own logger: when vLLM has configured logging, our lines
+# appear in its output with its format.
+logger = logging.getLogger("vllm.fp8_overlay")
+
+DISABLE_ENV = "VLLM_FP8_OVERLAY_DISABLE"
+
+
+class State(str, enum.Enum):
+    APPLIED = "applied"
+    PENDING = "pending"  # in range; waits for vLLM to import the target module
+    RETIRED = "retired upstream"
+    NOT_NEEDED = "not needed"
+    SKIPPED = "skipped: target changed"
+    DISABLED = "disabled"
+    INACTIVE = "inactive"  # in range, but the overlay is not active in this process
+    NO_VLLM = "inactive: vLLM not installed"
+
+
+class TargetMismatch(Exception):
+    """The target does not look like the code the patch was written against."""
+
+
+@dataclass
+class _Binding:
+    module: object
+    attr: str
+    original: object
+
+
+class Patch:
+    """Base class of one back-ported fix. Subclasses set the metadata and
+    implement :meth:`check` (cheap fingerprint), :meth:`apply` and, where
+    they change more than wrapped functions, :meth:`revert_extra`."""
+
+    id: str = ""
+    title: str = ""
+    #: vLLM releases the patch applies to (a ``packaging`` specifier).
+    serves: SpecifierSet = SpecifierSet()
+    #: first vLLM release that no longer needs it (the fix is upstream).
+    fixed_in: Version = Version("0")
+    upstream: str = ""
+    #: what is wrong before the first release the patch serves, e.g. why the
+    #: older releases do not need it.
+    not_needed_before: str = ""
+    #: module whose import triggers the patch.
+    trigger_module: str = "vllm.model_executor.model_loader.reload"
+    #: human-readable names of what the patch changes (for status / COMPAT).
+    targets: tuple[str, ...] = ()
+    #: ids of patches that must be applied for this one to be correct.
+    requires: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._bindings: list[_Binding] = []
+
+    # -- to implement -----------------------------------------------------
+    def check(self) -> None:
+        """Raise :class:`TargetMismatch` if the target changed."""
+
+    def apply(self) -> None:
+        raise NotImplementedError
+
+    def revert_extra(self) -> None:
+        """Undo changes other than wrapped functions (default: none)."""
+
+    # -- helpers ----------------------------------------------------------
+    def wrap(self, module_name: str, attr: str, wrapper: Callable) -> None:
+        """Wrap ``module.attr`` with ``wrapper(wrapped, instance, args, kwargs)``
+        and rebind every ``vllm.*`` global that refers to the same function."""
+        module = sys.modules[module_name]
+        original = getattr(module, attr)
+        proxy = wrapt.FunctionWrapper(original, wrapper)
+        for mod_name, mod in list(sys.modules.items()):
+            if mod is None or not (mod_name == "vllm" or mod_name.startswith("vllm.")):
+                continue
+            namespace = getattr(mod, "__dict__", None)
+            if not namespace:
+                continue
+            for name, value in list(namespace.items()):
+                if value is original:
+                    setattr(mod, name, proxy)
+                    self._bindings.append(_Binding(mod, name, original))
+
+    def revert(self) -> None:
+        for binding in reversed(self._bindings):
+            current = getattr(binding.module, binding.attr, None)
+            if isinstance(current, wrapt.FunctionWrapper) and current.__wrapped__ is binding.original:
+                setattr(binding.module, binding.attr, binding.original)
+        self._bindings.clear()
+        self.revert_extra()
+
+    # -- declarations -----------------------------------------------------
+    def state_for(self, version: Version | None) -> tuple[State, str]:
+        """The state this patch takes on a vLLM release, from declarations only."""
+        if version is None:
+            return State.NO_VLLM, "vLLM is not installed"
+        if version >= self.fixed_in:
+            return State.RETIRED, f"fixed upstream in vLLM {self.fixed_in} ({self.upstream})"
+        if self.serves.contains(version, prereleases=True):
+            return State.APPLIED, self.title
+        return State.NOT_NEEDED, self.not_needed_before
+
+
+@dataclass
+class PatchStatus:
+    id: str
+    state: State
+    reason: str
+    serves: str
+    fixed_in: str
+    upstream: str
+    targets: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "reason": self.reason,
+            "serves": self.serves,
+            "fixed_in": self.fixed_in,
+            "upstream": self.upstream,
+            "targets": list(self.targets),
+        }
+
+
+class Overlay:
+    """Holds the runtime state of all patches in this process."""
+
+    def __init__(self, patches: Iterable[Patch]):
+        self.patches = list(patches)
+        self._lock = threading.RLock()
+        self._active = False
+        self._hooks_registered: set[str] = set()
+        self._runtime: dict[str, tuple[State, str]] = {}
+        self._announced = False
+        self.version: Version | None = None
+
+    # -- activation -------------------------------------------------------
+    def activate(self) -> None:
+        with self._lock:
+            if self._active:
+                return
+            if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0", "false", "False"):
+                for p in self.patches:
+                    self._runtime[p.id] = (State.DISABLED, f"{DISABLE_ENV} is set")
+                return
+            self._active = True
+            self.version = _vv.installed_vllm_version()
+            triggers: list[str] = []
+            for patch in self.patches:
+                state, reason = patch.state_for(self.version)
+                if state is State.APPLIED:
+                    self._runtime[patch.id] = (
+                        State.PENDING,
+                        f"applies when {patch.trigger_module} is imported",
+                    )
+                    if patch.trigger_module not in triggers:
+                        triggers.append(patch.trigger_module)
+                else:
+                    self._runtime[patch.id] = (state, reason)
+            # Register only once every state is known: a hook whose module is
+            # already imported runs during registration.
+            for module_name in triggers or ["vllm"]:
+                # With nothing to attach, the "vllm" hook only announces.
+                self._register(module_name)
+
+    def deactivate(self) -> None:
+        """Undo every applied patch; vLLM is left exactly as it was."""
+        with self._lock:
+            for patch in reversed(self.patches):
+                state, _ = self._runtime.get(patch.id, (None, ""))
+                if state is State.APPLIED:
+                    patch.revert()
+            self._runtime.clear()
+            self._active = False
+            self._announced = False
+
+    def _register(self, module_name: str) -> None:
+        # wrapt calls the hook at once if the module is already imported.
+        # Hooks cannot be unregistered, so each is registered once per
+        # process and does nothing while the overlay is inactive.
+        if module_name in self._hooks_registered:
+            if module_name in sys.modules:
+                self._on_import(sys.modules[module_name])
+            return
+        self._hooks_registered.add(module_name)
+        wrapt.register_post_import_hook(self._on_import, module_name)
+
+    def _on_import(self, module) -> None:
+        try:
+            with self._lock:
+                if not self._active:
+                    return
+                if self.version is None:
+                    self.version = _vv.installed_vllm_version()
+                name = getattr(module, "__name__", "")
+                for patch in self.patches:
+                    if patch.trigger_module != name:
+                        continue
+                    if self._runtime.get(patch.id, (None,))[0] is not State.PENDING:
+                        continue
+                    self._apply_one(patch)
+                self._announce()
+        except Exception:  # never break vLLM start-up
+            logger.exception("vllm-fp8-overlay: unexpected error while patching; vLLM left unpatched")
+            self._revert_all_quietly()
+
+    def _apply_one(self, patch: Patch) -> None:
+        for dep in patch.requires:
+            if self._runtime.get(dep, (None,))[0] is not State.APPLIED:
+                dep_state, dep_reason = self._runtime.get(dep, (State.NOT_NEEDED, ""))
+                if dep_state is State.NOT_NEEDED or dep_state is State.RETIRED:
+                    continue  # vLLM already behaves as the dependency would make it
+                self._runtime[patch.id] = (
+                    State.SKIPPED,
+                    f"requires patch {dep!r}, which is {dep_state.value}",
+                )
+                logger.warning("vllm-fp8-overlay: patch %s skipped: requires %s", patch.id, dep)
+                return
+        try:
+            patch.check()
+        except TargetMismatch as exc:
+            self._runtime[patch.id] = (State.SKIPPED, str(exc))
+            logger.warning("vllm-fp8-overlay: patch %s skipped: %s", patch.id, exc)
+            return
+        try:
+            patch.apply()
+        except Exception as exc:
+            patch.revert()
+            self._runtime[patch.id] = (State.SKIPPED, f"apply failed: {exc!r}")
+            logger.warning("vllm-fp8-overlay: patch %s skipped: apply failed: %r", patch.id, exc)
+            return
+        self._runtime[patch.id] = (State.APPLIED, patch.title)
+
+    def _announce(self) -> None:
+        if self._announced:
+            return
+        if any(s is State.PENDING for s, _ in self._runtime.values()):
+            return
+        self._announced = True
+        applied = [p.id for p in self.patches if self._runtime[p.id][0] is State.APPLIED]
+        logger.info(
+            "vllm-fp8-overlay active for vLLM %s: %s",
+            self.version,
+            ", ".join(applied) if applied else "no patch needed",
+        )
+
+    def _revert_all_quietly(self) -> None:
+        for patch in self.patches:
+            try:
+                patch.revert()
+            except Exception:
+                pass
+            if self._runtime.get(patch.id, (None,))[0] is State.APPLIED:
+                self._runtime[patch.id] = (State.SKIPPED, "reverted after an unexpected error")
+
+    # -- reporting --------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def status(self) -> list[PatchStatus]:
+        version = self.version or _vv.installed_vllm_version()
+        out = []
+        for patch in self.patches:
+            state, reason = self._runtime.get(patch.id) or patch.state_for(version)
+            if not self._active and patch.id not in self._runtime and state is State.APPLIED:
+                state, reason = State.INACTIVE, "overlay not activated in this process"
+            out.append(
+                PatchStatus(
+                    id=patch.id,
+                    state=state,
+                    reason=reason,
+                    serves=str(patch.serves),
+                    fixed_in=str(patch.fixed_in),
+                    upstream=patch.upstream,
+                    targets=patch.targets,
+                )
+            )
+        return out
