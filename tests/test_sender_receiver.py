@@ -1,0 +1,386 @@
+"""Sender + receiver: in-process (recorded stream) and over real gloo."""
+
+import hashlib
+import socket
+import zlib
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from vllm_fp8_overlay.sync import (
+    ChecksumError,
+    LimitExceededError,
+    ProtocolError,
+    ReceiverBrokenError,
+    StepAbortedError,
+    TruncatedStepError,
+    WeightReceiver,
+    WeightSender,
+    WireLimits,
+)
+from vllm_fp8_overlay.sync import wire
+from vllm_fp8_overlay.sync.transport import BroadcastGroup, RecordingTransport, ReplayTransport
+
+TIMEOUT_S = 90
+
+try:
+    from vllm_fp8_overlay.formats import detect_layout, quantize_weights
+
+    HAVE_FORMATS = True
+except ImportError:  # pragma: no cover - formats module not installed
+    HAVE_FORMATS = False
+
+
+def _fp8_layout():
+    if not HAVE_FORMATS:
+        pytest.skip("vllm_fp8_overlay.formats not available")
+    cfg = {
+        "hidden_size": 128,
+        "quantization_config": {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        },
+    }
+    return detect_layout(cfg)
+
+
+def _state_dict(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(3):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = torch.randn(128, 128, generator=g).bfloat16()
+        sd[p + "mlp.down_proj.weight"] = torch.randn(128, 256, generator=g).bfloat16()
+        sd[p + "input_layernorm.weight"] = torch.randn(128, generator=g).bfloat16()
+    sd["model.embed_tokens.weight"] = torch.randn(400, 128, generator=g).bfloat16()  # > bucket: own bucket
+    sd["model.norm.weight"] = torch.randn(128, generator=g).bfloat16()
+    sd["extra.f8"] = torch.randn(16, 16, generator=g).to(torch.float8_e4m3fn)
+    sd["extra.i64"] = torch.arange(7, dtype=torch.int64)
+    sd["extra.scalar"] = torch.tensor(1.5)
+    sd["extra.empty"] = torch.zeros(0, 4)
+    return sd
+
+
+def _digest(t: torch.Tensor) -> tuple:
+    return (str(t.dtype), tuple(t.shape), hashlib.sha256(wire.tensor_bytes(t.cpu()).numpy().tobytes()).hexdigest())
+
+
+def _digests(named) -> dict:
+    return {n: _digest(t) for n, t in named}
+
+
+def _record(sd, step=0, layout=None, bucket_bytes=80 << 10, **kw):
+    rec = RecordingTransport()
+    sender = WeightSender(layout, "", 0, 0, bucket_bytes=bucket_bytes, transport=rec, **kw)
+    stats = sender.send(sd, step=step)
+    return rec.messages, stats, sender
+
+
+def _receiver(messages, **kw):
+    return WeightReceiver("", 0, 0, 0, transport=ReplayTransport(messages), **kw)
+
+
+# ------------------------------------------------------------- in-process
+
+
+def test_round_trip_streaming_and_receive_all():
+    sd = _state_dict(0)
+    msgs, stats, _ = _record(sd, step=7)
+    assert stats.num_tensors == len(sd) and stats.num_buckets > 3 and stats.oversize_tensors == 1
+
+    got = {}
+    manifests = []
+
+    def on_bucket(tensors, manifest):
+        manifests.append(manifest)
+        for n, t in tensors:
+            got[n] = _digest(t)  # views are only valid during the call
+
+    summary = _receiver(msgs).receive_step(on_bucket, expected_step=7)
+    assert summary.num_buckets == stats.num_buckets == len(manifests)
+    assert manifests[-1].last and not any(m.last for m in manifests[:-1])
+    assert got == _digests(sd.items())
+
+    out = _receiver(msgs).receive_all()
+    assert out.step == 7 and [n for n, _ in out.tensors] == list(sd)
+    assert _digests(out.tensors) == _digests(sd.items())
+
+
+def test_iter_buckets_and_generator_input():
+    sd = _state_dict(1)
+    msgs, _, _ = _record(iter(list(sd.items())), step=2)
+    r = _receiver(msgs)
+    names = [n for b in r.iter_buckets() for n, _ in b.tensors]
+    assert names == list(sd)
+    assert r.last_step == 2
+
+
+def test_bounded_memory_bucket_count():
+    """Equal-sized tensors: greedy packing gives an exact bucket count, the
+    sender keeps two buffers, and no payload exceeds the bucket size."""
+    n, each = 40, 4096  # bytes per tensor (multiple of the alignment)
+    sd = {f"w.{i}": torch.zeros(each // 4) for i in range(n)}
+    for per_bucket in (1, 3, 8):
+        _, stats, sender = _record(sd, bucket_bytes=per_bucket * each)
+        assert stats.num_buckets == -(-n // per_bucket)
+        assert stats.max_payload_bytes <= per_bucket * each
+        assert stats.buffers_allocated == 2
+        assert all(s.buf.numel() == per_bucket * each for s in sender._slots)
+
+
+def test_receiver_reuses_one_streaming_buffer():
+    sd = {f"w.{i}": torch.randn(1024) for i in range(10)}
+    msgs, stats, _ = _record(sd, bucket_bytes=8192)
+    r = _receiver(msgs)
+    allocs = []
+    orig = r._alloc
+    r._alloc = lambda n: allocs.append(n) or orig(n)
+    r.receive_step(lambda ts, m: None)
+    assert stats.num_buckets == 5
+    assert [a for a in allocs if a > 4096] == [8192]  # one payload buffer, reused
+
+
+def test_fp8_layout_round_trip_in_process():
+    layout = _fp8_layout()
+    sd = _state_dict(2)
+    msgs, stats, _ = _record(sd, layout=layout, step=1)
+    out = _receiver(msgs).receive_all()
+    expected = list(quantize_weights(iter(sd.items()), layout))
+    assert any(t.dtype == torch.float8_e4m3fn for _, t in expected)
+    assert _digests(out.tensors) == _digests(expected)
+    assert out.layout == layout.to_dict()
+
+
+def test_multiple_steps_on_one_stream():
+    a, b = _state_dict(3), _state_dict(4)
+    rec = RecordingTransport()
+    s = WeightSender(None, "", 0, 0, bucket_bytes=32 << 10, transport=rec)
+    s.send(a, step=1)
+    s.send(b, step=2)
+    r = _receiver(rec.messages)
+    assert _digests(r.receive_all(expected_step=1).tensors) == _digests(a.items())
+    assert _digests(r.receive_all(expected_step=2).tensors) == _digests(b.items())
+
+
+def test_empty_step():
+    msgs, stats, _ = _record({}, step=3)
+    assert stats.num_buckets == 0
+    out = _receiver(msgs).receive_all()
+    assert out.tensors == [] and out.summary.num_buckets == 0
+
+
+# ------------------------------------------------------- errors / recovery
+
+
+def _split_messages(msgs):
+    """Group the recorded broadcasts into messages: [header, manifest, (payload)]."""
+    out, i = [], 0
+    while i < len(msgs):
+        h = wire.decode_header(msgs[i])
+        n = 3 if h.payload_len else 2
+        out.append(msgs[i : i + n])
+        i += n
+    return out
+
+
+def _flat(groups):
+    return [m for g in groups for m in g]
+
+
+def _two_steps():
+    rec = RecordingTransport()
+    s = WeightSender(None, "", 0, 0, bucket_bytes=80 << 10, transport=rec)
+    s.send(_state_dict(5), step=1)
+    n1 = len(rec.messages)
+    s.send(_state_dict(6), step=2)
+    return _split_messages(rec.messages[:n1]), rec.messages[n1:]
+
+
+def test_checksum_mismatch_is_detected_and_drained():
+    step1, step2 = _two_steps()
+    bad = bytearray(step1[1][2])
+    bad[10] ^= 0xFF
+    step1[1][2] = bytes(bad)
+    r = _receiver(_flat(step1) + step2)
+    with pytest.raises(ChecksumError):
+        r.receive_step(lambda ts, m: None)
+    assert r.broken is None
+    assert _digests(r.receive_all(expected_step=2).tensors) == _digests(_state_dict(6).items())
+
+
+def test_truncated_step_missing_last_bucket():
+    step1, step2 = _two_steps()
+    del step1[-2]  # drop the last bucket, keep END
+    r = _receiver(_flat(step1) + step2)
+    with pytest.raises(TruncatedStepError):
+        r.receive_all()
+    assert r.receive_all().step == 2
+
+
+def test_missing_middle_bucket_is_a_protocol_error():
+    step1, step2 = _two_steps()
+    del step1[1]
+    r = _receiver(_flat(step1) + step2)
+    with pytest.raises(ProtocolError):
+        r.receive_all()
+    assert r.receive_all().step == 2
+
+
+def test_unexpected_step():
+    step1, step2 = _two_steps()
+    r = _receiver(_flat(step1) + step2)
+    with pytest.raises(ProtocolError, match="expected step 5"):
+        r.receive_all(expected_step=5)
+    assert r.receive_all(expected_step=2).step == 2
+
+
+def test_on_bucket_failure_drains_rest_of_step():
+    step1, step2 = _two_steps()
+    r = _receiver(_flat(step1) + step2)
+
+    def boom(ts, m):
+        raise KeyError("unknown parameter")
+
+    with pytest.raises(KeyError):
+        r.receive_step(boom)
+    assert r.receive_all().step == 2
+
+
+def test_sender_abort_reaches_receiver():
+    def gen():
+        yield "a.weight", torch.randn(4096)
+        yield "b.weight", torch.randn(4096)
+        raise RuntimeError("quantization exploded")
+
+    rec = RecordingTransport()
+    s = WeightSender(None, "", 0, 0, bucket_bytes=16 << 10, transport=rec)
+    with pytest.raises(RuntimeError, match="exploded"):
+        s.send(gen(), step=1)
+    n1 = len(rec.messages)
+    s.send({"c": torch.ones(3)}, step=2)
+    r = _receiver(rec.messages)
+    with pytest.raises(StepAbortedError, match="exploded"):
+        r.receive_all()
+    assert r.broken is None
+    assert [n for n, _ in r.receive_all().tensors] == ["c"]
+    assert n1 < len(rec.messages)
+
+
+def test_sender_rejects_bad_input():
+    rec = RecordingTransport()
+    s = WeightSender(None, "", 0, 0, bucket_bytes=4096, transport=rec)
+    with pytest.raises(wire.ManifestError):
+        s.send({"bad name!": torch.ones(1)}, step=0)
+    with pytest.raises(ValueError, match="twice"):
+        s.send([("a", torch.ones(1)), ("a", torch.ones(1))], step=0)
+    with pytest.raises(ValueError):
+        s.send({}, step=-1)
+    with pytest.raises(ValueError):
+        WeightSender(None, "", 0, 0, bucket_bytes=8, transport=RecordingTransport())
+
+
+def test_bad_magic_breaks_receiver_loudly():
+    msgs, _, _ = _record({"a": torch.ones(4)})
+    msgs[0] = b"XXXX" + msgs[0][4:]
+    r = _receiver(msgs)
+    with pytest.raises(wire.BadMagicError):
+        r.receive_all()
+    assert r.broken
+    with pytest.raises(ReceiverBrokenError):
+        r.receive_all()
+
+
+def test_oversized_payload_claim_is_not_allocated():
+    man = b'{"layout":null,"tensors":[]}'
+    hdr = wire.encode_header(
+        wire.Header(kind=wire.MessageKind.BUCKET, step=0, manifest_len=len(man), payload_len=1 << 40,
+                    manifest_crc32=zlib.crc32(man))
+    )
+    r = _receiver([hdr, man], limits=WireLimits(max_bucket_bytes=1 << 20))
+    allocs = []
+    r._alloc = lambda n: allocs.append(n) or torch.empty(n, dtype=torch.uint8)
+    with pytest.raises(LimitExceededError):
+        r.receive_all()
+    assert allocs == []  # rejected from the header alone
+
+
+def test_require_checksum():
+    msgs, _, _ = _record({"a": torch.ones(4)}, checksum="none")
+    with pytest.raises(ChecksumError):
+        _receiver(msgs, require_checksum=True).receive_all()
+    assert _receiver(msgs).receive_all().tensors[0][0] == "a"
+
+
+# ------------------------------------------------------------- real gloo
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _receiver_proc(port, world_size, rank, steps, q):
+    try:
+        with WeightReceiver("127.0.0.1", port, world_size, rank, backend="gloo", timeout=60) as r:
+            for step in steps:
+                if rank % 2:  # streaming path
+                    got = {}
+
+                    def on_bucket(tensors, manifest):
+                        got.update(_digests(tensors))
+
+                    summary = r.receive_step(on_bucket, expected_step=step)
+                    q.put((rank, step, got, summary.num_buckets))
+                else:  # whole-step path
+                    out = r.receive_all(expected_step=step)
+                    q.put((rank, step, _digests(out.tensors), out.summary.num_buckets))
+    except BaseException as e:  # pragma: no cover - reported to the parent
+        q.put((rank, -1, repr(e), 0))
+
+
+def test_gloo_one_sender_two_receivers_three_steps():
+    layout = _fp8_layout() if HAVE_FORMATS else None
+    plain_steps = [0, 1, 2]
+    fp8_steps = [3, 4, 5] if layout is not None else []
+    steps = plain_steps + fp8_steps
+    port = _free_port()
+    world_size = 3
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_receiver_proc, args=(port, world_size, r, steps, q), daemon=True) for r in (1, 2)]
+    for p in procs:
+        p.start()
+    try:
+        group = BroadcastGroup("127.0.0.1", port, world_size, 0, backend="gloo", timeout=TIMEOUT_S)
+        plain = WeightSender(None, "", 0, 0, bucket_bytes=80 << 10, transport=group)
+        expected = {}
+        for step in plain_steps:
+            sd = _state_dict(100 + step)
+            stats = plain.send(sd, step=step)
+            assert stats.num_buckets >= 4
+            expected[step] = (_digests(sd.items()), stats.num_buckets)
+        if fp8_steps:
+            fp8 = WeightSender(layout, "", 0, 0, bucket_bytes=80 << 10, transport=group)
+            for step in fp8_steps:
+                sd = _state_dict(100 + step)
+                stats = fp8.send(sd, step=step)
+                ref = list(quantize_weights(iter(sd.items()), layout))
+                assert sum(t.dtype == torch.float8_e4m3fn for _, t in ref) >= 6
+                expected[step] = (_digests(ref), stats.num_buckets)
+        results = [q.get(timeout=TIMEOUT_S) for _ in range(len(procs) * len(steps))]
+        group.close()
+    finally:
+        for p in procs:
+            p.join(timeout=TIMEOUT_S)
+            if p.is_alive():
+                p.kill()
+    for rank, step, got, nb in results:
+        assert step >= 0, got
+        assert got == expected[step][0], (rank, step)  # bitwise identical
+        assert nb == expected[step][1]
+    assert sorted((r, s) for r, s, _, _ in results) == sorted((r, s) for r in (1, 2) for s in steps)
+    assert all(p.exitcode == 0 for p in procs)
