@@ -246,9 +246,9 @@ class WeightReceiver:
         try:
             self.transport.broadcast(self._hdr)
             return wire.decode_header(self._to_bytes(self._hdr), self.limits)
-        except (WireError, TransportError) as e:
-            # The sizes of what follows are unknown or untrusted: we cannot
-            # resynchronise with the trainer.
+        except BaseException as e:
+            # The sizes of what follows are unknown or untrusted (or the
+            # collective was interrupted): we cannot resynchronise.
             self._broken = f"{type(e).__name__}: {e}"
             raise
 
@@ -273,7 +273,7 @@ class WeightReceiver:
             if p:
                 self.transport.broadcast(payload)
             return manifest, payload
-        except (WireError, TransportError, RuntimeError) as e:
+        except BaseException as e:
             self._broken = f"{type(e).__name__}: {e}"
             raise
 

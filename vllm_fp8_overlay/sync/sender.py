@@ -158,13 +158,12 @@ class WeightSender:
             raise ValueError(f"bucket_bytes {bucket_bytes} > limits.max_bucket_bytes {limits.max_bucket_bytes}")
         if checksum not in ("auto", "crc32", "none"):
             raise ValueError(f"checksum must be 'auto', 'crc32' or 'none', got {checksum!r}")
+        if isinstance(layout, Mapping):
+            from ..formats import FP8Layout
+
+            layout = FP8Layout.from_dict(layout)
         self.layout = layout
-        if layout is None:
-            self._layout_dict = None
-        elif isinstance(layout, Mapping):
-            self._layout_dict = dict(layout)
-        else:
-            self._layout_dict = layout.to_dict()
+        self._layout_dict = None if layout is None else layout.to_dict()
         # Fail early if the layout cannot travel.
         wire._dumps(self._layout_dict)
         self.bucket_bytes = bucket_bytes
@@ -207,7 +206,7 @@ class WeightSender:
         stats = SendStats(step=step)
         t_start = time.perf_counter()
         items = weights.items() if isinstance(weights, Mapping) else weights
-        if self.layout is not None and not isinstance(self.layout, Mapping):
+        if self.layout is not None:
             from ..formats import quantize_weights
 
             items = quantize_weights(iter(items), self.layout)
