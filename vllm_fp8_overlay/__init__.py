@@ -1,8 +1,9 @@
 """vllm-fp8-overlay: version-gated vLLM reload fixes and exact FP8 weight sync.
 
 Importing the package activates the overlay (cheaply: vLLM is not imported;
-patches attach when vLLM imports their targets). Set
-``VLLM_FP8_OVERLAY_DISABLE=1`` to switch it off.
+patches attach when vLLM imports their targets), and so does vLLM's
+``vllm.general_plugins`` hook in every vLLM process. Set
+``VLLM_FP8_OVERLAY_DISABLE=1`` to switch that automatic activation off.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ _OVERLAY = Overlay(cls() for cls in PATCH_CLASSES)
 
 
 def activate() -> None:
-    """Activate the overlay in this process (idempotent)."""
+    """Activate the overlay in this process (idempotent). Explicit activation
+    ignores ``VLLM_FP8_OVERLAY_DISABLE``, which governs only the automatic one."""
     _OVERLAY.activate()
+
+
+def auto_activate() -> None:
+    """What importing the package and vLLM's plugin hook do: activate unless
+    ``VLLM_FP8_OVERLAY_DISABLE`` is set."""
+    _OVERLAY.auto_activate()
 
 
 def deactivate() -> None:
@@ -45,6 +53,7 @@ __all__ = [
     "PatchStatus",
     "State",
     "activate",
+    "auto_activate",
     "deactivate",
     "installed_vllm_version",
     "is_active",
@@ -52,4 +61,4 @@ __all__ = [
     "__version__",
 ]
 
-activate()
+auto_activate()

@@ -36,6 +36,10 @@ logger = logging.getLogger("vllm.fp8_overlay")
 DISABLE_ENV = "VLLM_FP8_OVERLAY_DISABLE"
 
 
+def disabled_by_env() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 class State(str, enum.Enum):
     APPLIED = "applied"
     PENDING = "pending"  # in range; waits for vLLM to import the target module
@@ -166,13 +170,20 @@ class Overlay:
         self.version: Version | None = None
 
     # -- activation -------------------------------------------------------
+    def auto_activate(self) -> None:
+        """Activation on import and from vLLM's plugin hook: honours DISABLE_ENV."""
+        with self._lock:
+            if disabled_by_env():
+                if not self._active:
+                    for p in self.patches:
+                        self._runtime[p.id] = (State.DISABLED, f"{DISABLE_ENV} is set")
+                return
+            self.activate()
+
     def activate(self) -> None:
+        """Explicit activation: always activates, whatever DISABLE_ENV says."""
         with self._lock:
             if self._active:
-                return
-            if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0", "false", "False"):
-                for p in self.patches:
-                    self._runtime[p.id] = (State.DISABLED, f"{DISABLE_ENV} is set")
                 return
             self._active = True
             self.version = _vv.installed_vllm_version()

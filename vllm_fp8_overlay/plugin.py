@@ -9,6 +9,6 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from . import activate
+    from . import auto_activate
 
-    activate()
+    auto_activate()

@@ -1,0 +1,136 @@
+"""A vLLM worker extension that observes a layerwise reload from inside the worker.
+
+Used by the compatibility-matrix tests through ``collective_rpc`` so that the
+same observation works with the engine in-process and with tensor-parallel
+worker processes. It drives vLLM's own reload API; it patches nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+LAYERWISE = "vllm.model_executor.model_loader.reload.layerwise"
+FAILED = "Failed to load weights"
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _load_dir(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+class ReloadProbe:
+    """Mixed into vLLM's worker class (``worker_extension_cls``)."""
+
+    # -- overlay control in this worker process ---------------------------
+    def probe_overlay(self, on: bool | None = None) -> list[dict]:
+        import vllm_fp8_overlay as overlay
+
+        if on is True:
+            overlay.activate()
+        elif on is False:
+            overlay.deactivate()
+        return [s.as_dict() for s in overlay.status()]
+
+    def probe_touched(self) -> list[str]:
+        """Every ``vllm.*`` global currently bound to an overlay wrapper, and
+        the names the overlay added to ``SKIP_TENSORS``."""
+        import sys
+
+        import wrapt
+
+        touched = []
+        for mod_name, mod in list(sys.modules.items()):
+            if mod is None or not (mod_name == "vllm" or mod_name.startswith("vllm.")):
+                continue
+            for attr, value in list(getattr(mod, "__dict__", {}).items()):
+                if isinstance(value, wrapt.FunctionWrapper) and getattr(
+                    getattr(value, "_self_wrapper", None), "__module__", ""
+                ).startswith("vllm_fp8_overlay"):
+                    touched.append(f"{mod_name}.{attr}")
+        meta = sys.modules.get("vllm.model_executor.model_loader.reload.meta")
+        if meta is not None and "e_score_correction_bias" in getattr(meta, "SKIP_TENSORS", ()):
+            touched.append("SKIP_TENSORS+e_score_correction_bias")
+        return sorted(touched)
+
+    # -- observations -----------------------------------------------------
+    def probe_digest(self) -> dict[str, str]:
+        """sha256 of every parameter and buffer's bytes, by name."""
+        model = self.model_runner.model
+        out = {}
+        seen = set()
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)
+        ):
+            data = t.detach().contiguous().cpu().reshape(-1)
+            key = (name, id(t))
+            if key in seen:
+                continue
+            seen.add(key)
+            out[name] = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()[:24]
+        return out
+
+    def probe_tensor(self, name: str) -> list[float]:
+        model = self.model_runner.model
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+        return tensors[name].detach().float().cpu().flatten().tolist()
+
+    def probe_reload(self, checkpoint_dir: str) -> dict:
+        """Reload the checkpoint layerwise with vLLM's API and report what happened."""
+        import importlib
+
+        reload_pkg = importlib.import_module("vllm.model_executor.model_loader.reload")
+        layerwise = importlib.import_module(LAYERWISE)
+        model = self.model_runner.model
+        weights = _load_dir(checkpoint_dir)
+
+        collect = _Collect()
+        log = logging.getLogger(LAYERWISE)
+        old_level = log.level
+        log.addHandler(collect)
+        log.setLevel(logging.DEBUG)
+        try:
+            device = getattr(self, "device", None) or next(model.parameters()).device
+            with torch.device(device):
+                reload_pkg.initialize_layerwise_reload(model)
+                model.load_weights(iter(weights.items()))
+                incomplete = []
+                buffered = 0
+                for module in model.modules():
+                    info = layerwise.get_layerwise_info(module)
+                    if info.load_numel_total is None:
+                        continue
+                    buffered += len(info.loaded_weights)
+                    if 0 < info.load_numel < info.load_numel_total:
+                        incomplete.append(
+                            [type(module).__name__, int(info.load_numel), int(info.load_numel_total)]
+                        )
+                reload_pkg.finalize_layerwise_reload(model, self.model_config)
+        finally:
+            log.removeHandler(collect)
+            log.setLevel(old_level)
+        warned = sorted(m.split(":")[0] for m in collect.messages if FAILED in m)
+        delayed = sorted(m.split(":")[0] for m in collect.messages if "Delayed processing" in m)
+        return {
+            "failed_to_load_warnings": warned,
+            "delayed_processing": delayed,
+            "incomplete_at_finalize": sorted(incomplete),
+            "buffered_at_finalize": buffered,
+        }
