@@ -1,0 +1,385 @@
+"""Trainer-side driver of the weight sync into running vLLM servers.
+
+One :class:`WeightSyncClient` owns the :class:`~.sender.WeightSender` (rank 0)
+and talks to every vLLM server through ``collective_rpc`` -- in-process
+``vllm.LLM`` objects directly, ``vllm serve`` processes over HTTP
+(``POST /collective_rpc``, a route vLLM exposes only with
+``VLLM_SERVER_DEV_MODE=1``). Every server must run with
+``--worker-extension-cls vllm_fp8_overlay.sync.worker_extension.WeightSyncExtension``.
+
+::
+
+    from vllm_fp8_overlay.sync.client import attach_llm, WeightSyncClient
+
+    client = attach_llm(llm, host="127.0.0.1", port=29600)        # layout="auto"
+    # or: WeightSyncClient(["http://10.0.0.7:8000", "http://10.0.0.8:8000"], host=..., port=...)
+    for step in range(n):
+        train_one_step(model)
+        report = client.push(model.state_dict(), step)   # raises if any worker failed
+    client.close()
+
+The receivers' calls block until the step is complete, so each is issued from
+a helper thread; ``push`` then runs ``WeightSender.send`` in the calling
+thread, waits (bounded) for every worker's result, raises
+:class:`WeightSyncFailed` listing each worker's error if any failed, and
+finally resets every server's prefix cache (cached KV blocks were computed
+with the old weights).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .sender import DEFAULT_BUCKET_BYTES, SendStats, WeightSender
+from .transport import assign_rank_offsets
+
+__all__ = [
+    "EXTENSION",
+    "WeightSyncClient",
+    "WeightSyncFailed",
+    "LLMTarget",
+    "HTTPTarget",
+    "StepReport",
+    "attach_llm",
+    "attach_servers",
+]
+
+#: value for ``worker_extension_cls`` / ``--worker-extension-cls``
+EXTENSION = "vllm_fp8_overlay.sync.worker_extension.WeightSyncExtension"
+
+
+class WeightSyncFailed(RuntimeError):
+    """At least one worker failed a step (its message says whether its model
+    was left unchanged or may be partially updated)."""
+
+    def __init__(self, message: str, results: list[Any] | None = None):
+        super().__init__(message)
+        self.results = results or []
+
+
+# --------------------------------------------------------------------------
+# targets: one vLLM server each
+# --------------------------------------------------------------------------
+
+
+class LLMTarget:
+    """A ``vllm.LLM`` object in this process (its engine may run in a subprocess)."""
+
+    def __init__(self, llm: Any, name: str | None = None) -> None:
+        self.llm = llm
+        self.name = name or f"LLM@{id(llm):x}"
+
+    def call(self, method: str, kwargs: dict[str, Any], timeout: float | None) -> list[Any]:
+        return list(self.llm.collective_rpc(method, timeout=timeout, kwargs=kwargs))
+
+    def reset_prefix_cache(self) -> None:
+        fn = getattr(self.llm, "reset_prefix_cache", None)
+        if callable(fn):
+            fn()
+
+
+class HTTPTarget:
+    """A ``vllm serve`` process started with ``VLLM_SERVER_DEV_MODE=1``."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, name: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.name = name or self.base_url
+
+    def _post(self, path: str, body: dict | None, timeout: float | None) -> Any:
+        data = json.dumps(body).encode() if body is not None else b""
+        req = urllib.request.Request(self.base_url + path, data=data, method="POST")
+        req.add_header("Content-Type", "application/json")
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:2000].decode(errors="replace")
+            hint = ""
+            if e.code == 404:
+                hint = (" (is the server running with VLLM_SERVER_DEV_MODE=1? /collective_rpc and "
+                        "/reset_prefix_cache exist only in dev mode)")
+            raise RuntimeError(f"{self.name}{path}: HTTP {e.code}: {detail}{hint}") from e
+        if not raw:
+            return None
+        return json.loads(raw)
+
+    def call(self, method: str, kwargs: dict[str, Any], timeout: float | None) -> list[Any]:
+        body: dict[str, Any] = {"method": method, "kwargs": kwargs}
+        if timeout is not None:
+            body["timeout"] = timeout
+        out = self._post("/collective_rpc", body, None if timeout is None else timeout + 30)
+        if not isinstance(out, dict) or "results" not in out:
+            raise RuntimeError(f"{self.name}: unexpected /collective_rpc response {out!r}")
+        return list(out["results"])
+
+    def reset_prefix_cache(self) -> None:
+        self._post("/reset_prefix_cache", None, 60)
+
+
+def _target(t: Any) -> Any:
+    if isinstance(t, (LLMTarget, HTTPTarget)):
+        return t
+    if isinstance(t, str):
+        return HTTPTarget(t)
+    if hasattr(t, "collective_rpc"):
+        return LLMTarget(t)
+    raise TypeError(f"not a vLLM target: {t!r} (an LLM, an http:// URL, LLMTarget or HTTPTarget)")
+
+
+# --------------------------------------------------------------------------
+# the client
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class StepReport:
+    step: int
+    send: SendStats
+    workers: list[dict]  # one result dict per worker, in target order
+    wall_s: float
+    reset_prefix_cache_s: float = 0.0
+    targets: list[str] = field(default_factory=list)
+
+    def stage_times(self) -> dict[str, float]:
+        """Slowest worker per stage, plus the trainer's quantize/transfer."""
+        w = self.workers or [{}]
+        return {
+            "quantize_s": self.send.quantize_s,
+            "transfer_s": self.send.transfer_s,
+            "send_total_s": self.send.total_s,
+            "receive_s": max(r.get("receive_s", 0.0) for r in w),
+            "validate_s": max(r.get("validate_s", 0.0) for r in w),
+            "load_s": max(r.get("load_s", 0.0) for r in w),
+            "wall_s": self.wall_s,
+        }
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "send": self.send.to_dict(), "workers": self.workers,
+                "wall_s": self.wall_s, "targets": self.targets, **self.stage_times()}
+
+
+class WeightSyncClient:
+    """Trainer side of the sync into one or more vLLM servers.
+
+    Args:
+        targets: ``vllm.LLM`` objects, ``http://host:port`` URLs of
+            ``vllm serve`` processes, or :class:`LLMTarget` / :class:`HTTPTarget`.
+        layout: ``"auto"`` (ask the servers what they serve: the FP8 layout of
+            their checkpoint, or ``None`` for BF16), an ``FP8Layout``, its dict,
+            or ``None`` (send tensors as given).
+        host, port: address of the sync group's TCPStore, hosted here; must be
+            reachable from every vLLM worker.
+        backend, bucket_bytes, device, timeout: as for ``WeightSender``.
+        mode: load mode passed to the workers (``"auto"``, ``"layerwise"``,
+            ``"load_weights"``, ``"kernel"``).
+        checkpoint_dir: what the servers validate against, if their model
+            directory is not local to them.
+        reset_prefix_cache: reset each server's prefix cache after a step.
+
+    Construction joins every worker and the sender into one group (bounded by
+    ``timeout``).
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[Any] | Any,
+        *,
+        layout: Any = "auto",
+        host: str = "127.0.0.1",
+        port: int = 29600,
+        backend: str = "auto",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        device: Any = None,
+        timeout: float = 300.0,
+        mode: str = "auto",
+        checkpoint_dir: str | None = None,
+        reset_prefix_cache: bool = True,
+    ) -> None:
+        if not isinstance(targets, (list, tuple)):
+            targets = [targets]
+        self.targets = [_target(t) for t in targets]
+        if not self.targets:
+            raise ValueError("no targets")
+        self.timeout = float(timeout)
+        self.mode = mode
+        self.reset_prefix_cache = reset_prefix_cache
+        self._pool = cf.ThreadPoolExecutor(max_workers=max(2, len(self.targets)), thread_name_prefix="weight-sync-rpc")
+        self.sender: WeightSender | None = None
+        self._closed = False
+
+        # 1. what each server serves (quick, blocking)
+        descs = self._call_all("weight_sync_describe", {"checkpoint_dir": checkpoint_dir})
+        self.descriptions = descs
+        workers = [len(d) for d in descs]
+        if any(n == 0 for n in workers):
+            raise RuntimeError("a target reported no workers")
+        layouts = [d[0].get("layout") for d in descs]
+        if layout == "auto":
+            for t, d in zip(self.targets, descs):
+                if d[0].get("layout_error"):
+                    raise RuntimeError(f"{t.name}: cannot write its checkpoint format: {d[0]['layout_error']}")
+            keys = [json.dumps(_strip(lay), sort_keys=True) for lay in layouts]
+            if len(set(keys)) != 1:
+                raise RuntimeError(f"targets serve different layouts: {dict(zip([t.name for t in self.targets], layouts))}")
+            layout = layouts[0]
+        if isinstance(layout, Mapping):
+            from ..formats import FP8Layout
+
+            layout = FP8Layout.from_dict(layout)
+        self.layout = layout
+        offsets, world_size = assign_rank_offsets(workers)
+        self.world_size = world_size
+        self.offsets = offsets
+
+        # 2. workers join (blocking RPCs, in threads), then the sender joins here
+        futs = [
+            self._pool.submit(t.call, "init_weight_receiver", {
+                "host": host, "port": int(port), "world_size": world_size, "rank_offset": off,
+                "backend": backend, "timeout": self.timeout, "checkpoint_dir": checkpoint_dir,
+            }, self.timeout + 60)
+            for t, off in zip(self.targets, offsets)
+        ]
+        box: dict[str, Any] = {}
+
+        def build() -> None:
+            try:
+                box["sender"] = WeightSender(layout, host, int(port), world_size, backend=backend,
+                                             bucket_bytes=bucket_bytes, device=device, timeout=self.timeout)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                box["error"] = e
+
+        th = threading.Thread(target=build, name="weight-sync-join", daemon=True)
+        th.start()
+        deadline = time.monotonic() + self.timeout + 30
+        while th.is_alive() and time.monotonic() < deadline:
+            th.join(0.2)
+            for t, f in zip(self.targets, futs):
+                if f.done() and f.exception() is not None:
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                    raise RuntimeError(f"{t.name}: init_weight_receiver failed: {f.exception()}") from f.exception()
+        if th.is_alive():
+            raise TimeoutError(f"weight-sync group did not form within {self.timeout + 30:.0f}s")
+        if "error" in box:
+            raise RuntimeError(f"could not form the weight-sync group: {box['error']}") from box["error"]
+        self.sender = box["sender"]
+        self.workers = self._gather(futs, "init_weight_receiver")
+
+    # ------------------------------------------------------------------ API
+
+    def push(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], step: int,
+             mode: str | None = None) -> StepReport:
+        """Send one step to every worker and wait until all of them loaded it.
+
+        Raises :class:`WeightSyncFailed` if any worker rejected or failed the
+        step (after all workers answered), or the sender's own error.
+        """
+        if self._closed or self.sender is None:
+            raise RuntimeError("client is closed")
+        t0 = time.perf_counter()
+        kw = {"step": int(step), "mode": mode or self.mode, "on_error": "return"}
+        futs = [self._pool.submit(t.call, "receive_weights", kw, self.timeout + 60) for t in self.targets]
+        send_error: BaseException | None = None
+        stats = None
+        try:
+            stats = self.sender.send(weights, step)
+        except BaseException as e:  # noqa: BLE001 - workers got an ABORT; collect them first
+            send_error = e
+        try:
+            results = self._gather(futs, "receive_weights")
+        except Exception as e:
+            if send_error is not None:
+                raise send_error from e
+            raise
+        if send_error is not None:
+            raise send_error
+        failed = [(t.name, i, r) for t, rs in zip(self.targets, results) for i, r in enumerate(rs)
+                  if not (isinstance(r, dict) and r.get("ok"))]
+        flat = [r for rs in results for r in rs]
+        if failed:
+            lines = [f"{name} worker {i}: {r.get('error') if isinstance(r, dict) else r}" for name, i, r in failed]
+            touched = any(isinstance(r, dict) and r.get("model_touched") for _, _, r in failed)
+            head = (f"step {step} failed on {len(failed)} of {len(flat)} worker(s); "
+                    + ("SOME MODELS MAY BE PARTIALLY UPDATED" if touched else "failed workers left their model unchanged"))
+            raise WeightSyncFailed(head + ":\n  " + "\n  ".join(lines), flat)
+        t1 = time.perf_counter()
+        if self.reset_prefix_cache:
+            for t in self.targets:
+                t.reset_prefix_cache()
+        t2 = time.perf_counter()
+        return StepReport(step=int(step), send=stats, workers=flat, wall_s=t1 - t0,
+                          reset_prefix_cache_s=t2 - t1, targets=[t.name for t in self.targets])
+
+    def status(self) -> list[list[dict]]:
+        """``weight_sync_status()`` of every worker, per target."""
+        return self._call_all("weight_sync_status", {})
+
+    def digests(self) -> list[list[dict]]:
+        """``weight_sync_digest()`` of every worker, per target."""
+        return self._call_all("weight_sync_digest", {})
+
+    def close(self) -> None:
+        """Close the workers' receivers and the sender (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            futs = [self._pool.submit(t.call, "close_weight_receiver", {}, 60) for t in self.targets]
+            cf.wait(futs, timeout=90)
+        finally:
+            if self.sender is not None:
+                self.sender.close()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "WeightSyncClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ internals
+
+    def _call_all(self, method: str, kwargs: dict) -> list[list[Any]]:
+        futs = [self._pool.submit(t.call, method, kwargs, self.timeout) for t in self.targets]
+        return self._gather(futs, method)
+
+    def _gather(self, futs: list[cf.Future], method: str) -> list[list[Any]]:
+        done, pending = cf.wait(futs, timeout=self.timeout + 90)
+        errors = []
+        for t, f in zip(self.targets, futs):
+            if f in pending:
+                errors.append(f"{t.name}: {method} did not return within {self.timeout + 90:.0f}s")
+            elif f.exception() is not None:
+                errors.append(f"{t.name}: {method} failed: {f.exception()}")
+        if errors:
+            raise WeightSyncFailed("; ".join(errors))
+        return [f.result() for f in futs]
+
+
+def _strip(layout: Any) -> Any:
+    if not layout:
+        return None
+    return {k: v for k, v in layout.items() if k not in ("kv_cache_scheme",)}
+
+
+def attach_llm(llm: Any, **kw: Any) -> WeightSyncClient:
+    """:class:`WeightSyncClient` for one (or a list of) in-process ``vllm.LLM``."""
+    return WeightSyncClient(llm if isinstance(llm, (list, tuple)) else [llm], **kw)
+
+
+def attach_servers(urls: Sequence[str] | str, *, api_key: str | None = None, **kw: Any) -> WeightSyncClient:
+    """:class:`WeightSyncClient` for ``vllm serve`` processes (dev mode) by URL."""
+    if isinstance(urls, str):
+        urls = [urls]
+    return WeightSyncClient([HTTPTarget(u, api_key=api_key) for u in urls], **kw)
