@@ -1,0 +1,134 @@
+"""Triton FP8 kernels on CUDA: bitwise equality with the torch backend."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+    reason="needs CUDA and triton",
+)
+
+RECIPES = ("ct", "hf")
+STRATS = (("block", (128, 128)), ("channel", None), ("tensor", None))
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1000, 1000), (129, 257), (1, 300), (300, 1), (768, 2048), (2048, 768)]
+
+
+def _sample(shape, dtype, kind, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if kind == "t":
+        x = torch.distributions.StudentT(torch.tensor(2.5, device="cuda")).sample(shape) * 0.02
+    elif kind == "wide":
+        x = torch.randn(shape, device="cuda", generator=g) * torch.logspace(-6, 2, shape[1], device="cuda")
+    else:
+        x = torch.randn(shape, device="cuda", generator=g) * 0.03
+    return x.to(dtype)
+
+
+def _ref(strat, w, recipe, blk):
+    from vllm_fp8_overlay.formats import quantize as R
+
+    if strat == "block":
+        return R._torch_blockwise(w, recipe, blk)
+    return {"tensor": R._torch_tensorwise, "channel": R._torch_channelwise}[strat](w, recipe)
+
+
+def _ker(strat, w, recipe, blk):
+    from vllm_fp8_overlay.kernels import triton_fp8 as K
+
+    if strat == "block":
+        return K.blockwise(w, recipe, blk)
+    return {"tensor": K.tensorwise, "channel": K.channelwise}[strat](w, recipe)
+
+
+def _assert_same(a, b, what):
+    qa, sa, ma = a
+    qb, sb, mb = b
+    assert sa.dtype == sb.dtype and sa.shape == sb.shape, what
+    nq = int((qa.view(torch.uint8) != qb.view(torch.uint8)).sum())
+    ns = int((sa.reshape(-1) != sb.reshape(-1)).sum())
+    assert nq == 0 and ns == 0, f"{what}: {nq} fp8 bytes and {ns} scales differ"
+    assert float(ma) == float(mb), what
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("strat,blk", STRATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bitwise_random_and_heavy_tailed(recipe, strat, blk, dtype):
+    for i, shape in enumerate(SHAPES):
+        for kind in ("n", "t", "wide"):
+            w = _sample(shape, dtype, kind, seed=i)
+            _assert_same(_ref(strat, w, recipe, blk), _ker(strat, w, recipe, blk), f"{kind} {shape}")
+
+
+@pytest.mark.parametrize("strat,blk", STRATS)
+def test_fp16_hf_and_noncontiguous(strat, blk):
+    w = _sample((1000, 1000), torch.float16, "t", 7)
+    _assert_same(_ref(strat, w, "hf", blk), _ker(strat, w, "hf", blk), "fp16")
+    big = _sample((512, 1536), torch.bfloat16, "t", 8)
+    view = big[:, 256:1280]  # row stride != cols
+    for recipe in RECIPES:
+        _assert_same(_ref(strat, view, recipe, blk), _ker(strat, view, recipe, blk), "strided")
+
+
+def test_odd_block_sizes():
+    w = _sample((1000, 333), torch.bfloat16, "t", 9)
+    for blk in ((64, 64), (128, 64), (32, 256)):
+        for recipe in RECIPES:
+            _assert_same(_ref("block", w, recipe, blk), _ker("block", w, recipe, blk), str(blk))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("strat,blk", STRATS)
+def test_many_small_matrices_grouped(recipe, strat, blk):
+    from vllm_fp8_overlay.kernels.triton_fp8 import quantize_grouped
+
+    ws = [_sample((768, 2048), torch.bfloat16, "t", s) for s in range(64)]
+    ws += [_sample((2048, 768), torch.bfloat16, "n", 100 + s) for s in range(32)]
+    ws += [_sample((130, 96), torch.bfloat16, "n", 200), _sample((5, 33), torch.bfloat16, "t", 201)]
+    qs, ss, am = quantize_grouped(ws, recipe, strat, blk)
+    for i, w in enumerate(ws):
+        r = _ref(strat, w, recipe, blk)
+        _assert_same(r, (qs[i], ss[i].reshape(r[1].shape), am[i].to(r[2].dtype)), f"#{i}")
+
+
+def test_grouped_into_byte_buffer():
+    from vllm_fp8_overlay.kernels.triton_fp8 import quantize_grouped
+
+    ws = [_sample((256, 512), torch.bfloat16, "t", s) for s in range(5)]
+    out = torch.full((1 << 22,), 0xAB, dtype=torch.uint8, device="cuda")
+    q_offs = [64 + i * (256 * 512 + 64) for i in range(5)]
+    s_offs = [(3 << 20) + i * 256 for i in range(5)]
+    qs, ss, _ = quantize_grouped(ws, "hf", "block", (128, 128), out=out, q_offsets=q_offs, s_offsets=s_offs)
+    for i, w in enumerate(ws):
+        r = _ref("block", w, "hf", (128, 128))
+        assert torch.equal(out[q_offs[i] : q_offs[i] + w.numel()], r[0].view(torch.uint8).reshape(-1))
+        assert torch.equal(ss[i], r[1])
+    assert int(out[0]) == 0xAB and int(out[63]) == 0xAB
+
+
+def test_quantize_tensor_seam_and_nan():
+    from vllm_fp8_overlay import kernels
+    from vllm_fp8_overlay.formats.detect import FP8Layout
+    from vllm_fp8_overlay.formats.quantize import get_backend, quantize_tensor
+
+    assert kernels.register() is True
+    assert get_backend().name == "triton"
+    layouts = [
+        FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv"),
+        FP8Layout(method="compressed-tensors", strategy="channel"),
+        FP8Layout(method="compressed-tensors", strategy="tensor"),
+        FP8Layout(method="fp8", strategy="tensor"),
+    ]
+    w = _sample((1100, 700), torch.bfloat16, "t", 11)
+    for lay in layouts:
+        qa, sa = quantize_tensor(w, lay, backend="torch")
+        qb, sb = quantize_tensor(w, lay)
+        assert torch.equal(qa.view(torch.uint8), qb.view(torch.uint8)) and torch.equal(sa, sb)
+        assert sa.shape == sb.shape and sa.dtype == sb.dtype
+    w[5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_tensor(w, layouts[0], name="x.weight")
