@@ -1,0 +1,546 @@
+"""Weight-sync benchmark: BF16 broadcast vs naive FP8 vs fused Triton FP8.
+
+One command, no torchrun: spawns 2 processes itself (rank 0 = trainer on
+cuda:0, rank 1 = receiver on cuda:1), builds synthetic bf16 weights on the GPU
+for a 7B-shaped dense model and a MoE-shaped model, and times per model
+
+  a      BF16 broadcast of the whole model (raw NCCL, 256 MiB messages)
+  a_ws   BF16 through WeightSender/WeightReceiver (layout=None)
+  b      naive: per 128x128 block x.float(), amax, scale, divide, clamp, cast
+         (one tensor at a time), then sent through WeightSender (layout=None)
+  c_pt   ours, per tensor: WeightSender(layout).send() with the Triton backend
+  c      ours, grouped: every bucket is quantized by one grouped kernel launch
+         straight into the sender's bucket buffer (fp8 + scales at their wire
+         offsets), non-finite check once per step, then broadcast; bucket k+1
+         is quantized while bucket k is on the wire
+
+each end to end: from a barrier until the receiver holds every tensor
+(``receive_all``, ready for the loader) and both sides are synchronized.
+Also: device-copy bandwidth, quantization-kernel bandwidth, fp8 broadcast.
+
+    python benchmarks/bench_sync.py --out results/            # 2 GPUs
+    python benchmarks/bench_sync.py --cpu-smoke --out /tmp/x  # gloo, tiny, CPU
+
+Writes ``results.json`` and ``results.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from vllm_fp8_overlay.formats.detect import FP8Layout  # noqa: E402
+from vllm_fp8_overlay.formats import quantize as Q  # noqa: E402
+from vllm_fp8_overlay.sync import WeightReceiver, WeightSender, wire  # noqa: E402
+from vllm_fp8_overlay.sync.sender import SendStats  # noqa: E402
+from vllm_fp8_overlay.sync.wire import ALIGNMENT, EndOfStep, TensorEntry  # noqa: E402
+
+LAYOUT = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv")
+BUCKET = 256 << 20
+
+
+# ------------------------------------------------------------------ models
+def model_specs(kind: str, smoke: bool, moe_layers: int):
+    """[(name, shape)] of a synthetic checkpoint."""
+    out = []
+    if kind == "dense":
+        L, H, I, KV = (2, 256, 384, 128) if smoke else (32, 4096, 14336, 1024)
+        for i in range(L):
+            p = f"model.layers.{i}."
+            out += [
+                (p + "input_layernorm.weight", (H,)),
+                (p + "self_attn.q_proj.weight", (H, H)),
+                (p + "self_attn.k_proj.weight", (KV, H)),
+                (p + "self_attn.v_proj.weight", (KV, H)),
+                (p + "self_attn.o_proj.weight", (H, H)),
+                (p + "post_attention_layernorm.weight", (H,)),
+                (p + "mlp.gate_proj.weight", (I, H)),
+                (p + "mlp.up_proj.weight", (I, H)),
+                (p + "mlp.down_proj.weight", (H, I)),
+            ]
+    else:
+        L, E, H, I, Q_, KV = (2, 8, 256, 128, 512, 128) if smoke else (moe_layers, 128, 2048, 768, 4096, 512)
+        for i in range(L):
+            p = f"model.layers.{i}."
+            out += [
+                (p + "input_layernorm.weight", (H,)),
+                (p + "self_attn.q_proj.weight", (Q_, H)),
+                (p + "self_attn.k_proj.weight", (KV, H)),
+                (p + "self_attn.v_proj.weight", (KV, H)),
+                (p + "self_attn.o_proj.weight", (H, Q_)),
+                (p + "post_attention_layernorm.weight", (H,)),
+                (p + "mlp.gate.weight", (E, H)),
+            ]
+            for e in range(E):
+                out += [
+                    (p + f"mlp.experts.{e}.gate_proj.weight", (I, H)),
+                    (p + f"mlp.experts.{e}.up_proj.weight", (I, H)),
+                    (p + f"mlp.experts.{e}.down_proj.weight", (H, I)),
+                ]
+    return out
+
+
+def build_weights(specs, device):
+    """One flat bf16 storage; every weight is a view (random normal, 0.02)."""
+    total = sum(_numel(s) for _, s in specs)
+    flat = torch.empty(total, dtype=torch.bfloat16, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    chunk = 1 << 26
+    for o in range(0, total, chunk):
+        n = min(chunk, total - o)
+        flat[o : o + n] = (torch.randn(n, device=device, generator=g) * 0.02).to(torch.bfloat16)
+    out, o = [], 0
+    for name, shape in specs:
+        n = _numel(shape)
+        out.append((name, flat[o : o + n].view(shape)))
+        o += n
+    return flat, out
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ------------------------------------------------------------ naive path
+def naive_block_quant(w: torch.Tensor, bn: int = 128, bk: int = 128):
+    """The float32-upcast reference algorithm, one 2-D tensor at a time."""
+    rows, cols = w.shape
+    rb, cb = -(-rows // bn), -(-cols // bk)
+    x = torch.nn.functional.pad(w, (0, cb * bk - cols, 0, rb * bn - rows)).float()
+    x = x.reshape(rb, bn, cb, bk)
+    amax = x.abs().amax(dim=(1, 3))
+    scale = amax / 448.0
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    q = (x / scale[:, None, :, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.reshape(rb * bn, cb * bk)[:rows, :cols].contiguous(), scale
+
+
+def naive_items(weights):
+    out = []
+    for name, t in weights:
+        if LAYOUT.is_quantized(name):
+            q, s = naive_block_quant(t)
+            out += [(name, q), (LAYOUT.scale_key(name), s)]
+        else:
+            out.append((name, t))
+    return out
+
+
+# ----------------------------------------------------- grouped fast path
+def _align(n, a=ALIGNMENT):
+    return (n + a - 1) // a * a
+
+
+def plan_buckets(weights, layout, bucket_bytes):
+    """Split the step into buckets: [(entries, jobs, end)] where a job is
+    ("q", tensor, q_offset, s_offset) or ("copy", tensor, offset)."""
+    bn, bk = layout.block_size
+    buckets, entries, jobs, end = [], [], [], 0
+    for name, t in weights:
+        if layout.is_quantized(name):
+            rows, cols = t.shape
+            sshape = (-(-rows // bn), -(-cols // bk))
+            qn, sn = rows * cols, sshape[0] * sshape[1] * 4
+            need = _align(end) + _align(qn) + sn
+            if entries and need > bucket_bytes:
+                buckets.append((entries, jobs, end))
+                entries, jobs, end = [], [], 0
+            qo = _align(end) if entries else 0
+            so = _align(qo + qn)
+            entries += [
+                TensorEntry(name=name, dtype=torch.float8_e4m3fn, shape=(rows, cols), offset=qo, nbytes=qn),
+                TensorEntry(name=layout.scale_key(name), dtype=torch.float32, shape=sshape, offset=so, nbytes=sn),
+            ]
+            jobs.append(("q", t, qo, so))
+            end = so + sn
+        else:
+            n = t.numel() * t.element_size()
+            if entries and _align(end) + n > bucket_bytes:
+                buckets.append((entries, jobs, end))
+                entries, jobs, end = [], [], 0
+            off = _align(end) if entries else 0
+            entries.append(TensorEntry(name=name, dtype=t.dtype, shape=tuple(t.shape), offset=off, nbytes=n))
+            jobs.append(("copy", t, off))
+            end = off + n
+    if entries:
+        buckets.append((entries, jobs, end))
+    return buckets
+
+
+def send_grouped(sender: WeightSender, plan, step: int, layout) -> SendStats:
+    """Send one step with one grouped quantization launch per bucket, written
+    straight into the sender's bucket buffers (same wire format)."""
+    stats = SendStats(step=step)
+    t_start = time.perf_counter()
+    use_triton = sender.device.type == "cuda"
+    if use_triton:
+        from vllm_fp8_overlay.kernels.triton_fp8 import quantize_grouped
+    amaxes = []
+    try:
+        slot = sender._acquire(sender._cur, stats)
+        for k, (entries, jobs, end) in enumerate(plan):
+            if k:
+                slot = sender._next_slot(stats)
+            t0 = time.perf_counter()
+            qjobs = [j for j in jobs if j[0] == "q"]
+            if qjobs and use_triton:
+                _, _, am = quantize_grouped(
+                    [j[1] for j in qjobs], "hf" if layout.method == "fp8" else "ct", layout.strategy,
+                    layout.block_size, out=slot.buf, q_offsets=[j[2] for j in qjobs], s_offsets=[j[3] for j in qjobs],
+                )
+                amaxes.append(am.amax())
+            elif qjobs:
+                for _, t, qo, so in qjobs:
+                    q, s = Q.quantize_tensor(t, layout, backend="torch")
+                    slot.buf[qo : qo + q.numel()].copy_(q.view(torch.uint8).reshape(-1))
+                    slot.buf[so : so + s.numel() * 4].copy_(s.reshape(-1).view(torch.uint8))
+            for j in jobs:
+                if j[0] == "copy":
+                    t, off = j[1], j[2]
+                    n = t.numel() * t.element_size()
+                    slot.buf[off : off + n].copy_(wire.tensor_bytes(t), non_blocking=True)
+            stats.quantize_s += time.perf_counter() - t0
+            stats.num_tensors += len(entries)
+            stats.num_bytes += sum(e.nbytes for e in entries)
+            sender._flush(slot, entries, end, k == len(plan) - 1, stats)
+        if amaxes and not bool(torch.isfinite(torch.stack(amaxes)).all()):
+            raise ValueError("weights contain NaN or inf values; refusing to quantize")
+        summary = EndOfStep(step=step, num_buckets=stats.num_buckets, num_tensors=stats.num_tensors,
+                            num_bytes=stats.num_bytes)
+        hdr, man = wire.encode_end(summary)
+        sender._broadcast_bytes(hdr, sender._oversize, stats)
+        sender._broadcast_bytes(man, sender._oversize, stats)
+        for s in (*sender._slots, sender._oversize):
+            s.wait()
+    except BaseException as e:
+        sender._abort(step, f"{type(e).__name__}: {e}")
+        raise
+    stats.total_s = time.perf_counter() - t_start
+    return stats
+
+
+# ---------------------------------------------------------------- workers
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _ev_time(fn, dev, iters, warmup=1):
+    """Median seconds of fn() (device-synchronized)."""
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    ts = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def worker(rank, args, ports, q):
+    try:
+        res = _worker(rank, args, ports)
+        if rank == 0:
+            q.put(("ok", res))
+    except BaseException:
+        q.put(("err", f"rank {rank}: " + traceback.format_exc()))
+        raise
+
+
+def _worker(rank, args, ports):
+    smoke = args.cpu_smoke
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dev = torch.device("cpu") if smoke else torch.device(f"cuda:{rank}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        from vllm_fp8_overlay import kernels
+
+        kernels.register(make_default=True)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=2)
+    backend = "gloo" if smoke else "nccl"
+    iters, warm = (min(args.iters, 2), 1) if smoke else (args.iters, 1)
+    results = {}
+    pi = 1
+    for kind in args.models:
+        specs = model_specs(kind, smoke, args.moe_layers)
+        r = {}
+        if rank == 0:
+            flat, weights = build_weights(specs, dev)
+            r["params"] = flat.numel()
+            r["tensors"] = len(specs)
+            r["quantized_tensors"] = sum(LAYOUT.is_quantized(n) for n, _ in specs)
+        port = ports[pi]
+        pi += 1
+        if rank == 0:
+            snd = WeightSender(LAYOUT, "127.0.0.1", port, 2, backend=backend, bucket_bytes=BUCKET, device=dev)
+            snd_raw = WeightSender(None, "127.0.0.1", 0, 2, transport=snd.transport, bucket_bytes=BUCKET)
+            tr = snd.transport
+        else:
+            rcv = WeightReceiver("127.0.0.1", port, 2, 1, backend=backend, device=dev)
+            tr = rcv.transport
+        nbytes_bf16 = sum(_numel(s) * 2 for _, s in specs)
+
+        def timed(fn0, fn1):
+            """Barrier, run, device sync, barrier: seconds on rank 0."""
+            ts = []
+            for i in range(warm + iters):
+                dist.barrier()
+                t0 = time.perf_counter()
+                if rank == 0:
+                    fn0(i)
+                else:
+                    fn1(i)
+                _sync(dev)
+                dist.barrier()
+                if i >= warm:
+                    ts.append(time.perf_counter() - t0)
+            return statistics.median(ts), ts
+
+        # (a) raw bf16 broadcast, 256 MiB messages
+        msg = BUCKET // 2
+        if rank == 1:
+            rflat = torch.empty(nbytes_bf16 // 2, dtype=torch.bfloat16, device=dev)
+
+        def raw0(_):
+            hs = [tr.broadcast(flat[o : o + msg], async_op=True) for o in range(0, flat.numel(), msg)]
+            for h in hs:
+                h.wait()
+
+        def raw1(_):
+            hs = [tr.broadcast(rflat[o : o + msg], async_op=True) for o in range(0, rflat.numel(), msg)]
+            for h in hs:
+                h.wait()
+
+        r["a_bf16_raw_s"], r["a_runs"] = timed(raw0, raw1)
+        if rank == 1:
+            del rflat
+        step = [0]
+
+        def recv(_):
+            out = rcv.receive_all()
+            got = out.tensors
+            del out
+            return got
+
+        # (a_ws) bf16 through the sync path
+        def ws0(_):
+            step[0] += 1
+            snd_raw.send(weights, step=step[0])
+
+        r["a_bf16_sender_s"], _ = timed(ws0, recv)
+
+        # (b) naive quantize + send
+        def nv0(_):
+            step[0] += 1
+            snd_raw.send(naive_items(weights), step=step[0])
+
+        r["b_naive_s"], _ = timed(nv0, recv)
+        if rank == 0:
+            _sync(dev)
+            r["naive_quant_only_s"] = _ev_time(lambda: naive_items(weights), dev, iters)
+
+        # (c_pt) WeightSender with the registered (Triton) backend, per tensor
+        got = {}
+
+        def pt0(_):
+            step[0] += 1
+            snd.send(weights, step=step[0])
+
+        def pt1(i):
+            got["pt"] = recv(i)
+
+        r["c_per_tensor_s"], _ = timed(pt0, pt1)
+
+        # (c) grouped
+        if rank == 0:
+            plan = plan_buckets(weights, LAYOUT, BUCKET)
+            r["buckets"] = len(plan)
+
+        def gr0(_):
+            step[0] += 1
+            send_grouped(snd, plan, step[0], LAYOUT)
+
+        def gr1(i):
+            got["gr"] = recv(i)
+
+        r["c_grouped_s"], r["c_runs"] = timed(gr0, gr1)
+        if rank == 1:
+            a, b = dict(got["pt"]), dict(got["gr"])
+            same = a.keys() == b.keys() and all(
+                torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                            b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]) for k in a)
+            flag = torch.tensor([1 if same else 0, sum(t.numel() * t.element_size() for t in a.values())])
+            got.clear()
+        else:
+            flag = torch.zeros(2, dtype=torch.int64)
+        dist.broadcast(flag, src=1)
+        r["c_grouped_equals_per_tensor"] = bool(flag[0])
+        r["fp8_step_bytes"] = int(flag[1])
+
+        # fp8-only broadcast of the step's bytes (raw), for reference
+        fp8_n = int(flag[1])
+        buf = torch.empty(max(fp8_n, 1), dtype=torch.uint8, device=dev)
+
+        def f80(_):
+            hs = [tr.broadcast(buf[o : o + BUCKET], async_op=True) for o in range(0, fp8_n, BUCKET)]
+            for h in hs:
+                h.wait()
+
+        r["fp8_raw_bcast_s"], _ = timed(f80, f80)
+        del buf
+
+        # kernel-only timings (rank 0)
+        if rank == 0:
+            qt = [t for n, t in weights if LAYOUT.is_quantized(n)]
+            n_el = sum(t.numel() for t in qt)
+            n_sc = sum(-(-t.shape[0] // 128) * -(-t.shape[1] // 128) for t in qt)
+            moved = n_el * 2 + n_el + n_sc * 4
+            r["quant_bytes_moved"] = moved
+            if dev.type == "cuda":
+                from vllm_fp8_overlay.kernels.triton_fp8 import quantize_grouped
+
+                out = torch.empty(n_el + n_sc * 4 + 64 * 2 * len(qt) + (1 << 20), dtype=torch.uint8, device=dev)
+                qo, so, e = [], [], 0
+                for t in qt:
+                    qo.append(e)
+                    e = _align(e + t.numel())
+                for t in qt:
+                    so.append(e)
+                    e = _align(e + 4 * -(-t.shape[0] // 128) * -(-t.shape[1] // 128))
+
+                def kgrp():
+                    quantize_grouped(qt, "hf", "block", (128, 128), out=out, q_offsets=qo, s_offsets=so)
+
+                r["quant_grouped_s"] = _ev_time(kgrp, dev, max(iters, 5))
+                del out
+                r["quant_per_tensor_s"] = _ev_time(lambda: [Q.quantize_tensor(t, LAYOUT) for t in qt], dev, iters)
+                r["quant_torch_backend_s"] = _ev_time(
+                    lambda: [Q.quantize_tensor(t, LAYOUT, backend="torch") for t in qt], dev, iters)
+                r["quant_grouped_GBps"] = moved / r["quant_grouped_s"] / 1e9
+        if rank == 0:
+            snd_raw._closed = True  # shares the transport with snd
+            snd.close()
+        else:
+            rcv.close()
+        if rank == 0:
+            del flat, weights
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        results[kind] = r
+    # device copy bandwidth
+    if rank == 0:
+        n = (64 << 20) if smoke else (2 << 30)
+        x = torch.randn(n // 4, device=dev).view(torch.uint8)
+        t = _ev_time(lambda: torch.empty_like(x).copy_(x), dev, max(iters, 5))
+        results["copy_GBps"] = 2 * x.numel() / t / 1e9
+        results["card"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    dist.barrier()
+    dist.destroy_process_group()
+    return results
+
+
+# ----------------------------------------------------------------- report
+def report(res, args):
+    copy = res["copy_GBps"]
+    lines = [
+        f"# Weight sync benchmark ({res['card']}, {res['date']}, torch {res['torch']}, triton {res['triton']})",
+        "",
+        f"Device copy (`torch.empty_like(x).copy_(x)`, 2 GiB, read+write): **{copy:.0f} GB/s**",
+        "",
+        "| model | params | tensors | a: bf16 raw bcast ms | a_ws: bf16 sender ms | b: naive ms | c_pt: ours per-tensor ms | c: ours grouped ms | c/a | b/c | quant kernel ms | quant GB/s | % of copy | fp8 raw bcast ms | naive quant ms | torch-backend quant ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in args.models:
+        r = res[kind]
+        a, b, c = r["a_bf16_raw_s"], r["b_naive_s"], r["c_grouped_s"]
+        r["c_over_a"], r["b_over_c"] = c / a, b / c
+        gbps = r.get("quant_grouped_GBps", float("nan"))
+        r["quant_pct_of_copy"] = 100 * gbps / copy
+        ms = lambda k: f"{1e3 * r[k]:.1f}" if k in r else "-"  # noqa: E731
+        lines.append(
+            f"| {kind} | {r['params'] / 1e9:.2f} B | {r['tensors']} | {ms('a_bf16_raw_s')} | {ms('a_bf16_sender_s')} | "
+            f"{ms('b_naive_s')} | {ms('c_per_tensor_s')} | {ms('c_grouped_s')} | {c / a:.2f} | {b / c:.1f} | "
+            f"{ms('quant_grouped_s')} | {gbps:.0f} | {r['quant_pct_of_copy']:.0f}% | {ms('fp8_raw_bcast_s')} | "
+            f"{ms('naive_quant_only_s')} | {ms('quant_torch_backend_s')} |"
+        )
+    lines += ["", f"Medians of {args.iters} iterations after 1 warm-up; grouped == per-tensor bytes: "
+              + ", ".join(f"{k}: {res[k]['c_grouped_equals_per_tensor']}" for k in args.models), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, gloo on CPU")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--moe-layers", type=int, default=16)
+    ap.add_argument("--models", nargs="+", default=["dense", "moe"])
+    args = ap.parse_args(argv)
+    if not args.cpu_smoke and torch.cuda.device_count() < 2:
+        sys.exit("needs 2 CUDA devices (or --cpu-smoke)")
+    ports = [_free_port() for _ in range(1 + len(args.models))]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, args, ports, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    status, res = q.get(timeout=3600)
+    for p in procs:
+        p.join(timeout=120)
+    if status != "ok":
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        sys.exit(res)
+    try:
+        import triton  # noqa: F401  (version only)
+    except ImportError:
+        pass
+    res["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    res["torch"] = torch.__version__
+    res["triton"] = getattr(sys.modules.get("triton"), "__version__", "-")
+    md = report(res, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()
