@@ -124,6 +124,11 @@ class Patch:
         self.revert_extra()
 
     # -- declarations -----------------------------------------------------
+    @property
+    def serves_text(self) -> str:
+        """The specifier, lower bound first (``>=0.16.0,<0.20.0``)."""
+        return ",".join(sorted((str(s) for s in self.serves), key=lambda s: (not s.startswith(">"), s)))
+
     def state_for(self, version: Version | None) -> tuple[State, str]:
         """The state this patch takes on a vLLM release, from declarations only."""
         if version is None:
@@ -312,7 +317,7 @@ class Overlay:
                     id=patch.id,
                     state=state,
                     reason=reason,
-                    serves=str(patch.serves),
+                    serves=patch.serves_text,
                     fixed_in=str(patch.fixed_in),
                     upstream=patch.upstream,
                     targets=patch.targets,
