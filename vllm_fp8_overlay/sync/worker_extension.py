@@ -215,6 +215,25 @@ def _as_bool(x: Any) -> bool:
     return bool(x)
 
 
+def _digest(model: torch.nn.Module, per_tensor: bool) -> dict:
+    total = hashlib.sha256()
+    per: dict[str, str] = {}
+    seen: set[int] = set()
+    items = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in sorted(items, key=lambda x: x[0]):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        t = t.detach()
+        data = t.contiguous().cpu().reshape(-1)
+        raw = (data.to(torch.uint8) if data.dtype == torch.bool else data.view(torch.uint8)).numpy().tobytes()
+        h = hashlib.sha256(raw).hexdigest()
+        total.update(f"{name}|{_dtype_name(t.dtype)}|{list(t.shape)}|{h}\n".encode())
+        if per_tensor:
+            per[name] = h[:24]
+    return {"digest": total.hexdigest(), "num_tensors": len(seen), "tensors": per}
+
+
 # --------------------------------------------------------------------------
 # the extension
 # --------------------------------------------------------------------------
@@ -337,26 +356,55 @@ class WeightSyncExtension:
 
     def weight_sync_digest(self, per_tensor: bool = False) -> dict:
         """sha256 over every parameter and buffer of this worker's model, for
-        bitwise comparisons (``{"digest": hex, "tensors": {name: hex}}``)."""
-        model = self.model_runner.model
-        total = hashlib.sha256()
-        per: dict[str, str] = {}
-        seen: set[int] = set()
-        items = list(model.named_parameters(remove_duplicate=False)) + list(
-            model.named_buffers(remove_duplicate=False))
-        for name, t in sorted(items, key=lambda x: x[0]):
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            t = t.detach()
-            data = t.contiguous().cpu().reshape(-1)
-            raw = (data.to(torch.uint8) if data.dtype == torch.bool else data.view(torch.uint8)).numpy().tobytes()
-            h = hashlib.sha256(raw).hexdigest()
-            tag = f"{name}|{_dtype_name(t.dtype)}|{list(t.shape)}|{h}\n"
-            total.update(tag.encode())
-            if _as_bool(per_tensor):
-                per[name] = h[:24]
-        return {"digest": total.hexdigest(), "num_tensors": len(seen), "tensors": per}
+        bitwise comparisons (``{"digest": hex, "num_tensors": n, "tensors": {name: hex}}``)."""
+        return _digest(self.model_runner.model, _as_bool(per_tensor))
+
+    def weight_sync_cold_digest(self, model_dir: str, per_tensor: bool = False) -> dict:
+        """Digest of the model a *cold start* on ``model_dir`` would serve.
+
+        Builds a second model object with vLLM's own ``get_model`` (what the
+        worker's ``load_model`` runs at start-up: construct, load the
+        checkpoint with the configured loader, ``process_weights_after_loading``)
+        from ``model_dir`` -- a checkpoint of the same architecture and format
+        -- hashes it like :meth:`weight_sync_digest` and drops it. The served
+        model is not touched; memory for a second copy of this worker's
+        weights is needed while it runs. Used to prove warm == cold.
+        """
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader import get_model
+
+        cfg = self.vllm_config
+        mc = cfg.model_config
+        cc = cfg.compilation_config
+        saved = {a: getattr(mc, a) for a in ("model", "model_weights", "revision") if hasattr(mc, a)}
+        ctx = getattr(cc, "static_forward_context", None)
+        saved_ctx = dict(ctx) if ctx is not None else None
+        moe = getattr(cc, "static_all_moe_layers", None)
+        saved_moe = list(moe) if isinstance(moe, list) else None
+        try:
+            mc.model = str(model_dir)
+            if "model_weights" in saved:
+                mc.model_weights = ""
+            if "revision" in saved:
+                mc.revision = None
+            if ctx is not None:
+                ctx.clear()  # the new model's layers register under the same names
+            if saved_moe is not None:
+                moe.clear()
+            with set_current_vllm_config(cfg):
+                model = get_model(vllm_config=cfg)
+            out = _digest(model, _as_bool(per_tensor))
+            del model
+            return out
+        finally:
+            for a, v in saved.items():
+                setattr(mc, a, v)
+            if ctx is not None:
+                ctx.clear()
+                ctx.update(saved_ctx)
+            if saved_moe is not None:
+                moe.clear()
+                moe.extend(saved_moe)
 
     # ---- internals ------------------------------------------------------
 
