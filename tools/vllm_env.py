@@ -195,6 +195,8 @@ def run_env(rel: Release, venv: Path) -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     tc, iomp = find_tcmalloc(), find_iomp(venv)
+    if os.environ.get("VLLM_FP8_OVERLAY_NO_PRELOAD") == "1":
+        return env  # to see which releases run without the preload
     if tc and iomp:
         prior = os.environ.get("LD_PRELOAD", "")
         env["LD_PRELOAD"] = ":".join(p for p in (tc, iomp, prior) if p)

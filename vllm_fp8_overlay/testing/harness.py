@@ -143,12 +143,17 @@ def start_llm(model_dir: str | os.PathLike[str], *, in_process: bool = True, **k
     from vllm import LLM
 
     args = dict(LLM_DEFAULTS)
+    pin = False
     if in_process and "distributed_executor_backend" not in kw:
         backend = _in_process_executor()
         if backend is not None:
             args["distributed_executor_backend"] = backend
+            pin = True
     args.update(kw)
-    return LLM(model=str(model_dir), **args)
+    llm = LLM(model=str(model_dir), **args)
+    if pin:
+        _pin_current_vllm_config(get_worker(llm).vllm_config)
+    return llm
 
 
 def _in_process_executor() -> Any:
@@ -168,6 +173,36 @@ def _in_process_executor() -> Any:
     return UniProcExecutor
 
 
+def _vllm_config_module() -> Any:
+    try:
+        import vllm.config.vllm as mod
+    except ImportError:
+        return None
+    return mod if hasattr(mod, "_current_vllm_config") else None
+
+
+def _pin_current_vllm_config(cfg: Any) -> None:
+    """Make ``cfg`` the process-wide current vLLM config, as in a worker process.
+
+    With the uni-process executor on 0.20 - 0.23 the CPU fused-MoE path builds
+    a ``CustomOp`` during ``forward`` (outside any ``set_current_vllm_config``
+    block) and fails with "Current vLLM config is not set"; inside vLLM's own
+    worker process that never happens. :func:`shutdown_llm` unpins it.
+    """
+    mod = _vllm_config_module()
+    if mod is not None and mod._current_vllm_config is None:
+        mod._current_vllm_config = cfg
+
+
+def _unpin_current_vllm_config(cfg: Any) -> None:
+    mod = _vllm_config_module()
+    if mod is not None and cfg is not None and mod._current_vllm_config is cfg:
+        mod._current_vllm_config = None
+        clear = getattr(getattr(mod, "get_cached_compilation_config", None), "cache_clear", None)
+        if clear is not None:
+            clear()
+
+
 def shutdown_llm(llm: Any) -> None:
     """Stop an engine and release the process-global state it set up.
 
@@ -177,6 +212,8 @@ def shutdown_llm(llm: Any) -> None:
         return
     engine = getattr(llm, "llm_engine", None)
     core = getattr(engine, "engine_core", None)
+    with contextlib.suppress(Exception):
+        _unpin_current_vllm_config(get_worker(llm).vllm_config)
     with contextlib.suppress(Exception):
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
