@@ -139,15 +139,12 @@ def _abs_nan_inf(xf):
 @triton.jit
 def _segment(desc, t, rows1, cols1, stride1, SINGLE: tl.constexpr, ALIGNED: tl.constexpr):
     if SINGLE:
-        src_off = 0
-        rows = rows1
-        cols = cols1
-        stride = stride1
-        q_off = 0
-        s_off = 0
-        if ALIGNED:
-            cols = tl.multiple_of(cols, 16)
-            stride = tl.multiple_of(stride, 16)
+        src_off = tl.zeros((), tl.int64)
+        rows = tl.zeros((), tl.int64) + rows1
+        cols = tl.zeros((), tl.int64) + cols1
+        stride = tl.zeros((), tl.int64) + stride1
+        q_off = tl.zeros((), tl.int64)
+        s_off = tl.zeros((), tl.int64)
     else:
         d = desc + t * 6
         src_off = tl.load(d)
@@ -158,8 +155,6 @@ def _segment(desc, t, rows1, cols1, stride1, SINGLE: tl.constexpr, ALIGNED: tl.c
         s_off = tl.load(d + 5)
         if ALIGNED:
             src_off = tl.multiple_of(src_off, 16)
-            cols = tl.multiple_of(cols, 16)
-            stride = tl.multiple_of(stride, 16)
             q_off = tl.multiple_of(q_off, 16)
     return src_off, rows, cols, stride, q_off, s_off
 
@@ -181,10 +176,27 @@ def _tile_kernel(
     valid = pid < ntiles
     br = pid // ncb
     bc = pid % ncb
-    r = br * BR + tl.arange(0, BR).to(tl.int64)
-    c = bc * BC + tl.arange(0, BC).to(tl.int64)
-    mask = (r < rows)[:, None] & (c < cols)[None, :] & valid
-    x = tl.load(src + src_off + r[:, None] * stride + c[None, :], mask=mask, other=0.0)
+    # 64-bit arithmetic only for the tile origin; 32-bit offsets inside it
+    r0 = br.to(tl.int64) * BR
+    c0 = bc.to(tl.int64) * BC
+    rem_r = tl.minimum(rows - r0, BR).to(tl.int32)
+    rem_c = tl.minimum(cols - c0, BC).to(tl.int32)
+    stride32 = stride.to(tl.int32)
+    cols32 = cols.to(tl.int32)
+    if ALIGNED:
+        stride32 = tl.multiple_of(stride32, 16)
+        cols32 = tl.multiple_of(cols32, 16)
+        rem_c = tl.multiple_of(rem_c, 16)
+    rr = tl.arange(0, BR)
+    cc = tl.arange(0, BC)
+    mask = (rr < rem_r)[:, None] & (cc < rem_c)[None, :] & valid
+    org = src_off + r0 * stride + c0
+    qorg = q_off + r0 * cols + c0
+    if ALIGNED:
+        org = tl.multiple_of(org, 16)
+        qorg = tl.multiple_of(qorg, 16)
+    tile_src = src + org
+    x = tl.load(tile_src + (rr[:, None] * stride32 + cc[None, :]), mask=mask, other=0.0)
     xf = x.to(tl.float32)
     if MODE == 2:
         amax = tl.load(amax_out + t)
@@ -198,7 +210,8 @@ def _tile_kernel(
         else:
             tl.store(s_out + s_off, s.to(s_out.dtype.element_ty), mask=valid & (pid == 0))
         q = _quant(xf, s, HF, CT_BF16, MANUAL)
-        tl.store(q_out + q_off + r[:, None] * cols + c[None, :], q, mask=mask)
+        tile_q = q_out + qorg
+        tl.store(tile_q + (rr[:, None] * cols32 + cc[None, :]), q, mask=mask)
 
 
 @triton.jit
@@ -229,10 +242,22 @@ def _row_kernel(
     pid = tl.program_id(0)
     t = tl.program_id(1)
     src_off, rows, cols, stride, q_off, s_off = _segment(desc, t, rows1, cols1, stride1, SINGLE, ALIGNED)
-    r = pid * BR + tl.arange(0, BR).to(tl.int64)
-    rmask = r < rows
-    row_src = src + src_off + r[:, None] * stride
-    row_q = q_out + q_off + r[:, None] * cols
+    r0 = pid.to(tl.int64) * BR
+    rr = tl.arange(0, BR)
+    r = r0 + rr
+    rmask = rr < (rows - r0).to(tl.int32)
+    stride32 = stride.to(tl.int32)
+    cols32 = cols.to(tl.int32)
+    if ALIGNED:
+        stride32 = tl.multiple_of(stride32, 16)
+        cols32 = tl.multiple_of(cols32, 16)
+    org = src_off + r0 * stride
+    qorg = q_off + r0 * cols
+    if ALIGNED:
+        org = tl.multiple_of(org, 16)
+        qorg = tl.multiple_of(qorg, 16)
+    row_src = src + org + rr[:, None] * stride32
+    row_q = q_out + qorg + rr[:, None] * cols32
     acc = tl.zeros((BR,), tl.float32)
     if MANUAL:  # interpreter: range() over a run-time scalar is not supported there
         c0 = tl.zeros((), tl.int64)
@@ -371,7 +396,7 @@ def _single(w, recipe, strategy, block=None, division="auto"):
     q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=w.device)
     scale = torch.empty(scale_shape((rows, cols), strategy, block), dtype=cd, device=w.device)
     amax = torch.zeros(1, dtype=torch.float32, device=w.device)
-    _launch(strategy, recipe, block, [w], q, scale, [0], [0], amax, division, single_shape=(rows, cols))
+    _launch(strategy, recipe, block, [w], q, scale, [0], [0], amax, division)
     return q, scale, amax[0].to(cd)
 
 
