@@ -143,15 +143,13 @@ def start_llm(model_dir: str | os.PathLike[str], *, in_process: bool = True, **k
     from vllm import LLM
 
     args = dict(LLM_DEFAULTS)
-    pin = False
     if in_process and "distributed_executor_backend" not in kw:
         backend = _in_process_executor()
         if backend is not None:
             args["distributed_executor_backend"] = backend
-            pin = True
     args.update(kw)
     llm = LLM(model=str(model_dir), **args)
-    if pin:
+    if in_process:
         _pin_current_vllm_config(get_worker(llm).vllm_config)
     return llm
 
@@ -184,10 +182,11 @@ def _vllm_config_module() -> Any:
 def _pin_current_vllm_config(cfg: Any) -> None:
     """Make ``cfg`` the process-wide current vLLM config, as in a worker process.
 
-    With the uni-process executor on 0.20 - 0.23 the CPU fused-MoE path builds
-    a ``CustomOp`` during ``forward`` (outside any ``set_current_vllm_config``
-    block) and fails with "Current vLLM config is not set"; inside vLLM's own
-    worker process that never happens. :func:`shutdown_llm` unpins it.
+    With the worker in this process, the CPU fused-MoE path of 0.20 - 0.24
+    builds a ``CustomOp`` during ``forward`` (outside any
+    ``set_current_vllm_config`` block) and fails with "Current vLLM config is
+    not set"; inside vLLM's own worker process that never happens.
+    :func:`shutdown_llm` unpins it.
     """
     mod = _vllm_config_module()
     if mod is not None and mod._current_vllm_config is None:
