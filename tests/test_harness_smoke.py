@@ -186,11 +186,16 @@ def test_reload_same_weights_is_identity(
     if not harness.has_layerwise_reload():
         pytest.skip(f"vLLM {harness.vllm_version()} has no layerwise reload")
     llm = llama_engine.get()
-    harness.reload_weights(llm, tiny_models.load_checkpoint(llama_w0))
+    w0 = tiny_models.load_checkpoint(llama_w0)
+    harness.reload_weights(llm, w0)
     harness.assert_params_equal(baseline["params"], harness.param_snapshot(harness.get_model(llm)))
     tokens, lps = harness.greedy(llm, PROMPTS, N_TOKENS, logprobs=True)
     assert tokens == baseline["tokens"]
     assert lps == baseline["logprobs"]
+    # the same through the worker's own entry point
+    harness.worker_reload_weights(llm, w0)
+    harness.assert_params_equal(baseline["params"], harness.param_snapshot(harness.get_model(llm)))
+    assert harness.greedy(llm, PROMPTS, N_TOKENS) == baseline["tokens"]
 
 
 @pytest.mark.vllm

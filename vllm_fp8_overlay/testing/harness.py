@@ -53,6 +53,7 @@ __all__ = [
     "start_llm",
     "vllm_version",
     "vllm_version_tuple",
+    "worker_reload_weights",
 ]
 
 #: Environment every in-process CPU engine of the test-suite runs with
@@ -492,6 +493,24 @@ def reload_weights(
         get_model_config(llm),
         vllm_config=get_vllm_config(llm),
     )
+
+
+def worker_reload_weights(
+    llm: Any,
+    weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+) -> None:
+    """Reload through the worker's own ``reload_weights(weights_iterator=...)``.
+
+    The path ``LLM.collective_rpc("reload_weights", ...)`` takes (0.16+),
+    called directly on the in-process worker so the iterator is not pickled.
+    """
+    if not has_layerwise_reload():
+        _reload_api()  # raises LayerwiseReloadUnavailable
+    if isinstance(weights, Mapping):
+        pairs = [(k, v.clone()) for k, v in weights.items()]
+    else:
+        pairs = [(k, v.clone()) for k, v in weights]
+    get_worker(llm).reload_weights(weights_iterator=pairs)
 
 
 # --------------------------------------------------------------------------
