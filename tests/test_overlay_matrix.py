@@ -286,3 +286,59 @@ def test_moe_shared_bias_reload(version, has_reload, engine_env, tiny_model_root
         assert observed["warm_equals_cold"], [k for k in r["cold"] if r["cold"][k] != r["back"].get(k)]
         assert _tokens(r["back_tokens"]) == _tokens(r["cold_tokens"])
     compat.check_observation(str(version), "moe", observed)
+
+
+#: releases where the expert-parallel reload is exercised: the last one with
+#: the layer-size bug and the first one with the upstream fix.
+EP_RELEASES = {Version("0.18.1"), Version("0.19.1")}
+
+
+@pytest.mark.slow
+def test_expert_parallel_layer_size(version, engine_env, tiny_model_root):
+    """TP=2 + expert parallelism: each rank holds an int32 expert map that
+    reload never loads. Only the reload is exercised (vLLM's CPU fused-MoE
+    kernel does not support expert maps, so nothing is generated)."""
+    if version not in EP_RELEASES:
+        pytest.skip(f"expert-parallel reload is exercised on {sorted(map(str, EP_RELEASES))}")
+    if os.cpu_count() < 2:
+        pytest.skip("needs 2 CPU cores for 2 workers")
+    from vllm_fp8_overlay.testing import harness, tiny_models
+
+    d0 = tiny_models.make_qwen3_moe(tiny_model_root / "qwen3moe-w0")
+    old_bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    # test-side shim so the CPU engine can start with expert maps (see reload_probe)
+    os.environ["VLLM_FP8_OVERLAY_TEST_EP_SHIM"] = "1"
+    overlay.deactivate()
+    llm = harness.start_llm(
+        d0,
+        in_process=False,
+        tensor_parallel_size=2,
+        enable_expert_parallel=True,
+        distributed_executor_backend="mp",
+        worker_extension_cls=PROBE,
+    )
+    try:
+        _rpc(llm, "probe_overlay", False)
+        without = _rpc(llm, "probe_reload", str(d0))
+        states = _rpc(llm, "probe_overlay", True)
+        with_ = _rpc(llm, "probe_reload", str(d0))
+    finally:
+        harness.shutdown_llm(llm)
+        os.environ.pop("VLLM_FP8_OVERLAY_TEST_EP_SHIM", None)
+        if old_bind is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old_bind
+        harness.apply_cpu_env_defaults(True)
+    for rank_states in states:
+        assert {s["id"]: s["state"] for s in rank_states} == _expected_states(version)
+    observed = {
+        "incomplete_without_overlay": [r["incomplete_at_finalize"] for r in without],
+        "incomplete_with_overlay": [r["incomplete_at_finalize"] for r in with_],
+        "buffered_without_overlay": [r["buffered_at_finalize"] for r in without],
+        "buffered_with_overlay": [r["buffered_at_finalize"] for r in with_],
+    }
+    assert all(not inc for inc in observed["incomplete_with_overlay"])
+    assert all(b == 0 for b in observed["buffered_with_overlay"])
+    compat.check_observation(str(version), "ep", observed)

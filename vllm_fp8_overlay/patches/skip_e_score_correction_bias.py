@@ -40,9 +40,13 @@ class SkipEScoreCorrectionBias(Patch):
     upstream = "vllm-project/vllm#38746"
     not_needed_before = "vLLM < 0.16 has no layerwise reload"
     trigger_module = _reload.PACKAGE
+    # Loader wrapping happens in initialize_online_processing from 0.19 on,
+    # inline in initialize_layerwise_reload before; the patch wraps whichever
+    # the release has.
     targets = (
         _reload.META + ".SKIP_TENSORS",
-        _reload.LAYERWISE + ".initialize_online_processing (0.19) / initialize_layerwise_reload (0.16-0.18)",
+        _reload.LAYERWISE + ".initialize_online_processing",
+        _reload.LAYERWISE + ".initialize_layerwise_reload",
     )
     requires = ("layer-size-without-skipped",)
 
