@@ -342,3 +342,28 @@ def test_expert_parallel_layer_size(version, engine_env, tiny_model_root):
     assert all(not inc for inc in observed["incomplete_with_overlay"])
     assert all(b == 0 for b in observed["buffered_with_overlay"])
     compat.check_observation(str(version), "ep", observed)
+
+
+@pytest.mark.slow
+def test_harmless_without_reload_module(version, has_reload, tiny_model_root):
+    """Below 0.16 there is nothing to patch: the overlay stays silent and vLLM
+    starts and generates with it active."""
+    if has_reload:
+        pytest.skip("release has the reload module")
+    from vllm_fp8_overlay.testing import harness, tiny_models
+
+    overlay.activate()
+    d0 = tiny_models.make_llama(tiny_model_root / "llama-old")
+    llm = harness.start_llm(d0, worker_extension_cls=PROBE)
+    try:
+        tokens = harness.greedy(llm, PROMPTS, 4)
+        states = _rpc(llm, "probe_overlay")[0]
+        touched = _rpc(llm, "probe_touched")[0]
+    finally:
+        harness.shutdown_llm(llm)
+    assert all(len(t) == 4 for t in tokens)
+    assert touched == []
+    assert {s["id"]: s["state"] for s in states} == _expected_states(version)
+    compat.check_observation(
+        str(version), "inert", {"generates_with_overlay_active": True, "touched": touched}
+    )

@@ -216,10 +216,34 @@ def render(record: dict | None = None) -> str:
         lines += ["", "### Notes", ""]
         for v, n in notes:
             lines.append(f"- {v}: {n}")
-    extra = ROOT / "compat" / "formats.md"
-    if extra.exists():
-        lines += ["", extra.read_text().rstrip()]
+    formats = _formats_section()
+    if formats:
+        lines += ["", formats]
     return "\n".join(lines) + "\n"
+
+
+FORMATS_DOC = ROOT / "docs" / "formats.md"
+FORMATS_HEADING = "## Formats and how each one is verified"
+
+
+def _formats_section() -> str:
+    """The formats x verification table, taken from docs/formats.md (one source)."""
+    if not FORMATS_DOC.exists():
+        return ""
+    text = FORMATS_DOC.read_text()
+    if FORMATS_HEADING not in text:
+        return ""
+    body = text.split(FORMATS_HEADING, 1)[1]
+    table = []
+    for line in body.lstrip("\n").splitlines():
+        if not line.startswith("|"):
+            if table:
+                break
+            continue
+        table.append(line)
+    return "\n".join(
+        ["## FP8 checkpoint formats (trainer-side quantizer)", "", "From `docs/formats.md`.", "", *table]
+    )
 
 
 def is_stale() -> bool:
