@@ -190,7 +190,10 @@ def render(record: dict | None = None) -> str:
             "Tiny Qwen3-MoE, tensor parallel 2 with `enable_expert_parallel=True`, one reload",
             "per rank observed inside each worker. Only the reload is exercised: vLLM's CPU",
             "fused-MoE kernel does not support expert maps, so no tokens are generated in",
-            "this configuration and no kernel is patched.",
+            "this configuration. So that the engine can start at all, the test replaces vLLM's",
+            "CPU fused-MoE forward by one returning zeros (a test-side shim in",
+            "`vllm_fp8_overlay/testing/reload_probe.py`, not vLLM behaviour); the reload path",
+            "observed is vLLM's own.",
             "",
             "| vLLM | MoE layers incomplete at finalize, per rank (without → with) |",
             "|---|---|",
@@ -211,6 +214,17 @@ def render(record: dict | None = None) -> str:
         for v, s in serve_rows:
             states = ", ".join(f"{k}: {val}" for k, val in sorted(s.get("worker_states", {}).items()))
             lines.append(f"| {v} | {_yes(s.get('announced_in_worker'))} | {states} |")
+    inert = [(v, record[v]["inert"]) for v in versions if "inert" in record[v]]
+    if inert:
+        lines += [
+            "",
+            "### Releases without the reload module",
+            "",
+            "| vLLM | starts and generates with the overlay active | vLLM globals touched |",
+            "|---|---|---|",
+        ]
+        for v, r in inert:
+            lines.append(f"| {v} | {_yes(r.get('generates_with_overlay_active'))} | {len(r.get('touched', []))} |")
     notes = [(v, record[v]["notes"]) for v in versions if record[v].get("notes")]
     if notes:
         lines += ["", "### Notes", ""]

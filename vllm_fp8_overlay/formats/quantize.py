@@ -208,6 +208,25 @@ def get_backend(name: str | QuantBackend | None = None) -> QuantBackend:
         ) from None
 
 
+_GPU_BACKEND_TRIED = [False]
+
+
+def _auto_backend(w: torch.Tensor) -> str | None:
+    """The backend for ``w`` when the caller names none: the fused Triton
+    kernels for CUDA tensors where they are available, else the default."""
+    if _DEFAULT_BACKEND[0] != "torch" or not w.is_cuda:
+        return None
+    if not _GPU_BACKEND_TRIED[0]:
+        _GPU_BACKEND_TRIED[0] = True
+        try:
+            from ..kernels import register
+
+            register(make_default=False)
+        except Exception:  # no Triton: the torch reference serves CUDA too
+            pass
+    return "triton" if "triton" in _BACKENDS else None
+
+
 # ---------------------------------------------------------- per-tensor API
 def quantize_tensor(
     w: torch.Tensor,
@@ -236,7 +255,7 @@ def quantize_tensor(
             f"{label}: expected a bf16/fp16/fp32 weight to quantize, got {w.dtype}"
         )
     recipe = _recipe(layout)
-    be = get_backend(backend)
+    be = get_backend(backend if backend is not None else _auto_backend(w))
     if layout.strategy == "tensor":
         q, scale, amax = be.tensorwise(w, recipe)
         scale = scale.reshape(()) if recipe == "hf" else scale.reshape(1)
