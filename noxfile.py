@@ -4,6 +4,7 @@
     nox -s "matrix(vllm='0.19.1')"       # one release
     nox -s matrix                        # every release of the matrix
     nox -s "matrix(vllm='0.19.1')" -- -k reload -x    # extra pytest arguments
+    nox -s demo                          # end-to-end weight-sync demo on 0.32.0
 
 Environments live in ``.nox/`` and are reused while their spec (release,
 torch pin, extra pins, ``SPEC_REVISION`` in ``tools/vllm_env.py``,
@@ -69,4 +70,26 @@ def fast(session: nox.Session) -> None:
     session.notify(f"matrix(vllm='{vllm_env.DEFAULT_VLLM}')", posargs=list(session.posargs))
     session.notify(
         f"matrix(vllm='{vllm_env.PATCHED_VLLM}')", posargs=["-m", "vllm", *session.posargs]
+    )
+
+
+def _matrix_venv(version: str) -> Path:
+    """Where nox keeps the environment of ``matrix(vllm=version)``."""
+    return ROOT / ".nox" / f"matrix-vllm-{version.replace('.', '-')}"
+
+
+@nox.session(venv_backend="none")
+def demo(session: nox.Session) -> None:
+    """End-to-end weight-sync demo on the default release (``-- --help`` for options).
+
+    Runs in the environment of ``matrix(vllm='0.32.0')`` (built if needed).
+    """
+    rel = vllm_env.RELEASES[vllm_env.DEFAULT_VLLM]
+    venv = _matrix_venv(rel.vllm)
+    if not vllm_env.is_current(venv, rel):
+        session.log(f"building {venv}")
+        vllm_env.build(rel, venv)
+    session.run(
+        str(venv / "bin" / "python"), "-m", "vllm_fp8_overlay", "demo", *session.posargs,
+        env=vllm_env.run_env(rel, venv), external=True,
     )
