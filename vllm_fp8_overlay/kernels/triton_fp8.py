@@ -9,14 +9,22 @@ Bit-for-bit the arithmetic of :mod:`vllm_fp8_overlay.formats.quantize` (the
 * ``channel``: one program per group of rows; a first sweep over the columns
   finds each row's ``amax``, a second one quantizes (the re-read mostly hits
   L2).
-* ``tensor``: an ``amax`` pass (``atomic_max`` per tensor) then a quantize pass.
+* ``tensor``: an ``amax`` pass then a quantize pass.
 
-Every kernel takes a *segment table*: one int64 row per tensor (source
-element offset, rows, cols, row stride, fp8 output offset, scale output
-offset). Grid axis 1 walks the table, axis 0 the tiles of a tensor, so a list
-of many small matrices (MoE experts) costs one launch, not one per tensor.
-Outputs can go into one flat byte buffer at given offsets (a wire bucket), so
-the quantized bytes are written once, straight where they are sent from.
+No kernel uses atomics: every program writes the ``amax`` of its own tile to
+a scratch array (4 bytes per tile); per-tensor ``amax`` values (and the
+per-tensor scale of the ``tensor`` strategy) are a small reduction of that
+array. Finiteness is checked once per call (or once per wire bucket), never per
+tensor, and never with a host synchronization inside this module.
+
+Grouping: the tensors of one call are split into *shape groups* (same rows,
+cols and row stride). One launch per group, grid ``(tiles of one tensor,
+tensors)``, so no program is wasted on padding, the shape is a plain kernel
+argument (Triton specializes it on divisibility by 16 only, so new shapes do
+not recompile) and only three int64 words per tensor (source, fp8 and scale
+offsets) come from a device table. Tables are cached on the device by
+content: a weight sync that quantizes the same parameters every step uploads
+nothing after its first step.
 
 Exactness (what the torch reference does, and how it is matched here):
 
@@ -24,15 +32,25 @@ Exactness (what the torch reference does, and how it is matched here):
   ``amax * float32(1/448)`` (its true-division kernel turns a CPU-scalar
   divisor into a reciprocal multiply); on CPU it is a true division. The kernel
   does the same per device (``division="auto"``).
-* ``w / scale`` (two tensors) is an IEEE float32 division in both places
-  (``div_rn`` here; Triton's plain ``/`` would be approximate on the GPU).
+* ``w / scale`` (two tensors) is an IEEE float32 division in the reference.
+  For float32 weights the kernels use ``div_rn``. For 16-bit weights (bf16,
+  fp16) they compute the correctly rounded quotient with the reciprocal of the
+  tile's scale and one fused-multiply-add correction
+  (``q = x*r; e = fma(-q, s, x); q' = fma(e, r, q)``, Markstein), which is
+  about three instructions instead of the ~10 and a branch of ``div.rn``.
+  Its output bytes were checked equal to the ``div_rn`` path *exhaustively*
+  (every 16-bit scale-determining ``amax`` times every 16-bit input with
+  ``|x| <= amax``, both recipes; see :func:`exhaustive_division_check`, run by
+  ``tests/test_kernels_gpu.py``). Scales outside ``[2**-125, 2**125]`` (and
+  non-finite ones) take the ``div_rn`` path.
 * compressed-tensors rounds ``amax / 448`` and ``w / scale`` to the weight
   dtype (round to nearest even), turns ``-0`` into ``+0``, clamps to +-448 and
   casts to fp8 with round to nearest even.
 * Triton's CPU interpreter (``TRITON_INTERPRET=1``) rounds float32 -> bf16 by
-  truncation and float32 -> fp8 with ties away; under the interpreter the
-  kernels therefore round with integer bit arithmetic (exact RNE). On the GPU
-  they use the hardware conversions, which are RNE.
+  truncation and float32 -> fp8 with ties away, and has no fused multiply-add;
+  under the interpreter the kernels therefore round with integer bit
+  arithmetic (exact RNE) and always divide with ``div_rn``. On the GPU they
+  use the hardware conversions, which are RNE.
 * ``amax`` maps NaN to +inf so the caller's finiteness check still fires.
 
 Supported: bf16 and float32 weights for both recipes, fp16 for the ``hf``
@@ -43,6 +61,7 @@ backend (fp16 with compressed-tensors, fp64, non-power-of-two blocks).
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -57,8 +76,14 @@ FP8_MAX = 448.0
 #: float32(1) / float32(448), the reciprocal PyTorch's CUDA division uses.
 INV_FP8_MAX = float(np.float32(1.0) / np.float32(448.0))
 
-_DESC_W = 6  # int64 words per segment-table row
 _MAX_GRID_Y = 65535
+#: weight dtypes whose ``w / scale`` uses the reciprocal + FMA correction
+#: (verified exhaustively, see the module docstring); others use ``div_rn``.
+FAST_DIV_DTYPES = (torch.bfloat16, torch.float16)
+#: division modes of the kernels (``DIV`` constexpr). ``DIV_MUL`` is *not*
+#: exact; it exists only to measure what exact division costs.
+DIV_RN, DIV_FAST, DIV_MUL = 0, 1, 2
+_TAB_CACHE_MAX = 1024
 
 
 def _interpreting() -> bool:
@@ -121,8 +146,24 @@ def _scale_from_amax(amax, HF: tl.constexpr, CT_BF16: tl.constexpr, EPS: tl.cons
 
 
 @triton.jit
-def _quant(xf, s, HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr):
-    y = tl.math.div_rn(xf, s)
+def _fast_ok(s):
+    """Scales for which the reciprocal + FMA quotient is used (NaN: False)."""
+    return (s >= 2.350988701644575e-38 * 4.0) & (s <= 4.253529586511731e37)
+
+
+@triton.jit
+def _quant(xf, s, r, HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr, DIV: tl.constexpr):
+    """float32 weights -> fp8 for scale ``s`` (``r`` = 1/s, used by DIV_FAST/DIV_MUL)."""
+    if DIV == 1:
+        q0 = xf * r
+        e = tl.fma(-q0, s, xf)
+        y = tl.fma(e, r, q0)
+        if HF:
+            y = tl.where(q0 == 0.0, q0, y)  # keeps the sign of a zero quotient
+    elif DIV == 2:
+        y = xf * r
+    else:
+        y = tl.math.div_rn(xf, s)
     if not HF:
         y = _round_cd(y, CT_BF16, MANUAL)
         y = tl.where(y == 0.0, 0.0, y)  # the reference's "+ 0.0": -0 -> +0
@@ -131,153 +172,191 @@ def _quant(xf, s, HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr)
 
 
 @triton.jit
-def _abs_nan_inf(xf):
-    a = tl.abs(xf)
-    return tl.where(a != a, float("inf"), a)
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _segment(desc, t, rows1, cols1, stride1, SINGLE: tl.constexpr, ALIGNED: tl.constexpr):
-    if SINGLE:
-        src_off = tl.zeros((), tl.int64)
-        rows = tl.zeros((), tl.int64) + rows1
-        cols = tl.zeros((), tl.int64) + cols1
-        stride = tl.zeros((), tl.int64) + stride1
-        q_off = tl.zeros((), tl.int64)
-        s_off = tl.zeros((), tl.int64)
+def _nan_to_inf(m):
+    return tl.where(m != m, float("inf"), m)
+
+
+@triton.jit
+def _absmax(xf, axis: tl.constexpr, MANUAL: tl.constexpr):
+    """max |x| along ``axis``; NaN propagates (the caller maps it to inf).
+    On the GPU one ``max.NaN`` per element; the interpreter runs custom
+    combine functions element by element in Python, so there NaN is mapped
+    first and the built-in max is used."""
+    if MANUAL:
+        return tl.max(_nan_to_inf(tl.abs(xf)), axis=axis)
     else:
-        d = desc + t * 6
-        src_off = tl.load(d)
-        rows = tl.load(d + 1)
-        cols = tl.load(d + 2)
-        stride = tl.load(d + 3)
-        q_off = tl.load(d + 4)
-        s_off = tl.load(d + 5)
-        if ALIGNED:
-            src_off = tl.multiple_of(src_off, 16)
-            q_off = tl.multiple_of(q_off, 16)
-    return src_off, rows, cols, stride, q_off, s_off
+        return tl.reduce(tl.abs(xf), axis, _max_nan)
+
+
+@triton.jit
+def _quant_store(ptrs, xf, s, mask, HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr,
+                 DIV: tl.constexpr, EVEN: tl.constexpr):
+    """Quantize and store; DIV_FAST picks the exact division per (scalar) scale."""
+    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    if DIV == 1:
+        if _fast_ok(s):
+            q = _quant(xf, s, r, HF, CT_BF16, MANUAL, 1)
+        else:
+            q = _quant(xf, s, r, HF, CT_BF16, MANUAL, 0)
+    else:
+        q = _quant(xf, s, r, HF, CT_BF16, MANUAL, DIV)
+    if EVEN:
+        tl.store(ptrs, q)
+    else:
+        tl.store(ptrs, q, mask=mask)
 
 
 # -------------------------------------------------------------------- kernels
-@triton.jit
+@triton.jit(do_not_specialize=["tab_base", "tmax_base"])
 def _tile_kernel(
-    src, desc, q_out, s_out, amax_out, rows1, cols1, stride1,
+    src, tab, q_out, s_out, tmax, amax_in, rows, cols, stride, tab_base, tmax_base,
     MODE: tl.constexpr,  # 0: block scales; 1: tensor amax pass; 2: tensor quantize pass
     HF: tl.constexpr, CT_BF16: tl.constexpr, EPS: tl.constexpr,
     RECIP: tl.constexpr, INV: tl.constexpr, MANUAL: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr, SINGLE: tl.constexpr, ALIGNED: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, ALIGNED: tl.constexpr, EVEN: tl.constexpr,
+    DIV: tl.constexpr, ATOMIC: tl.constexpr = False, IDX64: tl.constexpr = False,
 ):
+    """One program per (BR, BC) tile of tensor ``program_id(1)`` of a shape group.
+
+    ``tab[tab_base + 3 t + (0, 1, 2)]``: element offset of the tensor from
+    ``src``, of its fp8 output in ``q_out`` and of its scales in ``s_out``.
+    The tile's amax goes to ``tmax[tmax_base + t * ntiles + pid]`` (with
+    ``ATOMIC``, a diagnostic variant: ``atomic_max`` into ``tmax[tmax_base + t]``).
+    """
     pid = tl.program_id(0)
     t = tl.program_id(1)
-    src_off, rows, cols, stride, q_off, s_off = _segment(desc, t, rows1, cols1, stride1, SINGLE, ALIGNED)
+    d = tab + tab_base + t * 3
+    src_off = tl.load(d)
+    q_off = tl.load(d + 1)
+    s_off = tl.load(d + 2)
+    if ALIGNED:
+        src_off = tl.multiple_of(src_off, 16)
+        q_off = tl.multiple_of(q_off, 16)
     ncb = tl.cdiv(cols, BC)
     ntiles = tl.cdiv(rows, BR) * ncb
-    valid = pid < ntiles
     br = pid // ncb
     bc = pid % ncb
-    # 64-bit arithmetic only for the tile origin; 32-bit offsets inside it
-    r0 = br.to(tl.int64) * BR
-    c0 = bc.to(tl.int64) * BC
-    rem_r = tl.minimum(rows - r0, BR).to(tl.int32)
-    rem_c = tl.minimum(cols - c0, BC).to(tl.int32)
-    stride32 = stride.to(tl.int32)
-    cols32 = cols.to(tl.int32)
-    if ALIGNED:
-        stride32 = tl.multiple_of(stride32, 16)
-        cols32 = tl.multiple_of(cols32, 16)
-        rem_c = tl.multiple_of(rem_c, 16)
+    r0 = br * BR
+    c0 = bc * BC
     rr = tl.arange(0, BR)
     cc = tl.arange(0, BC)
-    mask = (rr < rem_r)[:, None] & (cc < rem_c)[None, :] & valid
-    org = src_off + r0 * stride + c0
-    qorg = q_off + r0 * cols + c0
+    if IDX64:
+        offs = rr.to(tl.int64)[:, None] * stride + cc[None, :]
+        qoffs = rr.to(tl.int64)[:, None] * cols + cc[None, :]
+    else:
+        offs = rr[:, None] * stride + cc[None, :]
+        qoffs = rr[:, None] * cols + cc[None, :]
+    org = src_off + r0.to(tl.int64) * stride + c0
+    qorg = q_off + r0.to(tl.int64) * cols + c0
     if ALIGNED:
         org = tl.multiple_of(org, 16)
         qorg = tl.multiple_of(qorg, 16)
-    tile_src = src + org
-    x = tl.load(tile_src + (rr[:, None] * stride32 + cc[None, :]), mask=mask, other=0.0)
+    if EVEN:
+        mask = None
+        x = tl.load(src + org + offs)
+    else:
+        mask = (rr < rows - r0)[:, None] & (cc < cols - c0)[None, :]
+        x = tl.load(src + org + offs, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     if MODE == 2:
-        amax = tl.load(amax_out + t)
+        amax = tl.load(amax_in + t)
     else:
-        amax = tl.max(tl.max(_abs_nan_inf(xf), axis=1), axis=0)
-        tl.atomic_max(amax_out + t, amax, mask=valid)
+        amax = _absmax(_absmax(xf, 1, MANUAL), 0, MANUAL)
+        amax = _nan_to_inf(amax)
+        if ATOMIC:
+            tl.atomic_max(tmax + tmax_base + t, amax)
+        else:
+            tl.store(tmax + tmax_base + t * ntiles + pid, amax)
     if MODE != 1:
         s = _scale_from_amax(amax, HF, CT_BF16, EPS, RECIP, INV, MANUAL)
         if MODE == 0:
-            tl.store(s_out + s_off + pid, s.to(s_out.dtype.element_ty), mask=valid)
+            tl.store(s_out + s_off + pid, s.to(s_out.dtype.element_ty))
         else:
-            tl.store(s_out + s_off, s.to(s_out.dtype.element_ty), mask=valid & (pid == 0))
-        q = _quant(xf, s, HF, CT_BF16, MANUAL)
-        tile_q = q_out + qorg
-        tl.store(tile_q + (rr[:, None] * cols32 + cc[None, :]), q, mask=mask)
+            if pid == 0:
+                tl.store(s_out + s_off, s.to(s_out.dtype.element_ty))
+        _quant_store(q_out + qorg + qoffs, xf, s, mask, HF, CT_BF16, MANUAL, DIV, EVEN)
 
 
 @triton.jit
-def _row_amax_step(row_src, rmask, c0, cols, acc, BC: tl.constexpr):
+def _row_amax_step(row_src, rmask, c0, cols, acc, BC: tl.constexpr, MANUAL: tl.constexpr):
     c = c0 + tl.arange(0, BC)
     m = rmask[:, None] & (c < cols)[None, :]
     x = tl.load(row_src + c[None, :], mask=m, other=0.0)
-    return tl.maximum(acc, tl.max(_abs_nan_inf(x.to(tl.float32)), axis=1))
+    return _max_nan(acc, _absmax(x.to(tl.float32), 1, MANUAL))
 
 
 @triton.jit
-def _row_quant_step(row_src, row_q, rmask, c0, cols, s, BC: tl.constexpr,
-                    HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr):
+def _row_quant_step(row_src, row_q, rmask, c0, cols, s, r, fast, BC: tl.constexpr,
+                    HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr, DIV: tl.constexpr):
     c = c0 + tl.arange(0, BC)
     m = rmask[:, None] & (c < cols)[None, :]
     x = tl.load(row_src + c[None, :], mask=m, other=0.0)
-    q = _quant(x.to(tl.float32), s[:, None], HF, CT_BF16, MANUAL)
+    xf = x.to(tl.float32)
+    if DIV == 1:
+        if fast:
+            q = _quant(xf, s[:, None], r[:, None], HF, CT_BF16, MANUAL, 1)
+        else:
+            q = _quant(xf, s[:, None], r[:, None], HF, CT_BF16, MANUAL, 0)
+    else:
+        q = _quant(xf, s[:, None], r[:, None], HF, CT_BF16, MANUAL, DIV)
     tl.store(row_q + c[None, :], q, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tab_base", "tmax_base"])
 def _row_kernel(
-    src, desc, q_out, s_out, amax_out, rows1, cols1, stride1,
+    src, tab, q_out, s_out, tmax, rows, cols, stride, tab_base, tmax_base,
     HF: tl.constexpr, CT_BF16: tl.constexpr, EPS: tl.constexpr,
     RECIP: tl.constexpr, INV: tl.constexpr, MANUAL: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr, SINGLE: tl.constexpr, ALIGNED: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, ALIGNED: tl.constexpr, DIV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.program_id(1)
-    src_off, rows, cols, stride, q_off, s_off = _segment(desc, t, rows1, cols1, stride1, SINGLE, ALIGNED)
-    r0 = pid.to(tl.int64) * BR
-    rr = tl.arange(0, BR)
-    r = r0 + rr
-    rmask = rr < (rows - r0).to(tl.int32)
-    stride32 = stride.to(tl.int32)
-    cols32 = cols.to(tl.int32)
+    d = tab + tab_base + t * 3
+    src_off = tl.load(d)
+    q_off = tl.load(d + 1)
+    s_off = tl.load(d + 2)
     if ALIGNED:
-        stride32 = tl.multiple_of(stride32, 16)
-        cols32 = tl.multiple_of(cols32, 16)
-    org = src_off + r0 * stride
-    qorg = q_off + r0 * cols
+        src_off = tl.multiple_of(src_off, 16)
+        q_off = tl.multiple_of(q_off, 16)
+    nprog = tl.cdiv(rows, BR)
+    r0 = pid * BR
+    rr = tl.arange(0, BR)
+    rmask = rr < rows - r0
+    org = src_off + r0.to(tl.int64) * stride
+    qorg = q_off + r0.to(tl.int64) * cols
     if ALIGNED:
         org = tl.multiple_of(org, 16)
         qorg = tl.multiple_of(qorg, 16)
-    row_src = src + org + rr[:, None] * stride32
-    row_q = q_out + qorg + rr[:, None] * cols32
+    row_src = src + org + rr[:, None] * stride
+    row_q = q_out + qorg + rr[:, None] * cols
     acc = tl.zeros((BR,), tl.float32)
     if MANUAL:  # interpreter: range() over a run-time scalar is not supported there
-        c0 = tl.zeros((), tl.int64)
+        c0 = tl.zeros((), tl.int32)
         while c0 < cols:
-            acc = _row_amax_step(row_src, rmask, c0, cols, acc, BC)
+            acc = _row_amax_step(row_src, rmask, c0, cols, acc, BC, MANUAL)
             c0 += BC
     else:
         for c0 in range(0, cols, BC):
-            acc = _row_amax_step(row_src, rmask, c0, cols, acc, BC)
+            acc = _row_amax_step(row_src, rmask, c0, cols, acc, BC, MANUAL)
+    acc = _nan_to_inf(acc)
     s = _scale_from_amax(acc, HF, CT_BF16, EPS, RECIP, INV, MANUAL)
-    tl.store(s_out + s_off + r, s.to(s_out.dtype.element_ty), mask=rmask)
-    tl.atomic_max(amax_out + t, tl.max(acc, axis=0), mask=pid * BR < rows)
+    tl.store(s_out + s_off + r0 + rr, s.to(s_out.dtype.element_ty), mask=rmask)
+    tl.store(tmax + tmax_base + t * nprog + pid, tl.max(tl.where(rmask, acc, 0.0), axis=0))
+    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    fast = tl.min(tl.where(rmask, _fast_ok(s).to(tl.int32), 1), axis=0) == 1
     if MANUAL:
-        c0 = tl.zeros((), tl.int64)
+        c0 = tl.zeros((), tl.int32)
         while c0 < cols:
-            _row_quant_step(row_src, row_q, rmask, c0, cols, s, BC, HF, CT_BF16, MANUAL)
+            _row_quant_step(row_src, row_q, rmask, c0, cols, s, r, fast, BC, HF, CT_BF16, MANUAL, DIV)
             c0 += BC
     else:
         for c0 in range(0, cols, BC):
-            _row_quant_step(row_src, row_q, rmask, c0, cols, s, BC, HF, CT_BF16, MANUAL)
+            _row_quant_step(row_src, row_q, rmask, c0, cols, s, r, fast, BC, HF, CT_BF16, MANUAL, DIV)
 
 
 # ---------------------------------------------------------------- launchers
@@ -298,13 +377,15 @@ def _consts(recipe: str, dtype: torch.dtype, device: torch.device, division: str
         division = "recip" if device.type == "cuda" else "true"
     if division not in ("recip", "true"):
         raise ValueError(f"division must be 'auto', 'recip' or 'true', got {division!r}")
+    manual = _interpreting()
     return dict(
         HF=hf,
         CT_BF16=(not hf and cd == torch.bfloat16),
         EPS=float(torch.finfo(cd).eps),
         RECIP=division == "recip",
         INV=INV_FP8_MAX,
-        MANUAL=_interpreting(),
+        MANUAL=manual,
+        DIV=DIV_FAST if (dtype in FAST_DIV_DTYPES and not manual) else DIV_RN,
     ), cd
 
 
@@ -319,58 +400,107 @@ def scale_shape(shape, strategy: str, block=None) -> tuple[int, ...]:
     return (-(-rows // bn), -(-cols // bk))
 
 
-def _launch(strategy, recipe, block, srcs, q_base, s_base, q_offs, s_offs, amax, division, single_shape=None):
-    """One launch (two for ``tensor``) over ``srcs``; outputs at element offsets
-    ``q_offs`` of ``q_base`` (fp8) and ``s_offs`` of ``s_base`` (scale dtype)."""
-    w0 = srcs[0]
-    dev = w0.device
-    k, _ = _consts(recipe, w0.dtype, dev, division)
-    n = len(srcs)
-    es = w0.element_size()
-    base_ptr = w0.data_ptr()
-    aligned = True
-    rows_max = cols_max = 0
-    desc = None
-    if single_shape is not None:
-        rows1, cols1 = w0.shape
-        stride1 = w0.stride(0)
-        aligned = base_ptr % 16 == 0 and cols1 % 16 == 0 and stride1 % 16 == 0 and w0.stride(1) == 1
-        rows_max, cols_max = rows1, cols1
-    else:
-        rows1 = cols1 = stride1 = 1
-        table = []
-        for w, qo, so in zip(srcs, q_offs, s_offs):
-            rows, cols = w.shape
-            d = w.data_ptr() - base_ptr
-            assert d % es == 0 and w.stride(1) == 1
-            off = d // es
-            st = w.stride(0) if rows > 1 else cols
-            aligned = aligned and (off % 16 == 0 and cols % 16 == 0 and st % 16 == 0 and qo % 16 == 0)
-            table.append((off, rows, cols, st, qo, so))
-            rows_max, cols_max = max(rows_max, rows), max(cols_max, cols)
-        aligned = aligned and base_ptr % 16 == 0
-        desc = torch.tensor(table, dtype=torch.int64).reshape(-1)
-        if dev.type == "cuda":
-            desc = desc.pin_memory().to(dev, non_blocking=True)
-    desc_arg = desc if desc is not None else amax  # unused when SINGLE
-    common = dict(SINGLE=single_shape is not None, ALIGNED=aligned, **k)
-    if strategy == "channel":
-        BR, BC = (4, 512) if cols_max >= 512 else (16, max(16, triton.next_power_of_2(cols_max)))
-        grid = (triton.cdiv(rows_max, BR), n)
-        _row_kernel[grid](w0, desc_arg, q_base, s_base, amax, rows1, cols1, stride1,
-                          BR=BR, BC=BC, num_warps=4, **common)
-        return
+def _tile_shape(strategy, block, cols):
     if strategy == "block":
-        BR, BC = block
-        modes = (0,)
-    else:
-        BR, BC = (32, 256) if cols_max >= 256 else (128, max(16, triton.next_power_of_2(cols_max)))
-        modes = (1, 2)
-    nw = 8 if BR * BC >= 16384 else 4
-    grid = (triton.cdiv(rows_max, BR) * triton.cdiv(cols_max, BC), n)
-    for mode in modes:
-        _tile_kernel[grid](w0, desc_arg, q_base, s_base, amax, rows1, cols1, stride1,
-                           MODE=mode, BR=BR, BC=BC, num_warps=nw, **common)
+        return tuple(block)
+    if strategy == "channel":
+        return (4, 512) if cols >= 512 else (16, max(16, triton.next_power_of_2(cols)))
+    return (32, 256) if cols >= 256 else (128, max(16, triton.next_power_of_2(cols)))
+
+
+class _Group:
+    __slots__ = ("base", "idx", "rows", "cols", "stride", "tab_base", "tmax_base", "ntiles", "aligned",
+                 "even", "idx_dev", "BR", "BC")
+
+
+class _Plan:
+    """Shape groups and the device table of one call (cached by content)."""
+
+    __slots__ = ("groups", "tab", "ntmax")
+
+
+_TAB_CACHE: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_stats = {"plan_hits": 0, "plan_misses": 0}
+
+
+def _make_plan(key, tensors, q_offs, s_offs, strategy, block, es, dev, cache=True) -> _Plan:
+    if cache:
+        p = _TAB_CACHE.get(key)
+        if p is not None:
+            _TAB_CACHE.move_to_end(key)
+            _stats["plan_hits"] += 1
+            return p
+    _stats["plan_misses"] += 1
+    by_shape: dict = {}
+    for i, w in enumerate(tensors):
+        rows, cols = w.shape
+        st = w.stride(0) if rows > 1 else cols
+        by_shape.setdefault((rows, cols, st), []).append(i)
+    groups, table, ntmax = [], [], 0
+    for (rows, cols, st), idx in by_shape.items():
+        BR, BC = _tile_shape(strategy, block, cols)
+        if strategy == "channel":
+            ntiles = triton.cdiv(rows, BR)
+        else:
+            ntiles = triton.cdiv(rows, BR) * triton.cdiv(cols, BC)
+        for c0 in range(0, len(idx), _MAX_GRID_Y):
+            sub = idx[c0 : c0 + _MAX_GRID_Y]
+            sub.sort(key=lambda i: tensors[i].data_ptr())
+            base = sub[0]
+            bp = tensors[base].data_ptr()
+            g = _Group()
+            g.base, g.idx, g.rows, g.cols, g.stride = base, sub, rows, cols, st
+            g.tab_base, g.tmax_base, g.ntiles, g.BR, g.BC = len(table), ntmax, ntiles, BR, BC
+            aligned = bp % 16 == 0 and cols % 16 == 0 and st % 16 == 0
+            for i in sub:
+                d = tensors[i].data_ptr() - bp
+                assert d % es == 0
+                off = d // es
+                aligned = aligned and off % 16 == 0 and q_offs[i] % 16 == 0
+                table += [off, q_offs[i], s_offs[i]]
+            g.aligned = aligned
+            g.even = strategy != "channel" and rows % BR == 0 and cols % BC == 0
+            g.idx_dev = torch.tensor(sub, dtype=torch.int64, device=dev)
+            ntmax += len(sub) * ntiles
+            groups.append(g)
+    p = _Plan()
+    p.groups, p.ntmax = groups, ntmax
+    p.tab = torch.tensor(table, dtype=torch.int64, device=dev)
+    if cache:
+        _TAB_CACHE[key] = p
+        while len(_TAB_CACHE) > _TAB_CACHE_MAX:
+            _TAB_CACHE.popitem(last=False)
+    return p
+
+
+def _launch_plan(p: _Plan, tensors, strategy, k, q_base, s_base, tmax, num_warps=None, **variant):
+    """Launch every group of ``p``; returns per-tensor amax only for ``tensor``
+    (needed for its second pass), else None."""
+    dev = q_base.device
+    for g in p.groups:
+        src = tensors[g.base]
+        n = len(g.idx)
+        if strategy == "channel":
+            _row_kernel[(g.ntiles, n)](
+                src, p.tab, q_base, s_base, tmax, g.rows, g.cols, g.stride, g.tab_base, g.tmax_base,
+                BR=g.BR, BC=g.BC, ALIGNED=g.aligned, num_warps=num_warps or 4, **k)
+            continue
+        nw = num_warps or (8 if g.BR * g.BC >= 16384 else 4)
+        args = (src, p.tab, q_base, s_base, tmax)
+        if strategy == "block":
+            _tile_kernel[(g.ntiles, n)](
+                *args, tmax, g.rows, g.cols, g.stride, g.tab_base, g.tmax_base, MODE=0,
+                BR=g.BR, BC=g.BC, ALIGNED=g.aligned, EVEN=g.even, num_warps=nw, **k, **variant)
+        else:
+            _tile_kernel[(g.ntiles, n)](
+                *args, tmax, g.rows, g.cols, g.stride, g.tab_base, g.tmax_base, MODE=1,
+                BR=g.BR, BC=g.BC, ALIGNED=g.aligned, EVEN=g.even, num_warps=nw, **k, **variant)
+            seg = tmax[g.tmax_base : g.tmax_base + n * g.ntiles].view(n, g.ntiles)
+            am = seg.amax(dim=1)
+            _tile_kernel[(g.ntiles, n)](
+                *args, am, g.rows, g.cols, g.stride, g.tab_base, g.tmax_base, MODE=2,
+                BR=g.BR, BC=g.BC, ALIGNED=g.aligned, EVEN=g.even, num_warps=nw, **k, **variant)
+    return dev
 
 
 def _fits(w, recipe, strategy, block) -> bool:
@@ -378,26 +508,29 @@ def _fits(w, recipe, strategy, block) -> bool:
         return False
     if w.stride(1) != 1 and w.shape[1] > 1:
         return False
+    if w.shape[0] * max(w.stride(0), w.shape[1]) >= 2**31 - 2**20:
+        return False  # intra-tensor offsets are int32 in the kernels
     if strategy == "block" and not (_pow2(block[0]) and _pow2(block[1]) and block[0] * block[1] <= 65536):
         return False
     return True
 
 
+def _reference(w, recipe, strategy, block):
+    if strategy == "block":
+        return _ref._torch_blockwise(w, recipe, block)
+    return {"tensor": _ref._torch_tensorwise, "channel": _ref._torch_channelwise}[strategy](w, recipe)
+
+
 def _single(w, recipe, strategy, block=None, division="auto"):
     if not _fits(w, recipe, strategy, block):
-        ref = {"tensor": _ref._torch_tensorwise, "channel": _ref._torch_channelwise}
-        if strategy == "block":
-            return _ref._torch_blockwise(w, recipe, block)
-        return ref[strategy](w, recipe)
-    if w.stride(1) != 1:
-        w = w.contiguous()
+        return _reference(w, recipe, strategy, block)
     _, cd = _consts(recipe, w.dtype, w.device, division)
     rows, cols = w.shape
     q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=w.device)
     scale = torch.empty(scale_shape((rows, cols), strategy, block), dtype=cd, device=w.device)
-    amax = torch.zeros(1, dtype=torch.float32, device=w.device)
-    _launch(strategy, recipe, block, [w], q, scale, [0], [0], amax, division)
-    return q, scale, amax[0].to(cd)
+    tmax = _quantize_into([w], recipe, strategy, block, q.view(torch.uint8).reshape(-1), scale.reshape(-1),
+                          [0], [0], division)
+    return q, scale, tmax.amax().to(cd)
 
 
 def tensorwise(w, recipe, division="auto"):
@@ -410,6 +543,34 @@ def channelwise(w, recipe, division="auto"):
 
 def blockwise(w, recipe, block, division="auto"):
     return _single(w, recipe, "block", tuple(block), division)
+
+
+def _plan_key(tensors, q_offs, s_offs, strategy, block):
+    """Cache key of a plan: relative source offsets (plans are reused for
+    tensors at other addresses with the same layout), shapes, strides and
+    output offsets."""
+    w0 = tensors[0]
+    ptrs = [w.data_ptr() for w in tensors]
+    m = min(ptrs)
+    return (strategy, block, w0.device, w0.dtype, m % 256,
+            tuple((p - m, *w.shape, w.stride(0), qo, so) for p, w, qo, so in zip(ptrs, tensors, q_offs, s_offs)))
+
+
+def _quantize_into(tensors, recipe, strategy, block, q_base, s_base, q_offs, s_offs, division,
+                   cache=True, num_warps=None, **variant):
+    """Core launcher: every tensor must pass :func:`_fits`. ``q_base`` is a flat
+    byte (or fp8) buffer, ``s_base`` a flat buffer of the scale dtype; offsets
+    are in elements of each. Returns the per-tile amax scratch (float32)."""
+    w0 = tensors[0]
+    dev = w0.device
+    k, _ = _consts(recipe, w0.dtype, dev, division)
+    es = w0.element_size()
+    key = _plan_key(tensors, q_offs, s_offs, strategy, block)
+    p = _make_plan(key, tensors, q_offs, s_offs, strategy, block, es, dev, cache=cache)
+    n_at = 1 if variant.get("ATOMIC") else None
+    tmax = (torch.zeros if n_at else torch.empty)(max(p.ntmax, 1), dtype=torch.float32, device=dev)
+    _launch_plan(p, tensors, strategy, k, q_base.view(FP8_DTYPE), s_base, tmax, num_warps, **variant)
+    return tmax
 
 
 # ------------------------------------------------------------ grouped API
@@ -427,8 +588,11 @@ def quantize_grouped(
     q_offsets: Sequence[int] | None = None,
     s_offsets: Sequence[int] | None = None,
     division: str = "auto",
+    amax: str = "tensor",
+    views: bool = True,
 ):
-    """Quantize many 2-D weights with as few launches as possible.
+    """Quantize many 2-D weights with as few launches as possible (one per
+    distinct shape, two for ``tensor``).
 
     ``tensors`` share one dtype and device. Without ``out``, one flat byte
     buffer is allocated and each result is a view of it. With ``out`` (a flat
@@ -436,62 +600,77 @@ def quantize_grouped(
     ``out[q_offsets[i]:]`` (16-byte aligned offsets keep the fast vectorised
     path) and its scale to ``out[s_offsets[i]:]`` (aligned to the scale
     dtype). Returns ``(qs, scales, amax)``: lists of views shaped like the
-    per-tensor backend's outputs, and a float32 ``(n,)`` tensor of each
-    tensor's max |w| (NaN reported as inf).
+    per-tensor backend's outputs (``None`` with ``views=False``), and with
+    ``amax="tensor"`` a float32 ``(n,)`` tensor of each tensor's max |w| (NaN
+    reported as inf); with ``amax="any"`` a float32 tensor whose entries are
+    all finite iff every weight is finite (no per-tensor reduction: the
+    cheapest finiteness check). Nothing here synchronizes with the host.
     """
     n = len(tensors)
+    if amax not in ("tensor", "any"):
+        raise ValueError(f"amax must be 'tensor' or 'any', got {amax!r}")
     if n == 0:
-        return [], [], torch.zeros(0)
+        return ([], [], torch.zeros(0)) if views else (None, None, torch.zeros(0))
     w0 = tensors[0]
     dev, dtype = w0.device, w0.dtype
     block = tuple(block) if block is not None else None
     _, cd = _consts(recipe, dtype, dev, division)
     s_es = torch.tensor([], dtype=cd).element_size()
     shapes = [tuple(t.shape) for t in tensors]
-    sshapes = [scale_shape(s, strategy, block) for s in shapes]
     if out is None:
         q_offsets, s_offsets, end = [], [], 0
         for sh in shapes:
             q_offsets.append(end)
             end = _align(end + sh[0] * sh[1], 64)
-        for ss in sshapes:
+        for sh in shapes:
             s_offsets.append(end)
-            end = _align(end + int(np.prod(ss, dtype=np.int64)) * s_es, 64)
+            end = _align(end + int(np.prod(scale_shape(sh, strategy, block), dtype=np.int64)) * s_es, 64)
         out = torch.empty(max(end, 1), dtype=torch.uint8, device=dev)
     for t in tensors:
         if t.dtype != dtype or t.device != dev:
             raise ValueError("quantize_grouped: tensors must share dtype and device")
     if any(so % s_es for so in s_offsets):
         raise ValueError("scale offsets must be aligned to the scale dtype")
-    qs = [out[o : o + r * c].view(FP8_DTYPE).view(r, c) for o, (r, c) in zip(q_offsets, shapes)]
-    scales = [
-        out[o : o + int(np.prod(ss, dtype=np.int64)) * s_es].view(cd).view(ss)
-        for o, ss in zip(s_offsets, sshapes)
-    ]
-    amax = torch.zeros(n, dtype=torch.float32, device=dev)
-    fast = [i for i, t in enumerate(tensors) if _fits(t, recipe, strategy, block) and t.stride(1) == 1]
-    fast_set = set(fast)
-    for i in range(n):
-        if i not in fast_set:  # rare: reference path, copied into place
-            q, s, a = _single(tensors[i], recipe, strategy, block, division)
-            qs[i].copy_(q)
-            scales[i].copy_(s.reshape(sshapes[i]))
-            amax[i] = a.float()
+    qs = scales = None
+    if views:
+        sshapes = [scale_shape(s, strategy, block) for s in shapes]
+        qs = [out[o : o + r * c].view(FP8_DTYPE).view(r, c) for o, (r, c) in zip(q_offsets, shapes)]
+        scales = [
+            out[o : o + int(np.prod(ss, dtype=np.int64)) * s_es].view(cd).view(ss)
+            for o, ss in zip(s_offsets, sshapes)
+        ]
+    fast = [i for i, t in enumerate(tensors) if _fits(t, recipe, strategy, block)]
+    slow = [i for i in range(n) if i not in set(fast)] if len(fast) != n else []
+    slow_amax = []
+    for i in slow:  # rare: reference path, copied into place
+        q, s, a = _reference(tensors[i], recipe, strategy, block)
+        nq, ns = q.numel(), s.numel()
+        out[q_offsets[i] : q_offsets[i] + nq].copy_(q.view(torch.uint8).reshape(-1))
+        out[s_offsets[i] : s_offsets[i] + ns * s_es].copy_(s.reshape(-1).view(torch.uint8))
+        slow_amax.append(a.float().reshape(1))
+    tmax = None
     if fast:
-        q_base = out.view(FP8_DTYPE)
         nbytes = out.numel() // s_es * s_es
         s_base = out[:nbytes].view(cd)
-        # the kernel addresses every source relative to the lowest pointer
-        fast.sort(key=lambda i: tensors[i].data_ptr())
-        for g0 in range(0, len(fast), _MAX_GRID_Y):
-            idx = fast[g0 : g0 + _MAX_GRID_Y]
-            srcs = [tensors[i] for i in idx]
-            sub_amax = amax if idx == list(range(n)) else torch.zeros(len(idx), dtype=torch.float32, device=dev)
-            _launch(strategy, recipe, block, srcs, q_base, s_base,
-                    [q_offsets[i] for i in idx], [s_offsets[i] // s_es for i in idx], sub_amax, division)
-            if sub_amax is not amax:
-                amax[torch.tensor(idx, device=dev)] = sub_amax
-    return qs, scales, amax
+        ft = tensors if len(fast) == n else [tensors[i] for i in fast]
+        fq = q_offsets if len(fast) == n else [q_offsets[i] for i in fast]
+        fs = [so // s_es for so in (s_offsets if len(fast) == n else [s_offsets[i] for i in fast])]
+        tmax = _quantize_into(ft, recipe, strategy, block, out, s_base, fq, fs, division)
+    if amax == "any":
+        parts = ([tmax] if tmax is not None else []) + slow_amax
+        return qs, scales, torch.cat(parts) if len(parts) > 1 else parts[0]
+    res = torch.zeros(n, dtype=torch.float32, device=dev)
+    if fast:
+        key = _plan_key(ft, fq, fs, strategy, block)
+        p = _TAB_CACHE[key]
+        fast_dev = None if len(fast) == n else torch.tensor(fast, dtype=torch.int64, device=dev)
+        for g in p.groups:
+            seg = tmax[g.tmax_base : g.tmax_base + len(g.idx) * g.ntiles].view(len(g.idx), g.ntiles).amax(1)
+            dst = g.idx_dev if fast_dev is None else fast_dev[g.idx_dev]
+            res.index_copy_(0, dst, seg)
+    for i, a in zip(slow, slow_amax):
+        res[i] = a[0]
+    return qs, scales, res
 
 
 def quantize_layout_grouped(tensors, layout, **kw):
@@ -499,9 +678,52 @@ def quantize_layout_grouped(tensors, layout, **kw):
     with scales shaped as :func:`formats.quantize_tensor` returns them."""
     recipe = "hf" if layout.method == "fp8" else "ct"
     qs, scales, amax = quantize_grouped(tensors, recipe, layout.strategy, layout.block_size, **kw)
-    if layout.strategy == "tensor":
+    if layout.strategy == "tensor" and scales is not None:
         scales = [s.reshape(()) if recipe == "hf" else s.reshape(1) for s in scales]
     return qs, scales, amax
+
+
+# ---------------------------------------------------- exactness verification
+@triton.jit
+def _div_check_kernel(amax_bits_ptr, bad_ptr, HF: tl.constexpr, CT_BF16: tl.constexpr, EPS: tl.constexpr,
+                      INV: tl.constexpr, FP16: tl.constexpr, BLOCK: tl.constexpr):
+    """For one amax (16-bit pattern) and BLOCK 16-bit inputs x with |x| <= amax:
+    counts fp8 outputs where DIV_FAST differs from div_rn."""
+    ab = tl.load(amax_bits_ptr + tl.program_id(0))
+    bits = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if FP16:
+        a = ab.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        x = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        a = ab.to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+        x = bits.to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+    s = _scale_from_amax(a, HF, CT_BF16, EPS, True, INV, False)
+    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    ok = (tl.abs(x) <= a) & _fast_ok(s)
+    qf = _quant(x, s, r, HF, CT_BF16, False, 1).to(tl.uint8, bitcast=True)
+    qr = _quant(x, s, r, HF, CT_BF16, False, 0).to(tl.uint8, bitcast=True)
+    nbad = tl.sum((ok & (qf != qr)).to(tl.int32), axis=0)
+    tl.atomic_add(bad_ptr, nbad)
+
+
+def exhaustive_division_check(dtype: torch.dtype, recipe: str, device="cuda") -> tuple[int, int]:
+    """Compare DIV_FAST with div_rn on every (amax, x) pair of a 16-bit dtype
+    (every finite positive amax, every x with |x| <= amax). Returns
+    ``(mismatching fp8 outputs, pairs whose scale takes the fast path)``."""
+    assert dtype in (torch.bfloat16, torch.float16)
+    hf = recipe == "hf"
+    cd = torch.float32 if hf else dtype
+    fin = torch.arange(1, 1 << 15, dtype=torch.int32, device=device)
+    vals = fin.to(torch.int16).view(dtype)
+    amax_bits = fin[torch.isfinite(vals)].contiguous()
+    bad = torch.zeros(1, dtype=torch.int32, device=device)
+    BLOCK = 4096
+    _div_check_kernel[(amax_bits.numel(), 65536 // BLOCK)](
+        amax_bits, bad, HF=hf, CT_BF16=(not hf and cd == torch.bfloat16), EPS=float(torch.finfo(cd).eps),
+        INV=INV_FP8_MAX, FP16=dtype == torch.float16, BLOCK=BLOCK, num_warps=8)
+    # pairs: for amax pattern p (positive), x in [-p, p] over finite patterns ~ 2p + 1
+    pairs = int((2 * amax_bits.to(torch.int64) + 1).sum())
+    return int(bad.item()), pairs
 
 
 BACKEND = _ref.QuantBackend("triton", tensorwise, channelwise, blockwise)
