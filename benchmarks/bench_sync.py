@@ -8,11 +8,12 @@ for a 7B-shaped dense model and a MoE-shaped model, and times per model
   a_ws   BF16 through WeightSender/WeightReceiver (layout=None)
   b      naive: per 128x128 block x.float(), amax, scale, divide, clamp, cast
          (one tensor at a time), then sent through WeightSender (layout=None)
-  c_pt   ours, per tensor: WeightSender(layout).send() with the Triton backend
-  c      ours, grouped: every bucket is quantized by one grouped kernel launch
-         straight into the sender's bucket buffer (fp8 + scales at their wire
-         offsets), non-finite check once per step, then broadcast; bucket k+1
-         is quantized while bucket k is on the wire
+  c_pt   per tensor: WeightSender's per-tensor path (quantize_tensor with the
+         Triton backend per weight, a host sync each, then a copy into the bucket)
+  c      ours: WeightSender(layout).send(): every bucket is quantized by grouped
+         kernel launches (one per shape) straight into the bucket buffer (fp8 +
+         scales at their wire offsets) on a side CUDA stream, one finiteness
+         check per bucket; bucket k+1 is quantized while bucket k is on the wire
 
 each end to end: from a barrier until the receiver holds every tensor
 (``receive_all``, ready for the loader) and both sides are synchronized.
@@ -48,8 +49,7 @@ if str(ROOT) not in sys.path:
 from vllm_fp8_overlay.formats.detect import FP8Layout  # noqa: E402
 from vllm_fp8_overlay.formats import quantize as Q  # noqa: E402
 from vllm_fp8_overlay.sync import WeightReceiver, WeightSender, wire  # noqa: E402
-from vllm_fp8_overlay.sync.sender import SendStats  # noqa: E402
-from vllm_fp8_overlay.sync.wire import ALIGNMENT, EndOfStep, TensorEntry  # noqa: E402
+from vllm_fp8_overlay.sync.wire import ALIGNMENT  # noqa: E402
 
 LAYOUT = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv")
 BUCKET = 256 << 20
@@ -145,97 +145,8 @@ def naive_items(weights):
     return out
 
 
-# ----------------------------------------------------- grouped fast path
 def _align(n, a=ALIGNMENT):
     return (n + a - 1) // a * a
-
-
-def plan_buckets(weights, layout, bucket_bytes):
-    """Split the step into buckets: [(entries, jobs, end)] where a job is
-    ("q", tensor, q_offset, s_offset) or ("copy", tensor, offset)."""
-    bn, bk = layout.block_size
-    buckets, entries, jobs, end = [], [], [], 0
-    for name, t in weights:
-        if layout.is_quantized(name):
-            rows, cols = t.shape
-            sshape = (-(-rows // bn), -(-cols // bk))
-            qn, sn = rows * cols, sshape[0] * sshape[1] * 4
-            need = _align(end) + _align(qn) + sn
-            if entries and need > bucket_bytes:
-                buckets.append((entries, jobs, end))
-                entries, jobs, end = [], [], 0
-            qo = _align(end) if entries else 0
-            so = _align(qo + qn)
-            entries += [
-                TensorEntry(name=name, dtype=torch.float8_e4m3fn, shape=(rows, cols), offset=qo, nbytes=qn),
-                TensorEntry(name=layout.scale_key(name), dtype=torch.float32, shape=sshape, offset=so, nbytes=sn),
-            ]
-            jobs.append(("q", t, qo, so))
-            end = so + sn
-        else:
-            n = t.numel() * t.element_size()
-            if entries and _align(end) + n > bucket_bytes:
-                buckets.append((entries, jobs, end))
-                entries, jobs, end = [], [], 0
-            off = _align(end) if entries else 0
-            entries.append(TensorEntry(name=name, dtype=t.dtype, shape=tuple(t.shape), offset=off, nbytes=n))
-            jobs.append(("copy", t, off))
-            end = off + n
-    if entries:
-        buckets.append((entries, jobs, end))
-    return buckets
-
-
-def send_grouped(sender: WeightSender, plan, step: int, layout) -> SendStats:
-    """Send one step with one grouped quantization launch per bucket, written
-    straight into the sender's bucket buffers (same wire format)."""
-    stats = SendStats(step=step)
-    t_start = time.perf_counter()
-    use_triton = sender.device.type == "cuda"
-    if use_triton:
-        from vllm_fp8_overlay.kernels.triton_fp8 import quantize_grouped
-    amaxes = []
-    try:
-        slot = sender._acquire(sender._cur, stats)
-        for k, (entries, jobs, end) in enumerate(plan):
-            if k:
-                slot = sender._next_slot(stats)
-            t0 = time.perf_counter()
-            qjobs = [j for j in jobs if j[0] == "q"]
-            if qjobs and use_triton:
-                _, _, am = quantize_grouped(
-                    [j[1] for j in qjobs], "hf" if layout.method == "fp8" else "ct", layout.strategy,
-                    layout.block_size, out=slot.buf, q_offsets=[j[2] for j in qjobs], s_offsets=[j[3] for j in qjobs],
-                )
-                amaxes.append(am.amax())
-            elif qjobs:
-                for _, t, qo, so in qjobs:
-                    q, s = Q.quantize_tensor(t, layout, backend="torch")
-                    slot.buf[qo : qo + q.numel()].copy_(q.view(torch.uint8).reshape(-1))
-                    slot.buf[so : so + s.numel() * 4].copy_(s.reshape(-1).view(torch.uint8))
-            for j in jobs:
-                if j[0] == "copy":
-                    t, off = j[1], j[2]
-                    n = t.numel() * t.element_size()
-                    slot.buf[off : off + n].copy_(wire.tensor_bytes(t), non_blocking=True)
-            stats.quantize_s += time.perf_counter() - t0
-            stats.num_tensors += len(entries)
-            stats.num_bytes += sum(e.nbytes for e in entries)
-            sender._flush(slot, entries, end, k == len(plan) - 1, stats)
-        if amaxes and not bool(torch.isfinite(torch.stack(amaxes)).all()):
-            raise ValueError("weights contain NaN or inf values; refusing to quantize")
-        summary = EndOfStep(step=step, num_buckets=stats.num_buckets, num_tensors=stats.num_tensors,
-                            num_bytes=stats.num_bytes)
-        hdr, man = wire.encode_end(summary)
-        sender._broadcast_bytes(hdr, sender._oversize, stats)
-        sender._broadcast_bytes(man, sender._oversize, stats)
-        for s in (*sender._slots, sender._oversize):
-            s.wait()
-    except BaseException as e:
-        sender._abort(step, f"{type(e).__name__}: {e}")
-        raise
-    stats.total_s = time.perf_counter() - t_start
-    return stats
 
 
 # ---------------------------------------------------------------- workers
@@ -378,21 +289,24 @@ def _worker(rank, args, ports):
 
         def pt0(_):
             step[0] += 1
-            snd.send(weights, step=step[0])
+            snd._grouped = False  # the per-tensor path: quantize_tensor per weight, then a copy
+            try:
+                snd.send(weights, step=step[0])
+            finally:
+                snd._grouped = None
 
         def pt1(i):
             got["pt"] = recv(i)
 
         r["c_per_tensor_s"], _ = timed(pt0, pt1)
 
-        # (c) grouped
-        if rank == 0:
-            plan = plan_buckets(weights, LAYOUT, BUCKET)
-            r["buckets"] = len(plan)
-
+        # (c) the sender's own path: grouped kernels straight into the buckets,
+        # pipelined on a side stream (the per-tensor path on CPU)
         def gr0(_):
             step[0] += 1
-            send_grouped(snd, plan, step[0], LAYOUT)
+            st = snd.send(weights, step=step[0])
+            r["buckets"] = st.num_buckets
+            r.setdefault("c_stats", []).append(st.to_dict())
 
         def gr1(i):
             got["gr"] = recv(i)

@@ -132,3 +132,29 @@ def test_quantize_tensor_seam_and_nan():
     w[5, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         quantize_tensor(w, layouts[0], name="x.weight")
+
+
+@pytest.mark.parametrize("dtype,recipe", [(torch.bfloat16, "hf"), (torch.bfloat16, "ct"), (torch.float16, "hf")])
+def test_fast_division_exhaustive(dtype, recipe):
+    """The reciprocal + FMA quotient gives the fp8 bytes of div_rn for every
+    16-bit amax and every 16-bit input with |x| <= amax."""
+    from vllm_fp8_overlay.kernels.triton_fp8 import exhaustive_division_check
+
+    bad, pairs = exhaustive_division_check(dtype, recipe)
+    assert pairs > 10**9 and bad == 0
+
+
+def test_grouped_amax_any_and_cached_plan():
+    from vllm_fp8_overlay.kernels import triton_fp8 as K
+
+    ws = [_sample((256, 384), torch.bfloat16, "t", s) for s in range(4)] + [_sample((128, 128), torch.bfloat16, "n", 9)]
+    qs, ss, am = K.quantize_grouped(ws, "hf", "block", (128, 128))
+    hits = K._stats["plan_hits"]
+    qs2, ss2, any_ = K.quantize_grouped(ws, "hf", "block", (128, 128), amax="any")
+    assert K._stats["plan_hits"] > hits
+    assert bool(torch.isfinite(any_).all())
+    for a, b in zip(qs, qs2):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    ws[2][3, 4] = float("inf")
+    _, _, any_ = K.quantize_grouped(ws, "hf", "block", (128, 128), amax="any")
+    assert not bool(torch.isfinite(any_).all())

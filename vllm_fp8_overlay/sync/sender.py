@@ -111,6 +111,26 @@ class _Slot:
             self.keepalive = []
 
 
+def wire_fp8() -> torch.dtype:
+    return torch.float8_e4m3fn
+
+
+class _Bucket:
+    """A bucket of the grouped path: wire entries, quantization and copy jobs."""
+
+    __slots__ = ("slot_idx", "entries", "qjobs", "copies", "end", "manifest_est", "event", "flag")
+
+    def __init__(self) -> None:
+        self.slot_idx = 0
+        self.entries: list[TensorEntry] = []
+        self.qjobs: dict = {}  # source dtype -> [(tensor, fp8 offset, scale offset)]
+        self.copies: list = []  # [(entry, tensor)]
+        self.end = 0
+        self.manifest_est = 64
+        self.event = None
+        self.flag = None
+
+
 class WeightSender:
     """Rank 0 of the weight-sync group.
 
@@ -185,6 +205,9 @@ class WeightSender:
         self._broken: str | None = None
         self._closed = False
         self._last_step: int | None = None
+        self._side: Any = None  # CUDA stream that quantizes bucket k+1 while bucket k is on the wire
+        self._flags: list = [None, None]  # pinned finiteness flag per bucket slot
+        self._grouped: bool | None = None
 
     # ------------------------------------------------------------------ API
 
@@ -206,13 +229,16 @@ class WeightSender:
         stats = SendStats(step=step)
         t_start = time.perf_counter()
         items = weights.items() if isinstance(weights, Mapping) else weights
-        if self.layout is not None:
+        grouped = self._grouped_ok()
+        if self.layout is not None and not grouped:
             from ..formats import quantize_weights
 
             items = quantize_weights(iter(items), self.layout)
-        it = _Peekable(iter(items), stats)
         try:
-            self._send_step(it, stats)
+            if grouped:
+                self._send_step_grouped(_Peekable(self._plan_items(iter(items)), stats), stats)
+            else:
+                self._send_step(_Peekable(iter(items), stats), stats)
         except TransportError as e:
             self._broken = str(e)
             raise
@@ -298,6 +324,252 @@ class WeightSender:
         for s in (*self._slots, self._oversize):
             s.wait()
         stats.transfer_s += time.perf_counter() - t0
+
+    # ------------------------------------------- grouped, pipelined FP8 path
+
+    def _grouped_ok(self) -> bool:
+        """Quantize whole buckets with the grouped Triton kernels, straight into
+        the bucket buffer, on a side stream (CUDA + a layout + Triton)."""
+        if self._grouped is None:
+            ok = self.layout is not None and self.device.type == "cuda"
+            if ok:
+                from ..kernels import triton_available
+
+                ok = triton_available()
+            self._grouped = ok
+        return self._grouped
+
+    def _plan_items(self, items: Iterator) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        """``(checkpoint name, tensor, quantize?)`` with the checks of
+        ``formats.quantize_weights`` (fused experts split, block-shape rules)."""
+        from ..formats.quantize import FP8_DTYPE, _CT_DTYPES, _check_block_shape, expand_fused_experts
+
+        layout = self.layout
+        for item in items:
+            try:
+                name, t = item
+            except (TypeError, ValueError):
+                raise TypeError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}") from None
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            expanded = expand_fused_experts(name, t, layout.hidden_size)
+            for n, x in expanded if expanded is not None else ((name, t),):
+                if not layout.is_quantized(n):
+                    yield n, x, False
+                    continue
+                if x.dtype == FP8_DTYPE or not x.is_floating_point():
+                    raise ValueError(f"{n}: expected an unquantized floating weight, got {x.dtype} (already quantized?)")
+                if x.ndim != 2:
+                    raise ValueError(f"{n}: quantized linear weight must be 2-D, got shape {tuple(x.shape)}")
+                if x.dtype not in _CT_DTYPES:
+                    raise ValueError(f"{n}: expected a bf16/fp16/fp32 weight to quantize, got {x.dtype}")
+                if layout.strategy == "block":
+                    _check_block_shape(n, x.shape, layout)
+                yield n, x.detach(), True
+
+    def _qmeta(self, x: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
+        """Scale dtype, wire shape and bytes of the scale of weight ``x``."""
+        hf = self.layout.method == "fp8"
+        cd = torch.float32 if hf else x.dtype
+        rows, cols = x.shape
+        st = self.layout.strategy
+        if st == "tensor":
+            shape: tuple[int, ...] = () if hf else (1,)
+        elif st == "channel":
+            shape = (rows, 1)
+        else:
+            bn, bk = self.layout.block_size
+            shape = (-(-rows // bn), -(-cols // bk))
+        n = 1
+        for d in shape:
+            n *= d
+        return cd, shape, n * torch.empty((), dtype=cd).element_size()
+
+    def _check_out(self, name: str, dims: int, seen: set[str]) -> None:
+        wire.validate_name(name, self.limits)
+        if dims > self.limits.max_dims:
+            raise wire.LimitExceededError(f"{name}: {dims} dimensions exceed the wire limits")
+        if name in seen:
+            raise ValueError(f"tensor {name!r} appears twice in one step")
+        seen.add(name)
+
+    def _send_step_grouped(self, it: _Peekable, stats: SendStats) -> None:
+        """Bucket k+1 is quantized (one grouped launch per shape, written in
+        place into the free bucket buffer, on a side CUDA stream) while bucket k
+        is broadcast. The host waits only for a bucket's own quantization (one
+        finiteness flag per bucket) before putting it on the wire."""
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=self.device)
+        scale_es: dict = {}
+        seen: set[str] = set()
+        pending: _Bucket | None = None
+        cur = self._new_bucket()
+        while True:
+            item = it.next()
+            if item is _END:
+                break
+            name, x, quant = item
+            if quant:
+                if x.dim() > self.limits.max_dims or any(d > self.limits.max_dim_size for d in x.shape):
+                    raise wire.LimitExceededError(f"{name}: shape {tuple(x.shape)} exceeds the wire limits")
+                skey = self.layout.scale_key(name)
+                self._check_out(name, x.dim(), seen)
+                self._check_out(skey, 2, seen)
+                cd, sshape, sn = self._qmeta(x)
+                qn = x.numel()
+                need = ALIGNMENT + qn + sn if qn % ALIGNMENT else qn + sn
+                est = len(name) + len(skey) + 192 + 24 * x.dim()
+                nent = 2
+            else:
+                wire.dtype_to_str(x.dtype)
+                if x.dim() > self.limits.max_dims or any(d > self.limits.max_dim_size for d in x.shape):
+                    raise wire.LimitExceededError(f"{name}: shape {tuple(x.shape)} exceeds the wire limits")
+                self._check_out(name, x.dim(), seen)
+                qn = need = x.numel() * x.element_size()
+                est = len(name) + 96 + 12 * x.dim()
+                nent = 1
+            stats.num_tensors += nent
+            if need > self.bucket_bytes:
+                if cur.entries:
+                    pending = self._close_bucket(cur, pending, stats)
+                    cur = self._new_bucket()
+                if pending is not None:
+                    self._dispatch_bucket(pending, False, stats)
+                    pending = None
+                last = it.peek() is _END
+                if quant:
+                    from ..formats.quantize import quantize_tensor
+
+                    q, sc = quantize_tensor(x.to(self.device), self.layout, name=name)
+                    stats.num_bytes += q.numel() + sc.numel() * sc.element_size()
+                    self._send_oversize(name, q, False, stats)
+                    self._send_oversize(skey, sc, last, stats)
+                else:
+                    stats.num_bytes += qn
+                    self._send_oversize(name, x, last, stats)
+                continue
+            off = (cur.end + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT if cur.entries else 0
+            if quant:
+                so = off + (qn + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+                fits = so + sn <= self.bucket_bytes
+            else:
+                fits = off + qn <= self.bucket_bytes
+            if cur.entries and (
+                not fits
+                or len(cur.entries) + nent > self.limits.max_tensors_per_bucket
+                or cur.manifest_est + est > self.limits.max_manifest_bytes
+            ):
+                pending = self._close_bucket(cur, pending, stats)
+                cur = self._new_bucket()
+                off = 0
+                if quant:
+                    so = (qn + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+            if quant:
+                cur.entries.append(TensorEntry(name=name, dtype=wire_fp8(), shape=tuple(x.shape), offset=off, nbytes=qn))
+                cur.entries.append(TensorEntry(name=skey, dtype=cd, shape=sshape, offset=so, nbytes=sn))
+                cur.qjobs.setdefault(x.dtype if x.device == self.device else (x.dtype, "h2d"), []).append((x, off, so, name))
+                cur.end = so + sn
+                stats.num_bytes += qn + sn
+            else:
+                entry = TensorEntry(name=name, dtype=x.dtype, shape=tuple(x.shape), offset=off, nbytes=qn)
+                cur.entries.append(entry)
+                cur.copies.append((entry, x))
+                cur.end = off + qn
+                stats.num_bytes += qn
+            cur.manifest_est += est
+        if cur.entries:
+            pending = self._close_bucket(cur, pending, stats)
+        if pending is not None:
+            self._dispatch_bucket(pending, True, stats)
+        summary = EndOfStep(
+            step=stats.step, num_buckets=stats.num_buckets, num_tensors=stats.num_tensors, num_bytes=stats.num_bytes
+        )
+        hdr, man = wire.encode_end(summary)
+        t0 = time.perf_counter()
+        self._broadcast_bytes(hdr, self._oversize, stats)
+        self._broadcast_bytes(man, self._oversize, stats)
+        for s in (*self._slots, self._oversize):
+            s.wait()
+        stats.transfer_s += time.perf_counter() - t0
+
+    def _new_bucket(self) -> "_Bucket":
+        b = _Bucket()
+        b.slot_idx = self._cur
+        self._cur ^= 1
+        return b
+
+    def _close_bucket(self, b: "_Bucket", pending: "_Bucket | None", stats: SendStats) -> "_Bucket":
+        """Launch bucket ``b``'s quantization, then put the previous bucket on
+        the wire; returns ``b`` (now pending)."""
+        self._launch_bucket(b, stats)
+        if pending is not None:
+            self._dispatch_bucket(pending, False, stats)
+        return b
+
+    def _launch_bucket(self, b: "_Bucket", stats: SendStats) -> None:
+        from ..kernels.triton_fp8 import quantize_grouped
+
+        t0 = time.perf_counter()
+        slot = self._slots[b.slot_idx]
+        if slot.buf is None:
+            slot.buf = torch.zeros(self.bucket_bytes, dtype=torch.uint8, device=self.device)
+        if self._flags[b.slot_idx] is None:
+            self._flags[b.slot_idx] = torch.zeros(1, dtype=torch.bool, pin_memory=True)
+        side = self._side
+        main = torch.cuda.current_stream(self.device)
+        recipe = "hf" if self.layout.method == "fp8" else "ct"
+        with torch.cuda.stream(side):
+            # the buffer is free once its previous broadcast is done: NCCL's
+            # wait() orders the current (side) stream after it, the host does
+            # not block; the main stream follows so that memory released by
+            # the transport is not reused before the wire has read it.
+            t1 = time.perf_counter()
+            slot.wait()
+            stats.transfer_s += time.perf_counter() - t1
+            main.wait_stream(side)
+            side.wait_stream(main)  # sources written on the main stream
+            checks = []
+            for key, jobs in b.qjobs.items():
+                srcs = [j[0] for j in jobs]
+                if isinstance(key, tuple):
+                    srcs = [t.to(self.device, non_blocking=True) for t in srcs]
+                _, _, am = quantize_grouped(
+                    srcs, recipe, self.layout.strategy, self.layout.block_size, out=slot.buf,
+                    q_offsets=[j[1] for j in jobs], s_offsets=[j[2] for j in jobs], amax="any", views=False,
+                )
+                checks.append(torch.isfinite(am).all().reshape(1))
+            t2 = time.perf_counter()
+            for entry, x in b.copies:
+                wire.pack_into(slot.buf, entry, x, non_blocking=True)
+            stats.pack_s += time.perf_counter() - t2
+            flag = self._flags[b.slot_idx]
+            if checks:
+                ok = checks[0] if len(checks) == 1 else torch.cat(checks).all().reshape(1)
+                flag.copy_(ok, non_blocking=True)
+            else:
+                flag.fill_(True)
+            b.event = torch.cuda.Event()
+            b.event.record(side)
+        b.flag = flag
+        stats.quantize_s += time.perf_counter() - t0
+
+    def _dispatch_bucket(self, b: "_Bucket", last: bool, stats: SendStats) -> None:
+        t0 = time.perf_counter()
+        b.event.synchronize()
+        stats.quantize_s += time.perf_counter() - t0
+        if not bool(b.flag[0]):
+            self._raise_nonfinite(b)
+        slot = self._slots[b.slot_idx]
+        b.qjobs = b.copies = None  # sources were read: quantization is complete
+        self._dispatch(slot, b.entries, slot.buf[: b.end], last, stats)
+
+    def _raise_nonfinite(self, b: "_Bucket") -> None:
+        for jobs in b.qjobs.values():
+            for x, _, _, name in jobs:
+                if not bool(torch.isfinite(x).all()):
+                    bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
+                    raise ValueError(f"{name}: weight contains {bad} values; refusing to quantize")
+        raise ValueError("non-finite weights in a bucket; refusing to quantize")
 
     def _check_item(self, item: Any, seen: set[str]) -> tuple[str, torch.Tensor]:
         try:
