@@ -41,12 +41,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("vllm")
 
 from vllm_fp8_overlay.demo import CT_FP8_CHANNEL_DYNAMIC, free_port, write_serving_checkpoint  # noqa: E402
-from vllm_fp8_overlay.sync.client import EXTENSION, WeightSyncClient, WeightSyncFailed, attach_llm  # noqa: E402
+from vllm_fp8_overlay.sync.client import EXTENSION, WeightSyncClient, WeightSyncFailed  # noqa: E402
 from vllm_fp8_overlay.testing import harness  # noqa: E402
 from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
 
