@@ -158,15 +158,15 @@ def main(argv=None):
             K._quantize_into(ws, "hf", "block", BLK, out, s_base, qo, so4, "auto", cache=cache,
                              num_warps=num_warps, **v)
 
-        timed("now: shape groups, no atomics, fast exact div", cur(), K._tile_kernel)
-        timed("now + DIV=div_rn (IEEE division)", cur(DIV=K.DIV_RN), K._tile_kernel)
+        timed("now: shape groups, no atomics, div_rn", cur(), K._tile_kernel)
+        timed("now + DIV=recip+FMA (not bitwise, off)", cur(DIV=K.DIV_FAST), K._tile_kernel)
         timed("now + DIV=x*(1/s) (inexact, cost reference)", cur(DIV=K.DIV_MUL), K._tile_kernel)
         timed("now + atomic_max per tile (1 addr/tensor)", cur(ATOMIC=True), K._tile_kernel)
         timed("now + int64 intra-tile offsets", cur(IDX64=True), K._tile_kernel)
         timed("now + table rebuilt + H2D every call", cur(cache=False), K._tile_kernel)
         timed("now + num_warps=4", cur(num_warps=4), K._tile_kernel)
         timed("now + num_warps=16", cur(num_warps=16), K._tile_kernel)
-        timed("now + atomics + div_rn + int64 (~before)", cur(ATOMIC=True, DIV=K.DIV_RN, IDX64=True),
+        timed("now + atomics + int64 (~before, grouped by shape)", cur(ATOMIC=True, IDX64=True),
               K._tile_kernel)
         # bitwise check of the production path vs the torch backend
         qs, ss, am = K.quantize_grouped(ws, "hf", "block", BLK, out=out, q_offsets=qo, s_offsets=so)
