@@ -64,9 +64,11 @@ class ReloadProbe:
                     getattr(value, "_self_wrapper", None), "__module__", ""
                 ).startswith("vllm_fp8_overlay"):
                     touched.append(f"{mod_name}.{attr}")
-        meta = sys.modules.get("vllm.model_executor.model_loader.reload.meta")
-        if meta is not None and "e_score_correction_bias" in getattr(meta, "SKIP_TENSORS", ()):
-            touched.append("SKIP_TENSORS+e_score_correction_bias")
+        import vllm_fp8_overlay
+
+        for patch in vllm_fp8_overlay._OVERLAY.patches:
+            if getattr(patch, "_added_to_skip", False):
+                touched.append("SKIP_TENSORS+e_score_correction_bias")
         return sorted(touched)
 
     # -- observations -----------------------------------------------------
