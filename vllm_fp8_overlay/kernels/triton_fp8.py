@@ -670,6 +670,52 @@ def quantize_grouped(
     return qs, scales, res
 
 
+class PreparedGroup:
+    """A grouped launch whose plan (shape groups + device table) is built once.
+
+    Made by :func:`prepare_grouped` for fixed sources (same addresses, shapes
+    and strides) and fixed output offsets, e.g. the weights of one wire bucket
+    that are sent again every step. Calling it does no per-tensor host work:
+    it launches one kernel per shape group and returns the per-tile amax
+    scratch (finite iff every weight is finite)."""
+
+    __slots__ = ("plan", "k", "strategy", "cd", "s_es", "num_warps")
+
+    def __call__(self, tensors: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        p = self.plan
+        nbytes = out.numel() // self.s_es * self.s_es
+        s_base = out[:nbytes].view(self.cd)
+        tmax = torch.empty(max(p.ntmax, 1), dtype=torch.float32, device=out.device)
+        _launch_plan(p, tensors, self.strategy, self.k, out.view(FP8_DTYPE), s_base, tmax, self.num_warps)
+        return tmax
+
+
+def prepare_grouped(tensors, recipe, strategy, block, q_offsets, s_offsets, division="auto", num_warps=None):
+    """Plan a :func:`quantize_grouped` call (``out`` given, ``amax="any"``)
+    once; returns a :class:`PreparedGroup`, or ``None`` when some tensor needs
+    the reference path (then call :func:`quantize_grouped`). The caller must
+    call it with the very same tensors (addresses, shapes, strides) and an
+    ``out`` buffer laid out as ``q_offsets`` / ``s_offsets`` (bytes) say."""
+    if not tensors:
+        return None
+    block = tuple(block) if block is not None else None
+    w0 = tensors[0]
+    dev, dtype = w0.device, w0.dtype
+    for t in tensors:
+        if t.dtype != dtype or t.device != dev or not _fits(t, recipe, strategy, block):
+            return None
+    k, cd = _consts(recipe, dtype, dev, division)
+    s_es = cd.itemsize
+    if any(so % s_es for so in s_offsets):
+        raise ValueError("scale offsets must be aligned to the scale dtype")
+    fs = [so // s_es for so in s_offsets]
+    key = _plan_key(tensors, q_offsets, fs, strategy, block)
+    g = PreparedGroup()
+    g.plan = _make_plan(key, tensors, list(q_offsets), fs, strategy, block, w0.element_size(), dev, cache=False)
+    g.k, g.strategy, g.cd, g.s_es, g.num_warps = k, strategy, cd, s_es, num_warps
+    return g
+
+
 def quantize_layout_grouped(tensors, layout, **kw):
     """:func:`quantize_grouped` for an ``FP8Layout``: returns ``(qs, scales, amax)``
     with scales shaped as :func:`formats.quantize_tensor` returns them."""

@@ -115,6 +115,10 @@ def wire_fp8() -> torch.dtype:
     return torch.float8_e4m3fn
 
 
+_FP8 = torch.float8_e4m3fn
+_CACHE_MAX = 1 << 20  # entries per host cache before it is cleared (a guard, not a tuning knob)
+
+
 class _Bucket:
     """A bucket of the grouped path: wire entries, quantization and copy jobs."""
 
@@ -208,6 +212,16 @@ class WeightSender:
         self._side: Any = None  # CUDA stream that quantizes bucket k+1 while bucket k is on the wire
         self._flags: list = [None, None]  # pinned finiteness flag per bucket slot
         self._grouped: bool | None = None
+        # Host-side caches. A model sends the same names and shapes every
+        # step, so everything derived from them is computed on the first step
+        # and reused: per-name quantization decisions and sizes, wire entries
+        # (per name and bucket offset), encoded manifests (per bucket content)
+        # and the kernels' device tables (per bucket sources and offsets).
+        self._item_memo: dict = {}  # name -> (shape, dtype, quantize?) of _plan_items
+        self._qmemo: dict = {}  # name -> per-item sizes of the grouped loop
+        self._ent_cache: dict = {}  # (name, offset) -> TensorEntry
+        self._man_cache: dict = {}  # tuple(id(entry)) -> (entries, manifest bytes)
+        self._launch_cache: dict = {}  # bucket job key -> prepared grouped launch
 
     # ------------------------------------------------------------------ API
 
@@ -305,7 +319,7 @@ class WeightSender:
                 self._flush(slot, entries, end, False, stats)
                 slot = self._next_slot(stats)
                 entries, end, manifest_est, off = [], 0, 64, 0
-            entry = TensorEntry(name=name, dtype=t.dtype, shape=tuple(t.shape), offset=off, nbytes=n)
+            entry = self._entry(name, t.dtype, t.shape, off, n)
             t0 = time.perf_counter()
             self._pack(slot.buf, entry, t)
             stats.pack_s += time.perf_counter() - t0
@@ -345,6 +359,7 @@ class WeightSender:
         from ..formats.quantize import FP8_DTYPE, _CT_DTYPES, _check_block_shape, expand_fused_experts
 
         layout = self.layout
+        memo = self._item_memo
         for item in items:
             try:
                 name, t = item
@@ -352,9 +367,16 @@ class WeightSender:
                 raise TypeError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}") from None
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            m = memo.get(name)
+            if m is not None and m[0] == t.shape and m[1] == t.dtype:
+                # same name, shape and dtype as an earlier step: same decision
+                yield name, (t.detach() if t.requires_grad else t), m[2]
+                continue
             expanded = expand_fused_experts(name, t, layout.hidden_size)
             for n, x in expanded if expanded is not None else ((name, t),):
                 if not layout.is_quantized(n):
+                    if expanded is None:
+                        memo[name] = (t.shape, t.dtype, False)
                     yield n, x, False
                     continue
                 if x.dtype == FP8_DTYPE or not x.is_floating_point():
@@ -365,6 +387,10 @@ class WeightSender:
                     raise ValueError(f"{n}: expected a bf16/fp16/fp32 weight to quantize, got {x.dtype}")
                 if layout.strategy == "block":
                     _check_block_shape(n, x.shape, layout)
+                if expanded is None:
+                    if len(memo) > 1 << 20:
+                        memo.clear()
+                    memo[name] = (t.shape, t.dtype, True)
                 yield n, x.detach(), True
 
     def _qmeta(self, x: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
@@ -383,7 +409,33 @@ class WeightSender:
         n = 1
         for d in shape:
             n *= d
-        return cd, shape, n * torch.empty((), dtype=cd).element_size()
+        return cd, shape, n * cd.itemsize
+
+    def _entry(self, name: str, dtype: torch.dtype, shape, off: int, nbytes: int) -> TensorEntry:
+        """The wire entry, reused from an earlier step when it is identical
+        (same object, so the manifest of an unchanged bucket is reused too)."""
+        key = (name, off)
+        e = self._ent_cache.get(key)
+        if e is not None and e.dtype is dtype and e.nbytes == nbytes and e.shape == shape:
+            return e
+        e = TensorEntry(name=name, dtype=dtype, shape=tuple(shape), offset=off, nbytes=nbytes)
+        if len(self._ent_cache) > _CACHE_MAX:
+            self._ent_cache.clear()
+            self._man_cache.clear()
+        self._ent_cache[key] = e
+        return e
+
+    def _manifest(self, entries: list[TensorEntry]) -> bytes:
+        key = tuple(map(id, entries))
+        hit = self._man_cache.get(key)
+        if hit is not None:
+            return hit[1]
+        manifest = wire.encode_manifest(entries, self._layout_dict)
+        if len(self._man_cache) > 4096:
+            self._man_cache.clear()
+        # the value keeps the entries alive, so their ids in the key stay theirs
+        self._man_cache[key] = (tuple(entries), manifest)
+        return manifest
 
     def _check_out(self, name: str, dims: int, seen: set[str]) -> None:
         wire.validate_name(name, self.limits)
@@ -400,7 +452,7 @@ class WeightSender:
         finiteness flag per bucket) before putting it on the wire."""
         if self._side is None:
             self._side = torch.cuda.Stream(device=self.device)
-        scale_es: dict = {}
+        qmemo = self._qmemo
         seen: set[str] = set()
         pending: _Bucket | None = None
         cur = self._new_bucket()
@@ -409,25 +461,38 @@ class WeightSender:
             if item is _END:
                 break
             name, x, quant = item
-            if quant:
-                if x.dim() > self.limits.max_dims or any(d > self.limits.max_dim_size for d in x.shape):
-                    raise wire.LimitExceededError(f"{name}: shape {tuple(x.shape)} exceeds the wire limits")
-                skey = self.layout.scale_key(name)
-                self._check_out(name, x.dim(), seen)
-                self._check_out(skey, 2, seen)
-                cd, sshape, sn = self._qmeta(x)
-                qn = x.numel()
-                need = ALIGNMENT + qn + sn if qn % ALIGNMENT else qn + sn
-                est = len(name) + len(skey) + 192 + 24 * x.dim()
-                nent = 2
+            m = qmemo.get(name)
+            if m is not None and m[0] == x.shape and m[1] is x.dtype and m[2] is quant:
+                _, _, _, skey, cd, sshape, sn, qn, need, est, nent = m
+                if name in seen or (skey is not None and skey in seen):
+                    raise ValueError(f"tensor {name!r} appears twice in one step")
+                seen.add(name)
+                if skey is not None:
+                    seen.add(skey)
             else:
-                wire.dtype_to_str(x.dtype)
-                if x.dim() > self.limits.max_dims or any(d > self.limits.max_dim_size for d in x.shape):
-                    raise wire.LimitExceededError(f"{name}: shape {tuple(x.shape)} exceeds the wire limits")
-                self._check_out(name, x.dim(), seen)
-                qn = need = x.numel() * x.element_size()
-                est = len(name) + 96 + 12 * x.dim()
-                nent = 1
+                if quant:
+                    if x.dim() > self.limits.max_dims or any(d > self.limits.max_dim_size for d in x.shape):
+                        raise wire.LimitExceededError(f"{name}: shape {tuple(x.shape)} exceeds the wire limits")
+                    skey = self.layout.scale_key(name)
+                    self._check_out(name, x.dim(), seen)
+                    self._check_out(skey, 2, seen)
+                    cd, sshape, sn = self._qmeta(x)
+                    qn = x.numel()
+                    need = ALIGNMENT + qn + sn if qn % ALIGNMENT else qn + sn
+                    est = len(name) + len(skey) + 192 + 24 * x.dim()
+                    nent = 2
+                else:
+                    wire.dtype_to_str(x.dtype)
+                    if x.dim() > self.limits.max_dims or any(d > self.limits.max_dim_size for d in x.shape):
+                        raise wire.LimitExceededError(f"{name}: shape {tuple(x.shape)} exceeds the wire limits")
+                    self._check_out(name, x.dim(), seen)
+                    skey = cd = sshape = sn = None
+                    qn = need = x.numel() * x.element_size()
+                    est = len(name) + 96 + 12 * x.dim()
+                    nent = 1
+                if len(qmemo) > 1 << 20:
+                    qmemo.clear()
+                qmemo[name] = (x.shape, x.dtype, quant, skey, cd, sshape, sn, qn, need, est, nent)
             stats.num_tensors += nent
             if need > self.bucket_bytes:
                 if cur.entries:
@@ -465,13 +530,13 @@ class WeightSender:
                 if quant:
                     so = (qn + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
             if quant:
-                cur.entries.append(TensorEntry(name=name, dtype=wire_fp8(), shape=tuple(x.shape), offset=off, nbytes=qn))
-                cur.entries.append(TensorEntry(name=skey, dtype=cd, shape=sshape, offset=so, nbytes=sn))
+                cur.entries.append(self._entry(name, _FP8, x.shape, off, qn))
+                cur.entries.append(self._entry(skey, cd, sshape, so, sn))
                 cur.qjobs.setdefault(x.dtype if x.device == self.device else (x.dtype, "h2d"), []).append((x, off, so, name))
                 cur.end = so + sn
                 stats.num_bytes += qn + sn
             else:
-                entry = TensorEntry(name=name, dtype=x.dtype, shape=tuple(x.shape), offset=off, nbytes=qn)
+                entry = self._entry(name, x.dtype, x.shape, off, qn)
                 cur.entries.append(entry)
                 cur.copies.append((entry, x))
                 cur.end = off + qn
@@ -507,7 +572,7 @@ class WeightSender:
         return b
 
     def _launch_bucket(self, b: "_Bucket", stats: SendStats) -> None:
-        from ..kernels.triton_fp8 import quantize_grouped
+        from ..kernels.triton_fp8 import prepare_grouped, quantize_grouped
 
         t0 = time.perf_counter()
         slot = self._slots[b.slot_idx]
@@ -531,12 +596,29 @@ class WeightSender:
             checks = []
             for key, jobs in b.qjobs.items():
                 srcs = [j[0] for j in jobs]
+                am = None
                 if isinstance(key, tuple):
                     srcs = [t.to(self.device, non_blocking=True) for t in srcs]
-                _, _, am = quantize_grouped(
-                    srcs, recipe, self.layout.strategy, self.layout.block_size, out=slot.buf,
-                    q_offsets=[j[1] for j in jobs], s_offsets=[j[2] for j in jobs], amax="any", views=False,
-                )
+                else:
+                    # sources at the same addresses, shapes and bucket offsets
+                    # as in an earlier step: reuse the prepared launch (no
+                    # per-tensor host work, no table upload)
+                    lkey = (key, tuple([(j[0].data_ptr(), j[0].shape, j[0].stride(), j[1], j[2]) for j in jobs]))
+                    lc = self._launch_cache
+                    prep = lc.get(lkey, False)
+                    if prep is False:
+                        prep = prepare_grouped(srcs, recipe, self.layout.strategy, self.layout.block_size,
+                                               [j[1] for j in jobs], [j[2] for j in jobs])
+                        if len(lc) >= 1024:
+                            lc.clear()
+                        lc[lkey] = prep
+                    if prep is not None:
+                        am = prep(srcs, slot.buf)
+                if am is None:
+                    _, _, am = quantize_grouped(
+                        srcs, recipe, self.layout.strategy, self.layout.block_size, out=slot.buf,
+                        q_offsets=[j[1] for j in jobs], s_offsets=[j[2] for j in jobs], amax="any", views=False,
+                    )
                 checks.append(torch.isfinite(am).all().reshape(1))
             t2 = time.perf_counter()
             for entry, x in b.copies:
@@ -627,7 +709,17 @@ class WeightSender:
 
     def _broadcast_bytes(self, data: bytes, slot: _Slot, stats: SendStats) -> None:
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if self.device.type != "cpu":
+        if self.device.type == "cuda":
+            # pinned + non_blocking: a pageable copy would block the host until
+            # the current stream (which waits for the previous bucket's
+            # broadcast) drains, leaving the wire idle between buckets. The
+            # pinned block returns to torch's host allocator only once the
+            # copy that reads it has run.
+            h = torch.empty(len(data), dtype=torch.uint8, pin_memory=True)
+            h.copy_(t)
+            t = torch.empty(len(data), dtype=torch.uint8, device=self.device)
+            t.copy_(h, non_blocking=True)
+        elif self.device.type != "cpu":
             t = t.to(self.device)
         slot.keepalive.append(t)
         slot.handles.append(self.transport.broadcast(t, async_op=True))
@@ -636,7 +728,7 @@ class WeightSender:
     def _dispatch(self, slot: _Slot, entries: list[TensorEntry], payload: torch.Tensor, last: bool, stats: SendStats) -> None:
         if stats.num_buckets >= self.limits.max_buckets_per_step:
             raise wire.LimitExceededError(f"more than {self.limits.max_buckets_per_step} buckets in one step")
-        manifest = wire.encode_manifest(entries, self._layout_dict)
+        manifest = self._manifest(entries)
         if len(manifest) > self.limits.max_manifest_bytes:
             raise wire.LimitExceededError(f"manifest of {len(manifest)} bytes exceeds the limit")
         t0 = time.perf_counter()
