@@ -29,6 +29,9 @@ pytestmark = pytest.mark.vllm
 RELOAD_PKG = "vllm.model_executor.model_loader.reload"
 PROBE = "vllm_fp8_overlay.testing.reload_probe.ReloadProbe"
 PROMPTS = [[1, 17, 42, 99, 7], [1, 300, 5, 64]]
+#: releases whose CPU MoE layers come back from a reload in checkpoint layout
+#: instead of the CPU-prepacked one (an upstream CPU-backend issue)
+CPU_MOE_PREPACK_ISSUE = {Version("0.28.0"), Version("0.32.0")}
 
 
 @pytest.fixture(scope="module")
@@ -276,12 +279,15 @@ def test_moe_shared_bias_reload(version, has_reload, engine_env, tiny_model_root
     assert observed["delayed_with_overlay"] == []
     assert observed["buffered_with_overlay"] == 0
     assert observed["bias_exact_with_overlay"]
-    if version == Version("0.28.0"):
+    if version in CPU_MOE_PREPACK_ISSUE:
         # Known upstream CPU issue, not a reload-module bug: after a reload the
-        # MoE expert weights are in checkpoint layout while a cold start holds
-        # them CPU-prepacked. Recorded, and asserted to still be the case.
-        observed["note"] = "vLLM 0.28.0 CPU: MoE experts not re-prepacked after reload (upstream)"
+        # MoE expert weights (w13/w2) are in checkpoint layout while a cold
+        # start holds them CPU-prepacked. Recorded, and asserted to still be
+        # the case so that an upstream fix is noticed.
+        observed["note"] = "vLLM CPU: MoE experts not re-prepacked after reload (upstream, not a reload-module bug)"
         assert not observed["warm_equals_cold"]
+        mismatched = sorted(k for k in r["cold"] if r["cold"][k] != r["back"].get(k))
+        assert mismatched and all(k.endswith(("w13_weight", "w2_weight")) for k in mismatched), mismatched
     else:
         assert observed["warm_equals_cold"], [k for k in r["cold"] if r["cold"][k] != r["back"].get(k)]
         assert _tokens(r["back_tokens"]) == _tokens(r["cold_tokens"])
