@@ -206,6 +206,16 @@ def _reload_cycle(llm, d0, d1, version):
     }
 
 
+def _w0_w1(builder, root):
+    """A tiny checkpoint W0, a perturbed copy W1, and W0's state dict."""
+    from vllm_fp8_overlay.testing import tiny_models
+
+    d0 = builder(root / "w0")
+    sd = tiny_models.load_checkpoint(d0)
+    d1 = tiny_models.save_checkpoint(root / "w1", tiny_models.perturb_state_dict(sd, 1), tiny_models.load_config(d0))
+    return d0, d1, sd
+
+
 def _tokens(out):
     return [list(t) for t in out]
 
@@ -216,11 +226,7 @@ def test_llama_reload_warnings_and_warm_equals_cold(version, has_reload, engine_
         pytest.skip(f"vLLM {version} has no layerwise reload")
     from vllm_fp8_overlay.testing import harness, tiny_models
 
-    d0 = tiny_models.make_llama(tiny_model_root / "llama-w0")
-    sd = tiny_models.load_checkpoint(d0)
-    d1 = tiny_models.save_checkpoint(
-        tiny_model_root / "llama-w1", tiny_models.perturb_state_dict(sd, 1), tiny_models.load_config(d0)
-    )
+    d0, d1, sd = _w0_w1(tiny_models.make_llama, tiny_model_root / "llama")
     llm = _start(d0)
     try:
         r = _reload_cycle(llm, d0, d1, version)
@@ -248,11 +254,7 @@ def test_moe_shared_bias_reload(version, has_reload, engine_env, tiny_model_root
         pytest.skip(f"vLLM {version} has no layerwise reload")
     from vllm_fp8_overlay.testing import harness, tiny_models
 
-    d0 = tiny_models.make_glm4_moe(tiny_model_root / "glm-w0")
-    sd = tiny_models.load_checkpoint(d0)
-    d1 = tiny_models.save_checkpoint(
-        tiny_model_root / "glm-w1", tiny_models.perturb_state_dict(sd, 1), tiny_models.load_config(d0)
-    )
+    d0, d1, sd = _w0_w1(tiny_models.make_glm4_moe, tiny_model_root / "glm")
     bias_names = sorted(k for k in sd if k.endswith("e_score_correction_bias"))
     llm = _start(d0)
     try:
