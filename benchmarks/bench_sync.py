@@ -203,7 +203,7 @@ def _worker(rank, args, ports):
         kernels.register(make_default=True)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=2)
     backend = "gloo" if smoke else "nccl"
-    iters, warm = (min(args.iters, 2), 1) if smoke else (args.iters, 1)
+    iters, warm = (min(args.iters, 2), 0) if smoke else (args.iters, 1)
     results = {}
     pi = 1
     for kind in args.models:
@@ -411,7 +411,7 @@ def report(res, args):
             f"{ms('quant_grouped_s')} | {gbps:.0f} | {r['quant_pct_of_copy']:.0f}% | {ms('fp8_raw_bcast_s')} | "
             f"{ms('naive_quant_only_s')} | {ms('quant_torch_backend_s')} |"
         )
-    lines += ["", f"Medians of {args.iters} iterations after 1 warm-up; grouped == per-tensor bytes: "
+    lines += ["", f"Medians of {args.iters} iterations after {0 if args.cpu_smoke else 1} warm-up; grouped == per-tensor bytes: "
               + ", ".join(f"{k}: {res[k]['c_grouped_equals_per_tensor']}" for k in args.models), ""]
     return "\n".join(lines)
 

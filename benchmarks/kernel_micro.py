@@ -158,13 +158,14 @@ def main(argv=None):
             K._quantize_into(ws, "hf", "block", BLK, out, s_base, qo, so4, "auto", cache=cache,
                              num_warps=num_warps, **v)
 
-        timed("now: shape groups, no atomics, div_rn", cur(), K._tile_kernel)
+        timed(f"now: shape groups, no atomics, div_rn (num_warps={K.BIG_TILE_WARPS})", cur(), K._tile_kernel)
         timed("now + DIV=recip+FMA (not bitwise, off)", cur(DIV=K.DIV_FAST), K._tile_kernel)
         timed("now + DIV=x*(1/s) (inexact, cost reference)", cur(DIV=K.DIV_MUL), K._tile_kernel)
         timed("now + atomic_max per tile (1 addr/tensor)", cur(ATOMIC=True), K._tile_kernel)
         timed("now + int64 intra-tile offsets", cur(IDX64=True), K._tile_kernel)
         timed("now + table rebuilt + H2D every call", cur(cache=False), K._tile_kernel)
         timed("now + num_warps=4", cur(num_warps=4), K._tile_kernel)
+        timed("now + num_warps=8", cur(num_warps=8), K._tile_kernel)
         timed("now + num_warps=16", cur(num_warps=16), K._tile_kernel)
         timed("now + atomics + int64 (~before, grouped by shape)", cur(ATOMIC=True, IDX64=True),
               K._tile_kernel)

@@ -148,3 +148,48 @@ def test_grouped_amax_any_and_cached_plan():
     ws[2][3, 4] = float("inf")
     _, _, any_ = K.quantize_grouped(ws, "hf", "block", (128, 128), amax="any")
     assert not bool(torch.isfinite(any_).all())
+
+
+@pytest.mark.parametrize("method,strat", [("fp8", "block"), ("compressed-tensors", "channel")])
+def test_sender_grouped_path_repeated_steps(method, strat):
+    """WeightSender's grouped, pipelined path over several steps (the second
+    and later steps reuse cached entries, manifests and prepared launches):
+    every received tensor equals the torch reference bitwise, also after the
+    weights change in place and after a tensor moves to a new address."""
+    from vllm_fp8_overlay.formats import FP8Layout
+    from vllm_fp8_overlay.formats import quantize as R
+    from vllm_fp8_overlay.sync import WeightReceiver, WeightSender
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+    if method == "fp8":
+        layout = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv")
+    else:
+        layout = FP8Layout(method="compressed-tensors", strategy="channel", block_size=None, scale_name="weight_scale")
+    sd = {}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = torch.randn(256, device="cuda").bfloat16()
+        sd[p + "self_attn.q_proj.weight"] = _sample((256, 256), torch.bfloat16, "t", i)
+        sd[p + "mlp.down_proj.weight"] = _sample((256, 384), torch.bfloat16, "wide", i)
+        for e in range(6):
+            sd[p + f"mlp.experts.{e}.gate_proj.weight"] = _sample((128, 256), torch.bfloat16, "n", 10 * i + e)
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(layout, "", 0, 0, bucket_bytes=96 << 10, transport=rec)
+    for step in range(4):
+        if step == 2:
+            for t in sd.values():
+                t.mul_(1.5)
+        if step == 3:
+            k = "model.layers.1.self_attn.q_proj.weight"
+            sd[k] = sd[k].clone() * -0.5
+        rec.messages.clear()
+        st = snd.send(sd, step=step)
+        assert st.num_buckets > 2
+        got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
+        ref = {n: t.cpu() for n, t in R.quantize_weights(iter(list(sd.items())), layout, backend="torch")}
+        assert got.keys() == ref.keys()
+        for n, r in ref.items():
+            g = got[n].cpu()
+            assert g.dtype == r.dtype and tuple(g.shape) == tuple(r.shape), n
+            assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                               r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"step {step}: {n}"

@@ -80,6 +80,9 @@ FAST_DIV_DTYPES: tuple = ()  # DIV_FAST failed the bitwise GPU test on H200: off
 #: exact; it exists only to measure what exact division costs.
 DIV_RN, DIV_FAST, DIV_MUL = 0, 1, 2
 _TAB_CACHE_MAX = 1024
+#: warps per program for tiles of >= 16384 elements (128x128 blocks): 16 measured
+#: 7.8 ms vs 9.5 ms (8 warps) for the 7B model on an H200 (BENCHMARKS.md)
+BIG_TILE_WARPS = 16
 
 
 def _interpreting() -> bool:
@@ -482,7 +485,7 @@ def _launch_plan(p: _Plan, tensors, strategy, k, q_base, s_base, tmax, num_warps
                 src, p.tab, q_base, s_base, tmax, g.rows, g.cols, g.stride, g.tab_base, g.tmax_base,
                 BR=g.BR, BC=g.BC, ALIGNED=g.aligned, num_warps=num_warps or 4, **k)
             continue
-        nw = num_warps or (8 if g.BR * g.BC >= 16384 else 4)
+        nw = num_warps or (BIG_TILE_WARPS if g.BR * g.BC >= 16384 else 4)
         args = (src, p.tab, q_base, s_base, tmax)
         if strategy == "block":
             _tile_kernel[(g.ntiles, n)](

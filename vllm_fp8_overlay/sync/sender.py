@@ -453,6 +453,8 @@ class WeightSender:
         if self._side is None:
             self._side = torch.cuda.Stream(device=self.device)
         qmemo = self._qmemo
+        dev_idx = -1 if self.device.type == "cpu" else (
+            self.device.index if self.device.index is not None else torch.cuda.current_device())
         seen: set[str] = set()
         pending: _Bucket | None = None
         cur = self._new_bucket()
@@ -532,7 +534,11 @@ class WeightSender:
             if quant:
                 cur.entries.append(self._entry(name, _FP8, x.shape, off, qn))
                 cur.entries.append(self._entry(skey, cd, sshape, so, sn))
-                cur.qjobs.setdefault(x.dtype if x.device == self.device else (x.dtype, "h2d"), []).append((x, off, so, name))
+                jk = x.dtype if x.get_device() == dev_idx else (x.dtype, "h2d")
+                jl = cur.qjobs.get(jk)
+                if jl is None:
+                    jl = cur.qjobs[jk] = []
+                jl.append((x, off, so, name))
                 cur.end = so + sn
                 stats.num_bytes += qn + sn
             else:
