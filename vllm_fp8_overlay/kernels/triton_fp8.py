@@ -82,7 +82,8 @@ DIV_RN, DIV_FAST, DIV_MUL = 0, 1, 2
 _TAB_CACHE_MAX = 1024
 #: warps per program for tiles of >= 16384 elements (128x128 blocks): 16 measured
 #: 7.8 ms vs 9.5 ms (8 warps) for the 7B model on an H200 (BENCHMARKS.md)
-BIG_TILE_WARPS = 16
+#: (``VLLM_FP8_OVERLAY_TILE_WARPS`` overrides it).
+BIG_TILE_WARPS = int(os.environ.get("VLLM_FP8_OVERLAY_TILE_WARPS", "16"))
 
 
 def _interpreting() -> bool:
