@@ -104,6 +104,20 @@ def _count(items) -> str:
     return str(len(items))
 
 
+def _ranks(per_rank) -> str:
+    """``[[["SharedFusedMoE", 393216, 393224], ...], ...]`` as readable text."""
+    if per_rank is None:
+        return "–"
+    parts = []
+    for rank, layers in enumerate(per_rank):
+        if not layers:
+            parts.append(f"rank {rank}: none")
+        else:
+            cls, loaded, total = layers[0]
+            parts.append(f"rank {rank}: {len(layers)}x {cls} at {loaded}/{total}")
+    return "; ".join(parts)
+
+
 def render(record: dict | None = None) -> str:
     record = load_record() if record is None else record
     ps = patches()
@@ -200,7 +214,8 @@ def render(record: dict | None = None) -> str:
         ]
         for v, ep in ep_rows:
             lines.append(
-                f"| {v} | {ep.get('incomplete_without_overlay')} → {ep.get('incomplete_with_overlay')} |"
+                f"| {v} | {_ranks(ep.get('incomplete_without_overlay'))} → "
+                f"{_ranks(ep.get('incomplete_with_overlay'))} |"
             )
     serve_rows = [(v, record[v]["serve"]) for v in versions if "serve" in record[v]]
     if serve_rows:
