@@ -199,7 +199,7 @@ def _worker(rank, args, ports):
         # ProcessGroupNCCL reads it when the group is created: NCCL kernels on
         # high-priority streams are scheduled ahead of the quantization kernels
         os.environ["TORCH_NCCL_HIGH_PRIORITY"] = "1"
-    bucket = args.bucket_mb << 20
+    bucket = (args.bucket_mb << 20) or None  # None: the sender's default for the device
     dev = torch.device("cpu") if smoke else torch.device(f"cuda:{rank}")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -420,7 +420,7 @@ def report(res, args):
             f"{ms('quant_grouped_s')} | {gbps:.0f} | {r['quant_pct_of_copy']:.0f}% | {ms('fp8_raw_bcast_s')} | "
             f"{ms('naive_quant_only_s')} | {ms('quant_torch_backend_s')} |"
         )
-    lines += ["", f"bucket {args.bucket_mb} MiB, TORCH_NCCL_HIGH_PRIORITY={int(args.nccl_high_priority)}",
+    lines += ["", f"bucket {args.bucket_mb or 'sender default'} MiB, TORCH_NCCL_HIGH_PRIORITY={int(args.nccl_high_priority)}",
               "", f"Medians of {args.iters} iterations after {0 if args.cpu_smoke else 1} warm-up; grouped == per-tensor bytes: "
               + ", ".join(f"{k}: {res[k]['c_grouped_equals_per_tensor']}" for k in args.models), ""]
     return "\n".join(lines)
@@ -433,7 +433,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--moe-layers", type=int, default=16)
     ap.add_argument("--models", nargs="+", default=["dense", "moe"])
-    ap.add_argument("--bucket-mb", type=int, default=BUCKET >> 20, help="WeightSender bucket size")
+    ap.add_argument("--bucket-mb", type=int, default=0,
+                    help="WeightSender bucket size (default: the sender's, 1 GiB on CUDA, 256 MiB on CPU)")
     ap.add_argument("--nccl-high-priority", action="store_true", help="TORCH_NCCL_HIGH_PRIORITY=1 for the group")
     ap.add_argument("--quick", action="store_true", help="only a, a_ws, c and the fp8 broadcast")
     args = ap.parse_args(argv)

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .sender import DEFAULT_BUCKET_BYTES, SendStats, WeightSender
+from .sender import SendStats, WeightSender
 from .transport import assign_rank_offsets
 
 __all__ = [
@@ -200,7 +200,7 @@ class WeightSyncClient:
         host: str = "127.0.0.1",
         port: int = 29600,
         backend: str = "auto",
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        bucket_bytes: int | None = None,
         device: Any = None,
         timeout: float = 300.0,
         mode: str = "auto",

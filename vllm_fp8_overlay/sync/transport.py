@@ -156,7 +156,9 @@ class BroadcastGroup:
                 self._pg = dist.ProcessGroupGloo(pg_store, rank, world_size, self.timeout)
             else:
                 opts = dist.ProcessGroupNCCL.Options()
-                opts.is_high_priority_stream = False
+                # A dedicated group used between training steps: let its
+                # broadcasts overtake other work queued on the GPU.
+                opts.is_high_priority_stream = True
                 opts._timeout = self.timeout
                 self._pg = dist.ProcessGroupNCCL(pg_store, rank, world_size, opts)
         except TransportError:
