@@ -164,7 +164,12 @@ def test_patch_wrap_and_revert_rebinds_every_alias():
         p.wrap("vllm._fake_defining", "target", lambda wrapped, inst, args, kw: wrapped(*args, **kw) * 10)
         assert defining.target(1) == 20 and alias.target(1) == 20
         assert defining.target is alias.target
+        # a module imported after wrapping binds the wrapper itself
+        late = types.ModuleType("vllm._fake_late")
+        late.target = defining.target
+        sys.modules["vllm._fake_late"] = late
         p.revert()
-        assert defining.target is target and alias.target is target
+        assert defining.target is target and alias.target is target and late.target is target
     finally:
-        del sys.modules["vllm._fake_defining"], sys.modules["vllm._fake_alias"]
+        for name in ("vllm._fake_defining", "vllm._fake_alias", "vllm._fake_late"):
+            sys.modules.pop(name, None)

@@ -55,11 +55,17 @@ class TargetMismatch(Exception):
     """The target does not look like the code the patch was written against."""
 
 
-@dataclass
-class _Binding:
-    module: object
-    attr: str
-    original: object
+def _rebind_vllm_globals(old: object, new: object) -> None:
+    """Point every ``vllm.*`` module global that is ``old`` at ``new``."""
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name == "vllm" or mod_name.startswith("vllm.")):
+            continue
+        namespace = getattr(mod, "__dict__", None)
+        if not namespace:
+            continue
+        for name, value in list(namespace.items()):
+            if value is old:
+                setattr(mod, name, new)
 
 
 class Patch:
@@ -85,7 +91,7 @@ class Patch:
     requires: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        self._bindings: list[_Binding] = []
+        self._proxies: list[tuple[object, object]] = []
 
     # -- to implement -----------------------------------------------------
     def check(self) -> None:
@@ -104,23 +110,15 @@ class Patch:
         module = sys.modules[module_name]
         original = getattr(module, attr)
         proxy = wrapt.FunctionWrapper(original, wrapper)
-        for mod_name, mod in list(sys.modules.items()):
-            if mod is None or not (mod_name == "vllm" or mod_name.startswith("vllm.")):
-                continue
-            namespace = getattr(mod, "__dict__", None)
-            if not namespace:
-                continue
-            for name, value in list(namespace.items()):
-                if value is original:
-                    setattr(mod, name, proxy)
-                    self._bindings.append(_Binding(mod, name, original))
+        self._proxies.append((proxy, original))
+        _rebind_vllm_globals(original, proxy)
 
     def revert(self) -> None:
-        for binding in reversed(self._bindings):
-            current = getattr(binding.module, binding.attr, None)
-            if isinstance(current, wrapt.FunctionWrapper) and current.__wrapped__ is binding.original:
-                setattr(binding.module, binding.attr, binding.original)
-        self._bindings.clear()
+        # Modules imported after wrapping bound the proxy themselves, so the
+        # scan covers every vllm.* global, not only the ones rebound above.
+        for proxy, original in reversed(self._proxies):
+            _rebind_vllm_globals(proxy, original)
+        self._proxies.clear()
         self.revert_extra()
 
     # -- declarations -----------------------------------------------------
