@@ -179,6 +179,10 @@ def test_ct_channel_vllm_params_equal_library_checkpoint(ct_channel_engine):
             exp = _expected(name, ref, "weight_scale", "channel")
             assert data.dtype == torch.float32
             assert torch.equal(data.reshape(exp.shape), exp), name
+        elif name not in ref and name.rsplit(".", 1)[-1].startswith("_"):
+            # vLLM-internal runtime tensors (e.g. attention `_k_scale` on
+            # 0.24), not part of any checkpoint
+            continue
         else:
             assert torch.equal(data.to(ref[name].dtype), ref[name]), name
         n_checked += 1
