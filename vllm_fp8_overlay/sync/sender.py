@@ -345,16 +345,7 @@ class WeightSender:
             manifest_est += entry_est
         if entries:
             self._flush(slot, entries, end, True, stats)
-        summary = EndOfStep(
-            step=stats.step, num_buckets=stats.num_buckets, num_tensors=stats.num_tensors, num_bytes=stats.num_bytes
-        )
-        hdr, man = wire.encode_end(summary)
-        t0 = time.perf_counter()
-        self._broadcast_bytes(hdr, self._oversize, stats)
-        self._broadcast_bytes(man, self._oversize, stats)
-        for s in (*self._slots, self._oversize):
-            s.wait()
-        stats.transfer_s += time.perf_counter() - t0
+        self._send_end_of_step(stats)
 
     # ------------------------------------------- grouped, pipelined FP8 path
 
@@ -569,16 +560,7 @@ class WeightSender:
             pending = self._close_bucket(cur, pending, stats)
         if pending is not None:
             self._dispatch_bucket(pending, True, stats)
-        summary = EndOfStep(
-            step=stats.step, num_buckets=stats.num_buckets, num_tensors=stats.num_tensors, num_bytes=stats.num_bytes
-        )
-        hdr, man = wire.encode_end(summary)
-        t0 = time.perf_counter()
-        self._broadcast_bytes(hdr, self._oversize, stats)
-        self._broadcast_bytes(man, self._oversize, stats)
-        for s in (*self._slots, self._oversize):
-            s.wait()
-        stats.transfer_s += time.perf_counter() - t0
+        self._send_end_of_step(stats)
 
     def _new_bucket(self) -> "_Bucket":
         b = _Bucket()
@@ -729,6 +711,19 @@ class WeightSender:
                 manifest_crc32=zlib.crc32(manifest),
             )
         )
+
+    def _send_end_of_step(self, stats: SendStats) -> None:
+        """The END message (totals, so receivers detect truncation); waits for every in-flight bucket."""
+        summary = EndOfStep(
+            step=stats.step, num_buckets=stats.num_buckets, num_tensors=stats.num_tensors, num_bytes=stats.num_bytes
+        )
+        hdr, man = wire.encode_end(summary)
+        t0 = time.perf_counter()
+        self._broadcast_bytes(hdr, self._oversize, stats)
+        self._broadcast_bytes(man, self._oversize, stats)
+        for s in (*self._slots, self._oversize):
+            s.wait()
+        stats.transfer_s += time.perf_counter() - t0
 
     def _broadcast_bytes(self, data: bytes, slot: _Slot, stats: SendStats) -> None:
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
