@@ -158,8 +158,10 @@ def main(argv=None):
             K._quantize_into(ws, "hf", "block", BLK, out, s_base, qo, so4, "auto", cache=cache,
                              num_warps=num_warps, **v)
 
-        timed(f"now: shape groups, no atomics, div_rn (num_warps={K.BIG_TILE_WARPS})", cur(), K._tile_kernel)
-        timed("now + DIV=recip+FMA (not bitwise, off)", cur(DIV=K.DIV_FAST), K._tile_kernel)
+        timed(f"default: shape groups, division-free exact quotient (num_warps={K.BIG_TILE_WARPS})", cur(),
+              K._tile_kernel)
+        timed("default + DIV=div_rn (hardware-exact division)", cur(DIV=K.DIV_RN), K._tile_kernel)
+        timed("default + DIV=recip+2 FMA corrections (= default for bf16)", cur(DIV=K.DIV_FAST), K._tile_kernel)
         timed("now + DIV=x*(1/s) (inexact, cost reference)", cur(DIV=K.DIV_MUL), K._tile_kernel)
         timed("now + atomic_max per tile (1 addr/tensor)", cur(ATOMIC=True), K._tile_kernel)
         timed("now + int64 intra-tile offsets", cur(IDX64=True), K._tile_kernel)

@@ -193,3 +193,23 @@ def test_sender_grouped_path_repeated_steps(method, strat):
             assert g.dtype == r.dtype and tuple(g.shape) == tuple(r.shape), n
             assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
                                r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"step {step}: {n}"
+
+
+@pytest.mark.parametrize("dtype,recipe", [(torch.bfloat16, "hf"), (torch.bfloat16, "ct"), (torch.float16, "hf")])
+def test_fast_quotient_equals_div_rn_exhaustively(dtype, recipe):
+    """The division-free quotient the kernels use for 16-bit weights gives the
+    fp8 byte of ``div_rn`` for every (amax, x) pair of the dtype."""
+    from vllm_fp8_overlay.kernels import triton_fp8 as K
+
+    bad, pairs = K.exhaustive_division_check(dtype, recipe)
+    assert pairs > 10**9
+    assert bad == 0, f"{bad} of {pairs} pairs differ"
+
+
+def test_fast_quotient_is_what_the_kernels_use():
+    from vllm_fp8_overlay.kernels import triton_fp8 as K
+
+    k, _ = K._consts("hf", torch.bfloat16, torch.device("cuda"), "auto")
+    assert k["DIV"] == (K.DIV_FAST if torch.bfloat16 in K.FAST_DIV_DTYPES else K.DIV_RN)
+    k32, _ = K._consts("hf", torch.float32, torch.device("cuda"), "auto")
+    assert k32["DIV"] == K.DIV_RN

@@ -34,11 +34,18 @@ Exactness (what the torch reference does, and how it is matched here):
   does the same per device (``division="auto"``).
 * ``w / scale`` (two tensors) is an IEEE float32 division in both places
   (``div_rn`` here; Triton's plain ``/`` would be approximate on the GPU).
-  A cheaper quotient (reciprocal of the tile scale + one FMA correction,
-  ``DIV_FAST``) is kept as a diagnostic variant only: on the H200 it did not
-  reproduce the reference bytes (compressed-tensors bf16 blocks), so it is
-  off (``FAST_DIV_DTYPES`` is empty) until that is understood;
-  :func:`exhaustive_division_check` measures it.
+  The kernels compute the same correctly rounded quotient without a
+  division for 16-bit weights (``DIV_FAST``): ``r = div_rn(1, s)`` once per
+  scale, then ``q0 = x*r`` and two residual corrections
+  ``q <- fma(fma(-q, s, x), r, q)``; the residual ``x - q*s`` is exact in an
+  FMA, and after the first correction ``q`` is close enough to ``x/s`` for
+  the second to round it correctly. (One correction is not enough: it
+  differed on rare near-tie quotients.) 16-bit weights and scales derived
+  from a 16-bit ``amax`` make this checkable exhaustively:
+  :func:`exhaustive_division_check` compares every ``(amax, x)`` pair with
+  ``div_rn`` and the GPU tests require zero differences. Scales outside
+  ``[2**-124, 2**125]`` (where a residual could underflow) and float32 weights
+  use ``div_rn``.
 * compressed-tensors rounds ``amax / 448`` and ``w / scale`` to the weight
   dtype (round to nearest even), turns ``-0`` into ``+0``, clamps to +-448 and
   casts to fp8 with round to nearest even.
@@ -75,7 +82,10 @@ INV_FP8_MAX = float(np.float32(1.0) / np.float32(448.0))
 _MAX_GRID_Y = 65535
 #: weight dtypes whose ``w / scale`` uses the reciprocal + FMA correction
 #: (verified exhaustively, see the module docstring); others use ``div_rn``.
-FAST_DIV_DTYPES: tuple = ()  # DIV_FAST failed the bitwise GPU test on H200: off
+#: ``VLLM_FP8_OVERLAY_EXACT_DIV=1`` switches it off (``div_rn`` everywhere).
+FAST_DIV_DTYPES: tuple = (
+    () if os.environ.get("VLLM_FP8_OVERLAY_EXACT_DIV", "0") not in ("", "0") else (torch.bfloat16, torch.float16)
+)
 #: division modes of the kernels (``DIV`` constexpr). ``DIV_MUL`` is *not*
 #: exact; it exists only to measure what exact division costs.
 DIV_RN, DIV_FAST, DIV_MUL = 0, 1, 2
@@ -155,9 +165,13 @@ def _fast_ok(s):
 def _quant(xf, s, r, HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr, DIV: tl.constexpr):
     """float32 weights -> fp8 for scale ``s`` (``r`` = 1/s, used by DIV_FAST/DIV_MUL)."""
     if DIV == 1:
+        # two residual corrections: q1 is within half an ulp (plus a tiny
+        # excess) of x/s, which one more correction rounds correctly
         q0 = xf * r
-        e = tl.fma(-q0, s, xf)
-        y = tl.fma(e, r, q0)
+        e0 = tl.fma(-q0, s, xf)
+        q1 = tl.fma(e0, r, q0)
+        e1 = tl.fma(-q1, s, xf)
+        y = tl.fma(e1, r, q1)
         if HF:
             y = tl.where(q0 == 0.0, q0, y)  # keeps the sign of a zero quotient
     elif DIV == 2:
