@@ -13,7 +13,10 @@ for a 7B-shaped dense model and a MoE-shaped model, and times per model
   c      ours: WeightSender(layout).send(): every bucket is quantized by grouped
          kernel launches (one per shape) straight into the bucket buffer (fp8 +
          scales at their wire offsets) on a side CUDA stream, one finiteness
-         check per bucket; bucket k+1 is quantized while bucket k is on the wire
+         check per bucket; bucket k+1 is quantized while bucket k is on the wire;
+         the receiver allocates each step's buckets afresh (``receive_all``)
+  c_keep c with ``WeightReceiver(keep_step_buffers=True)``: the receiver reuses
+         its bucket buffers and tensor views across steps
 
 each end to end: from a barrier until the receiver holds every tensor
 (``receive_all``, ready for the loader) and both sides are synchronized.
@@ -321,6 +324,28 @@ def _worker(rank, args, ports):
             got["gr"] = recv(i)
 
         r["c_grouped_s"], r["c_runs"] = timed(gr0, gr1)
+
+        # (c_keep) the same, the receiver keeping its step buffers and views
+        def gk0(_):
+            step[0] += 1
+            snd.send(weights, step=step[0])
+
+        def gk1(i):
+            rcv.keep_step_buffers = True
+            got["keep"] = recv(i)
+
+        r["c_keep_s"], r["c_keep_runs"] = timed(gk0, gk1)
+        if rank == 1:
+            a, b = dict(got.pop("keep")), dict(got["gr"])
+            same = a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
+                                                 for k in a)
+            rcv.keep_step_buffers = False
+            rcv.release_buffers()
+            flag = torch.tensor([1 if same else 0], dtype=torch.int64)
+        else:
+            flag = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(flag, src=1)
+        r["c_keep_equals_grouped"] = bool(flag[0])
         if rank == 1:
             a, b = dict(got["pt"] or got["gr"]), dict(got["gr"])
             same = a.keys() == b.keys() and all(
@@ -404,8 +429,8 @@ def report(res, args):
         "",
         f"Device copy (`torch.empty_like(x).copy_(x)`, 2 GiB, read+write): **{copy:.0f} GB/s**",
         "",
-        "| model | params | tensors | a: bf16 raw bcast ms | a_ws: bf16 sender ms | b: naive ms | c_pt: ours per-tensor ms | c: ours grouped ms | c/a | b/c | quant kernel ms | quant GB/s | % of copy | fp8 raw bcast ms | naive quant ms | torch-backend quant ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | tensors | a: bf16 raw bcast ms | a_ws: bf16 sender ms | b: naive ms | c_pt: ours per-tensor ms | c: ours grouped ms | c_keep ms | c/a | b/c | quant kernel ms | quant GB/s | % of copy | fp8 raw bcast ms | naive quant ms | torch-backend quant ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in args.models:
         r = res[kind]
@@ -416,13 +441,15 @@ def report(res, args):
         ms = lambda k: f"{1e3 * r[k]:.1f}" if k in r else "-"  # noqa: E731
         lines.append(
             f"| {kind} | {r['params'] / 1e9:.2f} B | {r['tensors']} | {ms('a_bf16_raw_s')} | {ms('a_bf16_sender_s')} | "
-            f"{ms('b_naive_s')} | {ms('c_per_tensor_s')} | {ms('c_grouped_s')} | {c / a:.2f} | {b / c:.1f} | "
+            f"{ms('b_naive_s')} | {ms('c_per_tensor_s')} | {ms('c_grouped_s')} | {ms('c_keep_s')} | {c / a:.2f} | "
+            f"{b / c:.1f} | "
             f"{ms('quant_grouped_s')} | {gbps:.0f} | {r['quant_pct_of_copy']:.0f}% | {ms('fp8_raw_bcast_s')} | "
             f"{ms('naive_quant_only_s')} | {ms('quant_torch_backend_s')} |"
         )
     lines += ["", f"bucket {args.bucket_mb or 'sender default'} MiB, TORCH_NCCL_HIGH_PRIORITY={int(args.nccl_high_priority)}",
               "", f"Medians of {args.iters} iterations after {0 if args.cpu_smoke else 1} warm-up; grouped == per-tensor bytes: "
-              + ", ".join(f"{k}: {res[k]['c_grouped_equals_per_tensor']}" for k in args.models), ""]
+              + ", ".join(f"{k}: {res[k]['c_grouped_equals_per_tensor']}" for k in args.models)
+              + "; c_keep == c bytes: " + ", ".join(f"{k}: {res[k]['c_keep_equals_grouped']}" for k in args.models), ""]
     return "\n".join(lines)
 
 

@@ -165,6 +165,35 @@ def test_multiple_steps_on_one_stream():
     assert _digests(r.receive_all(expected_step=2).tensors) == _digests(b.items())
 
 
+def test_repeated_steps_reuse_manifests_buffers_and_views():
+    """Same names every step (the trainer's case): manifests are decoded once,
+    ``keep_step_buffers`` receives into the same buffers and hands out the same
+    views, and every step still delivers that step's bytes."""
+    rec = RecordingTransport()
+    s = WeightSender(_fp8_layout(), "", 0, 0, bucket_bytes=32 << 10, transport=rec)
+    sds = [_state_dict(10 + i) for i in range(3)]
+    for i, sd in enumerate(sds):
+        s.send(sd, step=i)
+    expected = [_digests(quantize_weights(iter(sd.items()), _fp8_layout())) for sd in sds]
+    for keep in (False, True):
+        r = _receiver(list(rec.messages), keep_step_buffers=keep)
+        ptrs = []
+        first_views = None
+        for i in range(3):
+            out = r.receive_all(expected_step=i)
+            assert _digests(out.tensors) == expected[i]
+            ptrs.append(sorted(t.data_ptr() for _, t in out.tensors))
+            if i == 0:
+                first_views = [t for _, t in out.tensors]
+        buckets = len(out.manifests)
+        assert buckets > 3
+        assert r.manifest_cache.misses == buckets and r.manifest_cache.hits == 2 * buckets
+        same_views = all(a is b for a, b in zip(first_views, (t for _, t in out.tensors)))
+        assert same_views == keep
+        if keep:
+            assert ptrs[0] == ptrs[1] == ptrs[2]
+
+
 def test_empty_step():
     msgs, stats, _ = _record({}, step=3)
     assert stats.num_buckets == 0

@@ -9,6 +9,11 @@ whenever the trainer announces a step, calls either
 * :meth:`WeightReceiver.receive_all`: the whole step, each bucket received into
   its own buffer, so every tensor stays valid (memory = size of the step) and
   all names/shapes can be validated before the model is touched.
+
+Host work per step is kept small for models with thousands of tensors:
+manifests are decoded and validated once and reused while the trainer sends
+byte-identical ones (:class:`~vllm_fp8_overlay.sync.wire.ManifestCache`), and
+the tensor views of a bucket are built once per reused buffer and manifest.
 """
 
 from __future__ import annotations
@@ -114,6 +119,11 @@ class WeightReceiver:
         verify_checksum: verify payload checksums the sender provides.
         require_checksum: reject buckets that carry no payload checksum.
         transport: inject a ready transport (tests / tools).
+        keep_step_buffers: ``receive_all`` keeps its per-bucket buffers (and the
+            tensor views over them) for the next step instead of allocating
+            new ones: no allocation and no view building after the first
+            step, but the step's memory stays resident between steps and the
+            tensors a ``receive_all`` returned are overwritten by the next one.
 
     Construction blocks until every rank has joined.
     """
@@ -133,6 +143,7 @@ class WeightReceiver:
         require_checksum: bool = False,
         group_name: str = "weights",
         transport: Transport | None = None,
+        keep_step_buffers: bool = False,
     ) -> None:
         if transport is None:
             if rank == 0:
@@ -148,6 +159,13 @@ class WeightReceiver:
         self._hdr = torch.zeros(HEADER_SIZE, dtype=torch.uint8, device=self.device)
         self._man: torch.Tensor | None = None
         self._buf: torch.Tensor | None = None
+        self.keep_step_buffers = bool(keep_step_buffers)
+        self._step_bufs: list[torch.Tensor] = []
+        self.manifest_cache = wire.ManifestCache()
+        # id(buffer) -> {id(manifest entries): (entries, views)}; only for
+        # buffers this receiver keeps (a view list is valid while its buffer is)
+        self._views: dict[int, dict[int, tuple[tuple, list]]] = {}
+        self._summaries: dict[int, tuple[tuple, frozenset[str], int]] = {}
         self._broken: str | None = None
         self._busy = False
         self._closed = False
@@ -216,9 +234,11 @@ class WeightReceiver:
         return ReceivedStep(step=summary.step, layout=layout, tensors=tensors, summary=summary, manifests=manifests)
 
     def release_buffers(self) -> None:
-        """Free the reused streaming buffers (they are reallocated on demand)."""
+        """Free the reused buffers (they are reallocated on demand)."""
         self._buf = None
         self._man = None
+        self._step_bufs = []
+        self._views.clear()
 
     def close(self) -> None:
         """Tear the group down. Idempotent."""
@@ -239,6 +259,43 @@ class WeightReceiver:
     def _alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
+    def _payload_buffer(self, header: Header, fresh: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(payload view, kept buffer it lies in or None)`` for a message."""
+        p = header.payload_len
+        if fresh and not (self.keep_step_buffers and header.kind == MessageKind.BUCKET and p):
+            return self._alloc(p), None
+        if fresh:
+            i = header.index
+            while len(self._step_bufs) <= i:
+                self._step_bufs.append(self._alloc(0))
+            if self._step_bufs[i].numel() < p:
+                self._views.pop(id(self._step_bufs[i]), None)
+                self._step_bufs[i] = self._alloc(0)  # drop the old buffer before growing
+                self._step_bufs[i] = self._alloc(p)
+            kept = self._step_bufs[i]
+        else:
+            if self._buf is None or self._buf.numel() < p:
+                if self._buf is not None:
+                    self._views.pop(id(self._buf), None)
+                self._buf = None  # drop the old buffer before growing
+                self._buf = self._alloc(p)
+            kept = self._buf
+        return kept[:p], kept
+
+    def _tensor_views(self, payload: torch.Tensor, kept: torch.Tensor | None,
+                      manifest: BucketManifest) -> list[tuple[str, torch.Tensor]]:
+        if kept is None:
+            return wire.tensors_from_buffer(payload, manifest)
+        per_buf = self._views.setdefault(id(kept), {})
+        hit = per_buf.get(id(manifest.tensors))
+        if hit is not None and hit[0] is manifest.tensors:
+            return list(hit[1])
+        views = wire.tensors_from_buffer(payload, manifest)
+        if len(per_buf) >= 4096:
+            per_buf.clear()
+        per_buf[id(manifest.tensors)] = (manifest.tensors, views)
+        return list(views)
+
     def _to_bytes(self, t: torch.Tensor) -> bytes:
         return t.cpu().numpy().tobytes()
 
@@ -252,7 +309,7 @@ class WeightReceiver:
             self._broken = f"{type(e).__name__}: {e}"
             raise
 
-    def _recv_rest(self, header: Header, fresh: bool) -> tuple[bytes, torch.Tensor]:
+    def _recv_rest(self, header: Header, fresh: bool) -> tuple[bytes, torch.Tensor, torch.Tensor | None]:
         """Receive manifest and payload whose (capped) sizes the header gave."""
         try:
             n = header.manifest_len
@@ -262,25 +319,17 @@ class WeightReceiver:
             man = self._man[:n]
             self.transport.broadcast(man)
             manifest = self._to_bytes(man)
-            p = header.payload_len
-            if fresh:
-                payload = self._alloc(p)
-            else:
-                if self._buf is None or self._buf.numel() < p:
-                    self._buf = None  # drop the old buffer before growing
-                    self._buf = self._alloc(p)
-                payload = self._buf[:p]
-            if p:
+            payload, kept = self._payload_buffer(header, fresh)
+            if header.payload_len:
                 self.transport.broadcast(payload)
-            return manifest, payload
+            return manifest, payload, kept
         except BaseException as e:
             self._broken = f"{type(e).__name__}: {e}"
             raise
 
-    def _recv_message(self, fresh: bool) -> tuple[Header, bytes, torch.Tensor]:
+    def _recv_message(self, fresh: bool) -> tuple[Header, bytes, torch.Tensor, torch.Tensor | None]:
         header = self._recv_header()
-        manifest, payload = self._recv_rest(header, fresh)
-        return header, manifest, payload
+        return (header, *self._recv_rest(header, fresh))
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -297,7 +346,7 @@ class WeightReceiver:
         st = _StepState(expected_step)
         try:
             while True:
-                header, manifest, payload = self._recv_message(fresh)
+                header, manifest, payload, kept = self._recv_message(fresh)
                 if header.kind == MessageKind.ABORT:
                     done = True
                     reason = wire.decode_abort(header, manifest, self.limits)
@@ -307,20 +356,21 @@ class WeightReceiver:
                     summary = self._finish(st, header, manifest)
                     self.last_step = summary.step
                     return summary
-                bucket = self._bucket(st, header, manifest, payload)
+                bucket = self._bucket(st, header, manifest, payload, kept)
                 yield bucket
         finally:
             self._busy = False
             if not done and self._broken is None:
                 self._drain()
 
-    def _bucket(self, st: _StepState, header: Header, manifest_bytes: bytes, payload: torch.Tensor) -> Bucket:
+    def _bucket(self, st: _StepState, header: Header, manifest_bytes: bytes, payload: torch.Tensor,
+                kept: torch.Tensor | None) -> Bucket:
         st.check_step(header)
         if st.saw_last:
             raise ProtocolError(f"bucket {header.index} after the last bucket of step {st.step}")
         if header.index != st.next_index:
             raise ProtocolError(f"expected bucket {st.next_index}, got {header.index}")
-        manifest = wire.decode_bucket_manifest(header, manifest_bytes, self.limits)
+        manifest = wire.decode_bucket_manifest(header, manifest_bytes, self.limits, self.manifest_cache)
         if header.checksum_algo == ChecksumAlgo.NONE:
             if self.require_checksum:
                 raise ChecksumError(f"bucket {header.index} carries no payload checksum")
@@ -331,16 +381,29 @@ class WeightReceiver:
                     f"payload checksum mismatch in bucket {header.index} of step {header.step}: "
                     f"got 0x{got:08x}, header says 0x{header.payload_checksum:08x}"
                 )
-        for e in manifest.tensors:
-            if e.name in st.names:
-                raise wire.ManifestError(f"tensor {e.name!r} sent twice in step {st.step}")
-            st.names.add(e.name)
-            st.num_bytes += e.nbytes
+        names, nbytes = self._summary(manifest)
+        if not st.names.isdisjoint(names):
+            dup = sorted(st.names & names)[0]
+            raise wire.ManifestError(f"tensor {dup!r} sent twice in step {st.step}")
+        st.names |= names
+        st.num_bytes += nbytes
         st.num_tensors += len(manifest.tensors)
         st.next_index += 1
         st.saw_last = manifest.last
         st.layout = manifest.layout
-        return Bucket(manifest=manifest, tensors=wire.tensors_from_buffer(payload, manifest), payload=payload)
+        return Bucket(manifest=manifest, tensors=self._tensor_views(payload, kept, manifest), payload=payload)
+
+    def _summary(self, manifest: BucketManifest) -> tuple[frozenset[str], int]:
+        """Names and byte count of a manifest (memoized for cached manifests)."""
+        hit = self._summaries.get(id(manifest.tensors))
+        if hit is not None and hit[0] is manifest.tensors:
+            return hit[1], hit[2]
+        names = frozenset(e.name for e in manifest.tensors)
+        nbytes = sum(e.nbytes for e in manifest.tensors)
+        if len(self._summaries) >= 4096:
+            self._summaries.clear()
+        self._summaries[id(manifest.tensors)] = (manifest.tensors, names, nbytes)
+        return names, nbytes
 
     def _finish(self, st: _StepState, header: Header, manifest: bytes) -> EndOfStep:
         summary = wire.decode_end(header, manifest, self.limits)
@@ -359,7 +422,7 @@ class WeightReceiver:
         looking at payloads, so the group stays aligned with the trainer."""
         try:
             while True:
-                header, _, _ = self._recv_message(fresh=False)
+                header, _, _, _ = self._recv_message(fresh=False)
                 if header.kind in (MessageKind.END, MessageKind.ABORT):
                     return
         except Exception as e:  # already marked broken by _recv_*

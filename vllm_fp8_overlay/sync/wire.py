@@ -25,6 +25,7 @@ import re
 import struct
 import sys
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -62,6 +63,7 @@ __all__ = [
     "decode_header",
     "encode_manifest",
     "decode_bucket_manifest",
+    "ManifestCache",
     "encode_end",
     "decode_end",
     "encode_abort",
@@ -488,15 +490,10 @@ def _entry_from_json(obj: Any, i: int, limits: WireLimits) -> TensorEntry:
     return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), offset=offset, nbytes=nbytes)
 
 
-def decode_bucket_manifest(
-    header: Header,
-    manifest: bytes | bytearray | memoryview,
-    limits: WireLimits = DEFAULT_LIMITS,
-) -> BucketManifest:
-    """Validate the manifest bytes of a BUCKET message against its header."""
-    if header.kind != MessageKind.BUCKET:
-        raise ProtocolError(f"expected a BUCKET message, got kind {header.kind}")
-    check_manifest_crc(header, manifest)
+def _decode_manifest_body(
+    manifest: bytes | bytearray | memoryview, payload_len: int, limits: WireLimits
+) -> tuple[dict | None, tuple[TensorEntry, ...]]:
+    """Parse and validate the JSON of a bucket manifest (its crc already checked)."""
     obj = _loads(manifest, limits)
     if not isinstance(obj, dict):
         raise ManifestError("bucket manifest must be a JSON object")
@@ -517,9 +514,9 @@ def decode_bucket_manifest(
         if e.name in seen:
             raise ManifestError(f"duplicate tensor name {e.name!r} in bucket")
         seen.add(e.name)
-        if e.offset + e.nbytes > header.payload_len:
+        if e.offset + e.nbytes > payload_len:
             raise ManifestError(
-                f"{e.name}: bytes [{e.offset}, {e.offset + e.nbytes}) outside payload of {header.payload_len}"
+                f"{e.name}: bytes [{e.offset}, {e.offset + e.nbytes}) outside payload of {payload_len}"
             )
     end = 0
     prev = None
@@ -530,13 +527,74 @@ def decode_bucket_manifest(
             raise ManifestError(f"{e.name} overlaps {prev}")
         end = e.offset + e.nbytes
         prev = e.name
+    return layout, tuple(entries)
+
+
+class ManifestCache:
+    """Decoded manifests by their exact bytes (and payload length), LRU.
+
+    A trainer that sends the same parameters every step sends byte-identical
+    manifests; decoding and validating thousands of entries again each step is
+    most of a receiver's host time for MoE models. A hit compares the full
+    bytes (dictionary lookup), so a cached result is only ever reused for
+    exactly the bytes it was validated from. ``max_bytes`` bounds the manifest
+    bytes held.
+    """
+
+    def __init__(self, max_entries: int = 4096, max_bytes: int = 256 << 20) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[bytes, int], tuple[dict | None, tuple[TensorEntry, ...]]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def decode(
+        self, manifest: bytes, payload_len: int, limits: WireLimits
+    ) -> tuple[dict | None, tuple[TensorEntry, ...]]:
+        key = (bytes(manifest), payload_len)
+        got = self._items.get(key)
+        if got is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return got
+        self.misses += 1
+        got = _decode_manifest_body(key[0], payload_len, limits)
+        if len(key[0]) <= self.max_bytes:
+            self._items[key] = got
+            self._bytes += len(key[0])
+            while len(self._items) > self.max_entries or self._bytes > self.max_bytes:
+                (old, _), _ = self._items.popitem(last=False)
+                self._bytes -= len(old)
+        return got
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
+
+def decode_bucket_manifest(
+    header: Header,
+    manifest: bytes | bytearray | memoryview,
+    limits: WireLimits = DEFAULT_LIMITS,
+    cache: ManifestCache | None = None,
+) -> BucketManifest:
+    """Validate the manifest bytes of a BUCKET message against its header
+    (through ``cache`` when given: identical bytes are decoded once)."""
+    if header.kind != MessageKind.BUCKET:
+        raise ProtocolError(f"expected a BUCKET message, got kind {header.kind}")
+    check_manifest_crc(header, manifest)
+    if cache is None:
+        layout, entries = _decode_manifest_body(manifest, header.payload_len, limits)
+    else:
+        layout, entries = cache.decode(manifest, header.payload_len, limits)
     return BucketManifest(
         step=header.step,
         index=header.index,
         last=header.last,
         payload_len=header.payload_len,
         layout=layout,
-        tensors=tuple(entries),
+        tensors=entries,
     )
 
 
@@ -614,20 +672,33 @@ def payload_checksum(buf: torch.Tensor, algo: int) -> int:
 
 
 def tensors_from_buffer(buf: torch.Tensor, manifest: BucketManifest) -> list[tuple[str, torch.Tensor]]:
-    """Zero-copy views ``buf[off:off+n].view(dtype).view(shape)`` for every
+    """Zero-copy views of ``buf[off:off+n]`` as ``dtype`` and ``shape`` for every
     tensor of a validated manifest. ``buf`` is a 1-D uint8 tensor holding at
-    least ``manifest.payload_len`` bytes; the views alias it."""
+    least ``manifest.payload_len`` bytes; the views alias it (contiguous,
+    made with one ``as_strided`` each on a per-dtype view of the buffer)."""
     if buf.dtype != torch.uint8 or buf.dim() != 1:
         raise TypeError("payload buffer must be a 1-D uint8 tensor")
     if buf.numel() < manifest.payload_len:
         raise ManifestError(f"buffer holds {buf.numel()} bytes, payload is {manifest.payload_len}")
     if buf.storage_offset() % ALIGNMENT:
         raise ValueError("payload buffer must start at an aligned storage offset")
+    typed: dict[torch.dtype, torch.Tensor] = {}
     out = []
     for e in manifest.tensors:
-        raw = buf[e.offset : e.offset + e.nbytes]
-        out.append((e.name, raw.view(e.dtype).view(e.shape)))
+        base = typed.get(e.dtype)
+        if base is None:
+            isz = e.dtype.itemsize
+            base = typed[e.dtype] = buf[: buf.numel() // isz * isz].view(e.dtype)
+        off = base.storage_offset() + e.offset // e.dtype.itemsize
+        out.append((e.name, base.as_strided(e.shape, _contiguous_strides(e.shape), off)))
     return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * max(shape[i + 1], 1)
+    return tuple(strides)
 
 
 def _align(n: int, a: int = ALIGNMENT) -> int:
