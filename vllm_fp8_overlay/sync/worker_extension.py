@@ -18,6 +18,18 @@ the model untouched and raises :class:`WeightUpdateRejected` naming every
 offending tensor. A failure while loading raises
 :class:`WeightLoadFailed`, which says that the model may be partially updated.
 
+``receive_weights(step, stream=True)`` trades that guarantee for memory: each
+bucket is validated on arrival and its tensors go straight to vLLM's loader,
+so the step is never resident as a whole. A problem in the first bucket is
+still a :class:`WeightUpdateRejected` with the model untouched; a problem
+found later (a bad tensor in a later bucket, a missing tensor at the end, a
+transport error) is a :class:`WeightLoadFailed`. ``stream=False`` is the
+default.
+
+Every result reports the peak extra memory of the update
+(``peak_extra_bytes``: CUDA allocator peak, or the resident-set high-water
+mark on CPU) next to the model's and its largest layer's bytes.
+
 Load modes (``receive_weights(step, mode=...)``):
 
 * ``"layerwise"``: vLLM's layerwise reload (``initialize_layerwise_reload``,
@@ -43,6 +55,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import sys
 import threading
@@ -161,6 +174,39 @@ def _layout_key(layout: Any) -> dict | None:
     return {k: d[k] for k in _LAYOUT_KEYS}
 
 
+def _listing(names: list[str], max_report: int) -> str:
+    s = ", ".join(names[:max_report])
+    return s + (f", ... ({len(names) - max_report} more)" if len(names) > max_report else "")
+
+
+def _spec_problems(
+    tensors: list[tuple[str, torch.Tensor]],
+    expected: dict[str, TensorSpec],
+    *,
+    what: str,
+    max_report: int = 20,
+    check_missing: bool = True,
+) -> list[str]:
+    problems: list[str] = []
+    got = {n: (_dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors}
+    unknown = sorted(set(got) - set(expected))
+    if unknown:
+        problems.append(f"{len(unknown)} unknown tensor(s) (not in {what}): {_listing(unknown, max_report)}")
+    if check_missing:
+        missing = sorted(set(expected) - set(got))
+        if missing:
+            problems.append(f"{len(missing)} missing tensor(s) (in {what}, not in the update): "
+                            f"{_listing(missing, max_report)}")
+    bad = []
+    for n in sorted(set(got) & set(expected)):
+        if got[n] != expected[n]:
+            bad.append(f"{n}: got {got[n][0]}{list(got[n][1])}, expected {expected[n][0]}{list(expected[n][1])}")
+    if bad:
+        problems.append(f"{len(bad)} dtype/shape mismatch(es): " + "; ".join(bad[:max_report])
+                        + (f"; ... ({len(bad) - max_report} more)" if len(bad) > max_report else ""))
+    return problems
+
+
 def validate_update(
     tensors: list[tuple[str, torch.Tensor]],
     expected: dict[str, TensorSpec],
@@ -170,27 +216,7 @@ def validate_update(
 ) -> list[str]:
     """Problems (empty = valid): names must equal ``expected``'s exactly, each
     dtype and shape too."""
-    problems: list[str] = []
-    got = {n: (_dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors}
-    unknown = sorted(set(got) - set(expected))
-    missing = sorted(set(expected) - set(got))
-
-    def listing(names: list[str]) -> str:
-        s = ", ".join(names[:max_report])
-        return s + (f", ... ({len(names) - max_report} more)" if len(names) > max_report else "")
-
-    if unknown:
-        problems.append(f"{len(unknown)} unknown tensor(s) (not in {what}): {listing(unknown)}")
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s) (in {what}, not in the update): {listing(missing)}")
-    bad = []
-    for n in sorted(set(got) & set(expected)):
-        if got[n] != expected[n]:
-            bad.append(f"{n}: got {got[n][0]}{list(got[n][1])}, expected {expected[n][0]}{list(expected[n][1])}")
-    if bad:
-        problems.append(f"{len(bad)} dtype/shape mismatch(es): " + "; ".join(bad[:max_report])
-                        + (f"; ... ({len(bad) - max_report} more)" if len(bad) > max_report else ""))
-    return problems
+    return _spec_problems(tensors, expected, what=what, max_report=max_report)
 
 
 def _vllm_version() -> str:
@@ -232,6 +258,100 @@ def _digest(model: torch.nn.Module, per_tensor: bool) -> dict:
         if per_tensor:
             per[name] = h[:24]
     return {"digest": total.hexdigest(), "num_tensors": len(seen), "tensors": per}
+
+
+def _proc_status_bytes(*keys: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in keys:
+                out[k] = int(v.split()[0]) * 1024  # kB
+    return out
+
+
+class _PeakMemory:
+    """Peak memory above the level at construction, until :meth:`finish`.
+
+    CUDA: the caching allocator's peak (``reset_peak_memory_stats``,
+    ``max_memory_allocated() - memory_allocated()`` before). CPU (Linux): the
+    resident-set high-water mark, reset by writing ``5`` to
+    ``/proc/self/clear_refs``, minus ``VmRSS`` before; this counts every
+    thread of the process and memory an allocator keeps after a free.
+    Best effort: ``None`` where neither is available."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.source: str | None = None
+        self.before = 0
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                self.before = int(torch.cuda.memory_allocated(device))
+                self.source = "cuda_allocator"
+            else:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.before = _proc_status_bytes("VmRSS")["VmRSS"]
+                self.source = "rss_hwm"
+        except Exception:  # no CUDA stats / not Linux / not permitted
+            self.source = None
+
+    def finish(self) -> dict:
+        peak = None
+        try:
+            if self.source == "cuda_allocator":
+                torch.cuda.synchronize(self.device)
+                peak = int(torch.cuda.max_memory_allocated(self.device)) - self.before
+            elif self.source == "rss_hwm":
+                peak = _proc_status_bytes("VmHWM")["VmHWM"] - self.before
+        except Exception:
+            peak = None
+        return {"peak_extra_bytes": peak, "peak_extra_source": self.source if peak is not None else None,
+                "memory_before_bytes": self.before if peak is not None else None}
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        key = (t.data_ptr(), t.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _module_bytes(m: torch.nn.Module) -> int:
+    return _tensor_bytes(list(m.parameters()) + list(m.buffers()))
+
+
+def _model_sizes(model: torch.nn.Module) -> dict:
+    """Parameter + buffer bytes of the model and of its largest decoder layer
+    (the largest child of the first ``ModuleList`` named ``layers``, else of
+    the largest ``ModuleList``). Best effort."""
+    out: dict[str, Any] = {"model_bytes": None, "largest_layer_bytes": None, "largest_layer": None}
+    with contextlib.suppress(Exception):
+        out["model_bytes"] = _module_bytes(model)
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+        named = [x for x in lists if x[0].rsplit(".", 1)[-1] == "layers"]
+        cands = named[:1] or sorted(lists, key=lambda x: -len(x[1]))[:1]
+        if cands:
+            prefix, layers = cands[0]
+            sizes = [(_module_bytes(layer), f"{prefix}.{i}") for i, layer in enumerate(layers)]
+            out["largest_layer_bytes"], out["largest_layer"] = max(sizes)
+    return out
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.\d+\.")
+
+
+class _StreamProblem(Exception):
+    """A bucket of a streamed step failed validation."""
 
 
 # --------------------------------------------------------------------------
@@ -313,15 +433,32 @@ class WeightSyncExtension:
 
     # ---- one step -------------------------------------------------------
 
-    def receive_weights(self, step: int, mode: str = "auto", on_error: str = "raise") -> dict:
-        """Receive step ``step`` completely, validate it, then load it.
+    def receive_weights(self, step: int, mode: str = "auto", on_error: str = "raise",
+                        stream: bool = False) -> dict:
+        """Receive step ``step``, validate it, load it.
 
-        Blocks until the trainer has sent the whole step. ``on_error="return"``
-        returns ``{"ok": False, "error": ...}`` instead of raising (used by the
-        HTTP client: vLLM's HTTP route does not forward exception text).
+        ``stream=False`` (the default, and the safe choice): the whole step is
+        received and validated before the model is touched, so a bad update is
+        rejected with the model unchanged; the price is memory for the whole
+        step. ``stream=True``: buckets are validated one by one and handed to
+        vLLM's loader as they arrive, so the extra memory is about a layer and
+        a couple of buckets instead of the step; a problem found after the
+        first tensor was handed over (a bad tensor in a later bucket, a
+        missing tensor, a transport error) raises :class:`WeightLoadFailed`
+        (the model may be partially updated; send a complete good step). With
+        ``stream=True``, ``mode="auto"`` means ``layerwise`` (``load_weights``
+        on vLLM without the reload module); pass ``mode="kernel"`` for
+        kernel-format streams.
+
+        Blocks until the trainer has sent the whole step. The result carries
+        stage times, bytes and the peak extra memory of the update
+        (``peak_extra_bytes``, ``peak_extra_source``) next to ``model_bytes``
+        and ``largest_layer_bytes``. ``on_error="return"`` returns
+        ``{"ok": False, "error": ...}`` instead of raising (used by the HTTP
+        client: vLLM's HTTP route does not forward exception text).
         """
         try:
-            return self._ws_receive(int(step), str(mode))
+            return self._ws_receive(int(step), str(mode), stream=_as_bool(stream))
         except Exception as e:
             st = self._ws_state()
             st["last_error"] = f"{type(e).__name__}: {e}"
@@ -444,23 +581,27 @@ class WeightSyncExtension:
         model = self.model_runner.model
         return {n: (_dtype_name(p.dtype), tuple(p.shape)) for n, p in model.named_parameters()}
 
-    def _ws_pick_mode(self, mode: str, tensors: list[tuple[str, torch.Tensor]], layout: Any) -> tuple[str, list[str]]:
-        served = self._ws_state()["served"]
+    def _ws_resolve_mode(self, mode: str, names: set[str] | None) -> str:
+        """``auto`` -> a concrete mode (``names`` = the whole update's names, or
+        ``None`` for a stream, whose names are not known in advance)."""
         if mode not in MODES:
             raise _Reject(f"unknown load mode {mode!r}; one of {MODES}")
-        names = {n for n, _ in tensors}
-        if mode == "auto":
-            if names and names == set(self._ws_param_specs()) and names != set(served["specs"]):
-                mode = "kernel"
-            elif _has_layerwise_reload():
-                mode = "layerwise"
-            else:
-                mode = "load_weights"
+        if mode != "auto":
+            return mode
+        served = self._ws_state()["served"]
+        if names is not None and names and names == set(self._ws_param_specs()) and names != set(served["specs"]):
+            return "kernel"
+        return "layerwise" if _has_layerwise_reload() else "load_weights"
+
+    def _ws_mode_problems(self, mode: str, layout: Any) -> tuple[dict[str, TensorSpec], str, list[str]]:
+        """What updates in ``mode`` are checked against (specs, their
+        description) and the problems of ``mode`` + ``layout`` themselves."""
+        served = self._ws_state()["served"]
         if mode == "kernel":
-            problems = validate_update(tensors, self._ws_param_specs(), what="the model's parameters")
+            problems = []
             if layout is not None:
                 problems.append("kernel-format updates must be sent without a layout (layout=None)")
-            return mode, problems
+            return self._ws_param_specs(), "the model's parameters", problems
         problems = []
         if mode == "layerwise" and not _has_layerwise_reload():
             problems.append(f"vLLM {_vllm_version()} has no layerwise reload (needs >= 0.16); use mode='load_weights'")
@@ -474,51 +615,203 @@ class WeightSyncExtension:
         if mode == "load_weights" and want is not None:
             problems.append("mode 'load_weights' would re-process already processed FP8 parameters; "
                             "use 'layerwise' (vLLM >= 0.16) or 'kernel'")
-        problems += validate_update(tensors, served["specs"])
-        return mode, problems
+        return served["specs"], "the served checkpoint", problems
 
-    def _ws_receive(self, step: int, mode: str) -> dict:
+    def _ws_pick_mode(self, mode: str, tensors: list[tuple[str, torch.Tensor]], layout: Any) -> tuple[str, list[str]]:
+        mode = self._ws_resolve_mode(mode, {n for n, _ in tensors})
+        expected, what, problems = self._ws_mode_problems(mode, layout)
+        return mode, problems + validate_update(tensors, expected, what=what)
+
+    def _ws_device(self) -> torch.device:
+        try:
+            return next(self.model_runner.model.parameters()).device
+        except Exception:
+            return torch.device("cpu")
+
+    def _ws_sizes(self) -> dict:
+        st = self._ws_state()
+        if st.get("sizes") is None:  # parameter storage does not change across updates
+            st["sizes"] = _model_sizes(self.model_runner.model)
+        return dict(st["sizes"])
+
+    def _ws_receive(self, step: int, mode: str, stream: bool = False) -> dict:
         st = self._ws_state()
         rx = st.get("receiver")
         if rx is None:
             raise WeightSyncError("no weight receiver: call init_weight_receiver first")
         with st["lock"]:
-            t0 = time.perf_counter()
-            got = rx.receive_all(expected_step=step)  # raises before the model is touched
-            t1 = time.perf_counter()
-            tensors = got.tensors
-            n = len(tensors)
-            nbytes = int(got.summary.num_bytes)
-            try:
-                used, problems = self._ws_pick_mode(mode, tensors, got.layout)
-            except _Reject as e:
-                used, problems = mode, [str(e)]
-            t2 = time.perf_counter()
-            if problems:
-                raise WeightUpdateRejected(
-                    f"step {step} rejected, model unchanged ({n} tensors received): " + " | ".join(problems))
-            try:
-                self._ws_load(used, tensors)
-            except Exception as e:
-                tb = traceback.format_exc(limit=6)
-                raise WeightLoadFailed(
-                    f"step {step}: loading failed after validation in mode {used!r}; THE MODEL MAY BE "
-                    f"PARTIALLY UPDATED (resend a complete step or restart): {type(e).__name__}: {e}\n{tb}"
-                ) from e
-            finally:
-                del got, tensors
-            t3 = time.perf_counter()
-            result = {
-                "ok": True, "step": step, "mode": used, "num_tensors": n, "num_bytes": nbytes,
-                "receive_s": t1 - t0, "validate_s": t2 - t1, "load_s": t3 - t2, "total_s": t3 - t0,
-            }
+            sizes = self._ws_sizes()
+            peak = _PeakMemory(self._ws_device())
+            if stream:
+                result = self._ws_receive_stream(rx, step, mode)
+            else:
+                result = self._ws_receive_whole(rx, step, mode)
+            result.update(peak.finish())
+            result.update(sizes)
             st["last"] = dict(result)
             st["last_step"] = step
             st["steps_loaded"] = st.get("steps_loaded", 0) + 1
             st["last_error"] = None
             return result
 
-    def _ws_load(self, mode: str, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def _ws_receive_whole(self, rx: Any, step: int, mode: str) -> dict:
+        t0 = time.perf_counter()
+        got = rx.receive_all(expected_step=step)  # raises before the model is touched
+        t1 = time.perf_counter()
+        tensors = got.tensors
+        n = len(tensors)
+        nbytes = int(got.summary.num_bytes)
+        nbuckets = len(got.manifests)
+        max_bucket = max((int(m.payload_len) for m in got.manifests), default=0)
+        try:
+            used, problems = self._ws_pick_mode(mode, tensors, got.layout)
+        except _Reject as e:
+            used, problems = mode, [str(e)]
+        t2 = time.perf_counter()
+        if problems:
+            raise WeightUpdateRejected(
+                f"step {step} rejected, model unchanged ({n} tensors received): " + " | ".join(problems))
+        try:
+            self._ws_load(used, tensors)
+        except Exception as e:
+            raise _load_failed(step, used, e, "after validation") from e
+        finally:
+            del got, tensors
+        t3 = time.perf_counter()
+        return {
+            "ok": True, "step": step, "mode": used, "stream": False, "num_tensors": n, "num_bytes": nbytes,
+            "num_buckets": nbuckets, "max_bucket_bytes": max_bucket,
+            "receive_s": t1 - t0, "validate_s": t2 - t1, "load_s": t3 - t2, "total_s": t3 - t0,
+        }
+
+    def _ws_receive_stream(self, rx: Any, step: int, mode: str) -> dict:
+        """``stream=True``: validate each bucket, then hand its tensors to the
+        loader; never hold the whole step.
+
+        vLLM's layerwise reload keeps *references* to the tensors it is given
+        (``info.loaded_weights``) until the last weight of their layer arrived,
+        and a layer may straddle buckets. So every bucket is received into its
+        own buffer (the receiver's ``fresh`` mode, as ``receive_all`` uses;
+        ``iter_buckets`` reuses one buffer and would overwrite buffered
+        weights) and nothing here keeps a bucket once its tensors were handed
+        over: a buffer is freed when vLLM drops the last view into it.
+        """
+        t0 = time.perf_counter()
+        timer = {"receive": 0.0, "validate": 0.0}
+        stats = {"handed": 0, "tensors": 0, "bytes": 0, "buckets": 0, "max_bucket": 0, "end": None}
+        layer_buckets: dict[str, set[int]] = {}  # decoder layer -> buckets that carried its tensors
+        gen = rx._iter(step, fresh=True)  # a fresh buffer per bucket, see the docstring
+
+        def next_bucket() -> Any:
+            t = time.perf_counter()
+            try:
+                return next(gen)
+            except StopIteration as stop:
+                stats["end"] = stop.value
+                return None
+            finally:
+                timer["receive"] += time.perf_counter() - t
+
+        # 1. the first bucket decides mode and layout; nothing is touched yet
+        try:
+            first = next_bucket()
+            while first is not None and not first.tensors:  # an empty bucket validates nothing
+                stats["buckets"] += 1
+                first = next_bucket()
+        except BaseException:
+            gen.close()
+            raise
+        try:
+            used = self._ws_resolve_mode(mode, None)
+            tv = time.perf_counter()
+            expected, what, problems = self._ws_mode_problems(used, first.manifest.layout if first else None)
+            if first is None:
+                problems += ["empty step"] + validate_update([], expected, what=what)
+            else:
+                problems += _spec_problems(first.tensors, expected, what=what, check_missing=False)
+            timer["validate"] += time.perf_counter() - tv
+        except _Reject as e:
+            used, problems = mode, [str(e)]
+        if problems:
+            gen.close()  # the receiver drains the rest of the step: the group stays in sync
+            where = f"bucket {first.index} ({len(first.tensors)} tensors)" if first is not None else "no tensors"
+            raise WeightUpdateRejected(f"step {step} rejected, model unchanged ({where}; stream): "
+                                       + " | ".join(problems))
+        want_layout = first.manifest.layout
+        seen: set[str] = set()
+        pending = [first]
+        del first  # only `pending` may hold the bucket, and only until it is handed over
+
+        # 2. the loader pulls tensors; each bucket is validated before any of
+        #    its tensors is yielded
+        def tensors() -> Any:
+            while pending:
+                bucket = pending.pop()
+                if stats["handed"]:  # the first bucket was checked above
+                    tv = time.perf_counter()
+                    if bucket.manifest.layout != want_layout:
+                        raise _StreamProblem(f"bucket {bucket.index}: layout {_layout_key(bucket.manifest.layout)} "
+                                             f"differs from the step's {_layout_key(want_layout)}")
+                    bad = _spec_problems(bucket.tensors, expected, what=what, check_missing=False)
+                    if bad:
+                        raise _StreamProblem(f"bucket {bucket.index}: " + " | ".join(bad))
+                    timer["validate"] += time.perf_counter() - tv
+                stats["buckets"] += 1
+                stats["max_bucket"] = max(stats["max_bucket"], int(bucket.manifest.payload_len))
+                items, index = bucket.tensors, bucket.index
+                bucket = None
+                for name, t in items:
+                    seen.add(name)
+                    m = _LAYER_RE.search(name)
+                    if m:
+                        layer_buckets.setdefault(m.group(0), set()).add(index)
+                    stats["handed"] += 1
+                    stats["tensors"] += 1
+                    stats["bytes"] += t.numel() * t.element_size()
+                    yield name, t
+                items = name = t = None  # no reference into this bucket while the next one arrives
+                nxt = next_bucket()
+                if nxt is not None:
+                    pending.append(nxt)
+                nxt = None
+
+        def finished() -> None:
+            """End of step: the loader consumed everything and nothing is missing."""
+            if stats["end"] is None:
+                raise _StreamProblem("the loader stopped before the end of the step")
+            missing = sorted(set(expected) - seen)
+            if missing:
+                raise _StreamProblem(f"{len(missing)} missing tensor(s) (in {what}, not in the update): "
+                                     + _listing(missing, 20))
+
+        tgen = tensors()
+        try:
+            self._ws_load(used, tgen, before_finalize=finished)
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                tgen.close()
+            gen.close()  # drain the rest of the step
+            raise _load_failed(step, used, e, f"while streaming (after {stats['handed']} tensor(s) were "
+                                              "handed to the loader)") from e
+        finally:
+            pending.clear()
+        t1 = time.perf_counter()
+        total = t1 - t0
+        return {
+            "ok": True, "step": step, "mode": used, "stream": True, "num_tensors": stats["tensors"],
+            "num_bytes": int(stats["end"].num_bytes), "num_buckets": stats["buckets"], "max_bucket_bytes": stats["max_bucket"],
+            "straddling_layers": sum(len(b) > 1 for b in layer_buckets.values()),
+            "receive_s": timer["receive"], "validate_s": timer["validate"],
+            "load_s": max(0.0, total - timer["receive"] - timer["validate"]), "total_s": total,
+        }
+
+    def _ws_load(self, mode: str, tensors: Any, before_finalize: Any = None) -> None:
+        """Load ``tensors`` (a list, or an iterator the loader pulls lazily) in
+        ``mode``. ``before_finalize()`` runs after the last tensor was loaded
+        and before the layerwise reload is finalized / weights are processed;
+        if it or the loader raises during a layerwise reload, the reload is
+        wound down (see :func:`_abandon_layerwise_reload`) and the error
+        re-raised."""
         model = self.model_runner.model
         cfg = getattr(self, "vllm_config", None)
         ctx: Any = contextlib.nullcontext()
@@ -535,6 +828,8 @@ class WeightSyncExtension:
                 params = dict(model.named_parameters())
                 for name, t in tensors:
                     params[name].data.copy_(t)
+                if before_finalize is not None:
+                    before_finalize()
             elif mode == "layerwise":
                 from vllm.model_executor.model_loader.reload import (
                     finalize_layerwise_reload,
@@ -543,13 +838,21 @@ class WeightSyncExtension:
 
                 with torch.device(device):
                     initialize_layerwise_reload(model)
-                    model.load_weights(iter(tensors))
+                    try:
+                        model.load_weights(iter(tensors))
+                        if before_finalize is not None:
+                            before_finalize()
+                    except BaseException:
+                        _abandon_layerwise_reload(model, self.model_config)
+                        raise
                     finalize_layerwise_reload(model, self.model_config)
             elif mode == "load_weights":
                 from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
                 with torch.device(device):
                     model.load_weights(iter(tensors))
+                    if before_finalize is not None:
+                        before_finalize()
                     process_weights_after_loading(model, self.model_config, device)
             else:  # pragma: no cover - validated before
                 raise ValueError(mode)
@@ -560,6 +863,40 @@ class WeightSyncExtension:
             if callable(fn):
                 with contextlib.suppress(Exception):
                     fn()
+
+
+def _load_failed(step: int, mode: str, e: BaseException, when: str) -> WeightLoadFailed:
+    tb = traceback.format_exc(limit=6)
+    return WeightLoadFailed(
+        f"step {step}: loading failed {when} in mode {mode!r}; THE MODEL MAY BE PARTIALLY UPDATED "
+        f"(resend a complete step or restart): {type(e).__name__}: {e}\n{tb}")
+
+
+def _abandon_layerwise_reload(model: torch.nn.Module, model_config: Any) -> None:
+    """Wind down a layerwise reload that stopped half-way.
+
+    Layers whose every weight arrived were already processed and hold the new
+    values. A layer that got only some of its weights would be processed by
+    ``finalize_layerwise_reload`` with uninitialized memory for the rest, so
+    its buffered weights are dropped first; finalize then puts the layer's
+    previous tensors back (as for every layer that got nothing) and resets
+    the reload state, so the next step starts clean. Best effort: errors are
+    logged, the caller raises the original one."""
+    try:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        from vllm.model_executor.model_loader.reload import layerwise as lw
+
+        infos = getattr(lw, "LAYERWISE_INFO", {})
+        for m in model.modules():
+            info = infos.get(m)
+            if info is None or not info.can_load():
+                continue
+            if 0 < info.load_numel < (info.load_numel_total or 0):
+                info.loaded_weights.clear()
+                info.load_numel = 0
+        finalize_layerwise_reload(model, model_config)
+    except Exception:
+        logger.exception("weight sync: could not wind down the interrupted layerwise reload")
 
 
 class _Reject(Exception):
