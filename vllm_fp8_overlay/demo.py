@@ -40,6 +40,7 @@ __all__ = [
     "CT_FP8_CHANNEL_DYNAMIC",
     "write_serving_checkpoint",
     "free_port",
+    "LLMTargetWithOptions",
     "main",
 ]
 
@@ -99,6 +100,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def LLMTargetWithOptions(llm: Any, **receive_options: Any) -> Any:
+    """A client target for an in-process ``vllm.LLM`` whose
+    ``receive_weights`` calls get extra keyword arguments, e.g.
+    ``LLMTargetWithOptions(llm, stream=True)`` for the streaming update::
+
+        client = WeightSyncClient([LLMTargetWithOptions(llm, stream=True)], ...)
+
+    The options are the target's ``receive_options`` dict and may be changed
+    between pushes."""
+    from .sync.client import LLMTarget
+
+    class _Target(LLMTarget):
+        def call(self, method: str, kwargs: dict[str, Any], timeout: float | None) -> list[Any]:
+            if method == "receive_weights":
+                kwargs = {**kwargs, **self.receive_options}
+            return super().call(method, kwargs, timeout)
+
+    target = _Target(llm)
+    target.receive_options = dict(receive_options)
+    return target
+
+
 # --------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------
@@ -121,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="transport: auto = NCCL when CUDA is available, else gloo")
     p.add_argument("--bucket-mb", type=float, default=64.0, help="size of each of the two send buckets (MiB)")
+    p.add_argument("--stream", action="store_true",
+                   help="workers load buckets as they arrive (receive_weights(stream=True)) instead of "
+                        "receiving and validating the whole step first")
     p.add_argument("--cold", choices=["reload", "fresh", "none"], default="reload",
                    help="warm==cold reference: 'reload' = one reference engine cold-loads each offline "
                         "checkpoint with vLLM's load_model(); 'fresh' = a new engine per step; 'none' = skip")
@@ -196,7 +222,8 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
                 raise SystemExit("the in-worker cold load does not reproduce a fresh engine; use --cold fresh")
         port = args.port or free_port()
         _say(f"trainer: joining the sync group on 127.0.0.1:{port} (backend {args.backend}) ...")
-        client = attach_llm(llm, host="127.0.0.1", port=port, backend=args.backend,
+        target = LLMTargetWithOptions(llm, stream=True) if args.stream else llm
+        client = attach_llm(target, host="127.0.0.1", port=port, backend=args.backend,
                             bucket_bytes=int(args.bucket_mb * (1 << 20)))
         _say(f"trainer: layout {'FP8 ' + client.layout.method + '/' + client.layout.strategy if client.layout else 'BF16 (none)'}"
              f", world size {client.world_size}, backend {client.sender.transport.backend}")
@@ -205,15 +232,11 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
                 w = tm.perturb_state_dict(w, seed=args.seed * 1000 + step, scale=0.05)  # "optimizer step"
                 _say(f"step {step}: sending {len(w)} BF16 tensors ...")
                 rep = client.push(w, step)
-                st = rep.stage_times()
-                row = {"step": step, "bytes": rep.send.num_bytes, "tensors": rep.send.num_tensors,
-                       "buckets": rep.send.num_buckets, "quantize_s": st["quantize_s"],
-                       "transfer_s": st["transfer_s"], "receive_s": st["receive_s"],
-                       "validate_s": st["validate_s"], "load_s": st["load_s"], "wall_s": st["wall_s"],
-                       "mode": rep.workers[0]["mode"]}
+                row = push_row(rep)
                 _say(f"step {step}: {row['bytes'] / 2**20:.2f} MiB in {row['buckets']} bucket(s); quantize "
                      f"{row['quantize_s'] * 1e3:.1f} ms, transfer {row['transfer_s'] * 1e3:.1f} ms, vLLM validate "
-                     f"{row['validate_s'] * 1e3:.1f} ms, load ({row['mode']}) {row['load_s'] * 1e3:.1f} ms")
+                     f"{row['validate_s'] * 1e3:.1f} ms, load ({row['mode']}{', stream' if row['stream'] else ''}) "
+                     f"{row['load_s'] * 1e3:.1f} ms, peak extra memory {_mib(row['peak_extra_bytes'])} MiB")
                 row["tokens"] = _greedy(llm)
                 if args.cold != "none":
                     ckpt = write_serving_checkpoint(work / f"serving_w{step}", w, config, qcfg)
@@ -232,13 +255,34 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _mib(n: Any) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def push_row(rep: Any) -> dict:
+    """One step's numbers from a ``StepReport``: the trainer's stage times
+    (slowest worker per stage) and worker 0's memory figures."""
+    st = rep.stage_times()
+    w0 = rep.workers[0]
+    return {"step": rep.step, "bytes": rep.send.num_bytes, "tensors": rep.send.num_tensors,
+            "buckets": rep.send.num_buckets, "quantize_s": st["quantize_s"],
+            "transfer_s": st["transfer_s"], "receive_s": st["receive_s"],
+            "validate_s": st["validate_s"], "load_s": st["load_s"], "wall_s": st["wall_s"],
+            "mode": w0["mode"], "stream": bool(w0.get("stream")),
+            "peak_extra_bytes": w0.get("peak_extra_bytes"), "peak_extra_source": w0.get("peak_extra_source"),
+            "model_bytes": w0.get("model_bytes"), "largest_layer_bytes": w0.get("largest_layer_bytes"),
+            "max_bucket_bytes": w0.get("max_bucket_bytes")}
+
+
 def _table(rows: list[dict]) -> str:
-    head = ["step", "MiB", "quantize ms", "transfer ms", "validate ms", "load ms", "total ms", "mode", "warm==cold"]
+    head = ["step", "MiB", "quantize ms", "transfer ms", "validate ms", "load ms", "total ms", "mode",
+            "peak extra MiB", "warm==cold"]
     lines = [head]
     for r in rows:
         lines.append([str(r["step"]), f"{r['bytes'] / 2**20:.2f}", f"{r['quantize_s'] * 1e3:.1f}",
                       f"{r['transfer_s'] * 1e3:.1f}", f"{r['validate_s'] * 1e3:.1f}", f"{r['load_s'] * 1e3:.1f}",
-                      f"{r['wall_s'] * 1e3:.1f}", r["mode"],
+                      f"{r['wall_s'] * 1e3:.1f}", r["mode"] + (" stream" if r.get("stream") else ""),
+                      _mib(r.get("peak_extra_bytes")),
                       {True: "yes", False: "NO"}.get(r.get("warm_eq_cold"), "-")])
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
     out = ["  ".join(c.rjust(wd) for c, wd in zip(line, widths)) for line in lines]
