@@ -35,17 +35,15 @@ Exactness (what the torch reference does, and how it is matched here):
 * ``w / scale`` (two tensors) is an IEEE float32 division in both places
   (``div_rn`` here; Triton's plain ``/`` would be approximate on the GPU).
   The kernels compute the same correctly rounded quotient without a
-  division for 16-bit weights (``DIV_FAST``): ``r = div_rn(1, s)`` once per
-  scale, then ``q0 = x*r`` and two residual corrections
-  ``q <- fma(fma(-q, s, x), r, q)``; the residual ``x - q*s`` is exact in an
-  FMA, and after the first correction ``q`` is close enough to ``x/s`` for
-  the second to round it correctly. (One correction is not enough: it
-  differed on rare near-tie quotients.) 16-bit weights and scales derived
-  from a 16-bit ``amax`` make this checkable exhaustively:
-  :func:`exhaustive_division_check` compares every ``(amax, x)`` pair with
-  ``div_rn`` and the GPU tests require zero differences. Scales outside
-  ``[2**-124, 2**125]`` (where a residual could underflow) and float32 weights
-  use ``div_rn``.
+  division for 16-bit weights (``DIV_FAST``): ``r = div_rn(1, s)`` per
+  scale, ``q0 = x*r`` and two residual corrections
+  ``q <- fma(fma(-q, s, x), r, q)`` (the residual ``x - q*s`` is exact in an
+  FMA; one correction is not always enough), with ``x`` and ``s`` first
+  multiplied by ``2**64`` when ``s < 2**-100`` (exact) so that no residual is
+  subnormal. 16-bit weights make this checkable exhaustively: every
+  ``(amax, x)`` pair of bf16 / fp16 is run through the production kernel and
+  the torch reference (:func:`exhaustive_check`, a GPU test) with zero
+  differences required. float32 weights use ``div_rn``.
 * compressed-tensors rounds ``amax / 448`` and ``w / scale`` to the weight
   dtype (round to nearest even), turns ``-0`` into ``+0``, clamps to +-448 and
   casts to fp8 with round to nearest even.
@@ -90,10 +88,13 @@ FAST_DIV_DTYPES: tuple = (
 #: exact; it exists only to measure what exact division costs.
 DIV_RN, DIV_FAST, DIV_MUL = 0, 1, 2
 _TAB_CACHE_MAX = 1024
-#: warps per program for tiles of >= 16384 elements (128x128 blocks): 16 measured
-#: 7.8 ms vs 9.5 ms (8 warps) for the 7B model on an H200 (BENCHMARKS.md)
-#: (``VLLM_FP8_OVERLAY_TILE_WARPS`` overrides it).
-BIG_TILE_WARPS = int(os.environ.get("VLLM_FP8_OVERLAY_TILE_WARPS", "16"))
+#: warps per program for tiles of >= 16384 elements (128x128 blocks), by
+#: division mode. Measured on an H200 for the 7B model (BENCHMARKS.md): the
+#: division-free quotient is fastest with 4 (6.2 ms vs 7.4 with 16), ``div_rn``
+#: with 16 (7.4 ms vs 8.9 with 4). ``VLLM_FP8_OVERLAY_TILE_WARPS`` overrides both.
+_WARPS_ENV = os.environ.get("VLLM_FP8_OVERLAY_TILE_WARPS")
+BIG_TILE_WARPS = {DIV_RN: 16, DIV_FAST: 4, DIV_MUL: 4} if _WARPS_ENV is None else {
+    d: int(_WARPS_ENV) for d in (DIV_RN, DIV_FAST, DIV_MUL)}
 
 
 def _interpreting() -> bool:
@@ -156,26 +157,24 @@ def _scale_from_amax(amax, HF: tl.constexpr, CT_BF16: tl.constexpr, EPS: tl.cons
 
 
 @triton.jit
-def _fast_ok(s):
-    """Scales for which the reciprocal + FMA quotient is used (NaN: False)."""
-    return (s >= 2.350988701644575e-38 * 4.0) & (s <= 4.253529586511731e37)
-
-
-@triton.jit
-def _quant(xf, s, r, HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr, DIV: tl.constexpr):
-    """float32 weights -> fp8 for scale ``s`` (``r`` = 1/s, used by DIV_FAST/DIV_MUL)."""
+def _quant(xf, s, HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr, DIV: tl.constexpr):
+    """float32 weights -> fp8 for scale ``s`` (a scalar or a broadcastable column)."""
     if DIV == 1:
-        # two residual corrections: q1 is within half an ulp (plus a tiny
-        # excess) of x/s, which one more correction rounds correctly
-        q0 = xf * r
-        e0 = tl.fma(-q0, s, xf)
-        q1 = tl.fma(e0, r, q0)
-        e1 = tl.fma(-q1, s, xf)
-        y = tl.fma(e1, r, q1)
+        # x/s without a division: both scaled by 2**64 when s is tiny (exact;
+        # keeps every residual and x itself out of the subnormal range), then
+        # q0 = x*r and two residual corrections (the residual x - q*s is exact
+        # in an FMA); the second one rounds the quotient correctly
+        k = tl.where(s < 7.888609052210118e-31, 1.8446744073709552e19, 1.0)  # 2**-100, 2**64
+        sk = s * k
+        xk = xf * k
+        r = tl.math.div_rn(tl.full(sk.shape, 1.0, tl.float32), sk)
+        q0 = xk * r
+        q1 = tl.fma(tl.fma(-q0, sk, xk), r, q0)
+        y = tl.fma(tl.fma(-q1, sk, xk), r, q1)
         if HF:
             y = tl.where(q0 == 0.0, q0, y)  # keeps the sign of a zero quotient
     elif DIV == 2:
-        y = xf * r
+        y = xf * tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
     else:
         y = tl.math.div_rn(xf, s)
     if not HF:
@@ -210,15 +209,8 @@ def _absmax(xf, axis: tl.constexpr, MANUAL: tl.constexpr):
 @triton.jit
 def _quant_store(ptrs, xf, s, mask, HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr,
                  DIV: tl.constexpr, EVEN: tl.constexpr):
-    """Quantize and store; DIV_FAST picks the exact division per (scalar) scale."""
-    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    if DIV == 1:
-        if _fast_ok(s):
-            q = _quant(xf, s, r, HF, CT_BF16, MANUAL, 1)
-        else:
-            q = _quant(xf, s, r, HF, CT_BF16, MANUAL, 0)
-    else:
-        q = _quant(xf, s, r, HF, CT_BF16, MANUAL, DIV)
+    """Quantize and store."""
+    q = _quant(xf, s, HF, CT_BF16, MANUAL, DIV)
     if EVEN:
         tl.store(ptrs, q)
     else:
@@ -305,19 +297,12 @@ def _row_amax_step(row_src, rmask, c0, cols, acc, BC: tl.constexpr, MANUAL: tl.c
 
 
 @triton.jit
-def _row_quant_step(row_src, row_q, rmask, c0, cols, s, r, fast, BC: tl.constexpr,
+def _row_quant_step(row_src, row_q, rmask, c0, cols, s, BC: tl.constexpr,
                     HF: tl.constexpr, CT_BF16: tl.constexpr, MANUAL: tl.constexpr, DIV: tl.constexpr):
     c = c0 + tl.arange(0, BC)
     m = rmask[:, None] & (c < cols)[None, :]
     x = tl.load(row_src + c[None, :], mask=m, other=0.0)
-    xf = x.to(tl.float32)
-    if DIV == 1:
-        if fast:
-            q = _quant(xf, s[:, None], r[:, None], HF, CT_BF16, MANUAL, 1)
-        else:
-            q = _quant(xf, s[:, None], r[:, None], HF, CT_BF16, MANUAL, 0)
-    else:
-        q = _quant(xf, s[:, None], r[:, None], HF, CT_BF16, MANUAL, DIV)
+    q = _quant(x.to(tl.float32), s[:, None], HF, CT_BF16, MANUAL, DIV)
     tl.store(row_q + c[None, :], q, mask=m)
 
 
@@ -361,16 +346,14 @@ def _row_kernel(
     s = _scale_from_amax(acc, HF, CT_BF16, EPS, RECIP, INV, MANUAL)
     tl.store(s_out + s_off + r0 + rr, s.to(s_out.dtype.element_ty), mask=rmask)
     tl.store(tmax + tmax_base + t * nprog + pid, tl.max(tl.where(rmask, acc, 0.0), axis=0))
-    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    fast = tl.min(tl.where(rmask, _fast_ok(s).to(tl.int32), 1), axis=0) == 1
     if MANUAL:
         c0 = tl.zeros((), tl.int32)
         while c0 < cols:
-            _row_quant_step(row_src, row_q, rmask, c0, cols, s, r, fast, BC, HF, CT_BF16, MANUAL, DIV)
+            _row_quant_step(row_src, row_q, rmask, c0, cols, s, BC, HF, CT_BF16, MANUAL, DIV)
             c0 += BC
     else:
         for c0 in range(0, cols, BC):
-            _row_quant_step(row_src, row_q, rmask, c0, cols, s, r, fast, BC, HF, CT_BF16, MANUAL, DIV)
+            _row_quant_step(row_src, row_q, rmask, c0, cols, s, BC, HF, CT_BF16, MANUAL, DIV)
 
 
 # ---------------------------------------------------------------- launchers
@@ -500,7 +483,7 @@ def _launch_plan(p: _Plan, tensors, strategy, k, q_base, s_base, tmax, num_warps
                 src, p.tab, q_base, s_base, tmax, g.rows, g.cols, g.stride, g.tab_base, g.tmax_base,
                 BR=g.BR, BC=g.BC, ALIGNED=g.aligned, num_warps=num_warps or 4, **k)
             continue
-        nw = num_warps or (BIG_TILE_WARPS if g.BR * g.BC >= 16384 else 4)
+        nw = num_warps or (BIG_TILE_WARPS[k["DIV"]] if g.BR * g.BC >= 16384 else 4)
         args = (src, p.tab, q_base, s_base, tmax)
         if strategy == "block":
             _tile_kernel[(g.ntiles, n)](
@@ -745,46 +728,43 @@ def quantize_layout_grouped(tensors, layout, **kw):
 
 
 # ---------------------------------------------------- exactness verification
-@triton.jit
-def _div_check_kernel(amax_bits_ptr, bad_ptr, HF: tl.constexpr, CT_BF16: tl.constexpr, EPS: tl.constexpr,
-                      INV: tl.constexpr, FP16: tl.constexpr, BLOCK: tl.constexpr):
-    """For one amax (16-bit pattern) and BLOCK 16-bit inputs x with |x| <= amax:
-    counts fp8 outputs where DIV_FAST differs from div_rn."""
-    ab = tl.load(amax_bits_ptr + tl.program_id(0))
-    bits = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    if FP16:
-        a = ab.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        x = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        a = ab.to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
-        x = bits.to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
-    s = _scale_from_amax(a, HF, CT_BF16, EPS, True, INV, False)
-    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    ok = (tl.abs(x) <= a) & _fast_ok(s)
-    qf = _quant(x, s, r, HF, CT_BF16, False, 1).to(tl.uint8, bitcast=True)
-    qr = _quant(x, s, r, HF, CT_BF16, False, 0).to(tl.uint8, bitcast=True)
-    nbad = tl.sum((ok & (qf != qr)).to(tl.int32), axis=0)
-    tl.atomic_add(bad_ptr, nbad)
+def exhaustive_pairs(dtype: torch.dtype, first: int = 0, count: int | None = None) -> torch.Tensor:
+    """A ``(rows, 128)`` CUDA weight whose 128x128 blocks hold every ``(amax, x)``
+    pair of a 16-bit dtype for the finite positive amax patterns
+    ``first .. first+count``: per amax, 5 blocks with amax as first element and
+    every x pattern with ``|x| <= amax`` after it (the rest 0). Blocks of it
+    are exactly the inputs whose fp8 bytes depend on ``x / scale(amax)``."""
+    pats = torch.arange(1, 1 << 15, dtype=torch.int32, device="cuda")
+    vals = pats.to(torch.int16).view(dtype)
+    amax = vals[torch.isfinite(vals)][first: None if count is None else first + count]
+    per = 128 * 128 - 1
+    nblk = -(-65536 // per)
+    xs = torch.arange(0, 65536, dtype=torch.int32, device="cuda").to(torch.int16).view(dtype)
+    xs = torch.where(torch.isfinite(xs), xs, torch.zeros_like(xs))
+    xs = torch.cat([xs, torch.zeros(nblk * per - 65536, dtype=dtype, device="cuda")]).view(nblk, per)
+    out = torch.empty(amax.numel(), nblk, 128 * 128, dtype=dtype, device="cuda")
+    out[:, :, 0] = amax[:, None]
+    zero = torch.zeros((), dtype=dtype, device="cuda")
+    out[:, :, 1:] = torch.where(xs.float().abs()[None] > amax.float()[:, None, None], zero, xs[None])
+    return out.view(-1, 128)
 
 
-def exhaustive_division_check(dtype: torch.dtype, recipe: str, device="cuda") -> tuple[int, int]:
-    """Compare DIV_FAST with div_rn on every (amax, x) pair of a 16-bit dtype
-    (every finite positive amax, every x with |x| <= amax). Returns
-    ``(mismatching fp8 outputs, pairs whose scale takes the fast path)``."""
-    assert dtype in (torch.bfloat16, torch.float16)
-    hf = recipe == "hf"
-    cd = torch.float32 if hf else dtype
-    fin = torch.arange(1, 1 << 15, dtype=torch.int32, device=device)
-    vals = fin.to(torch.int16).view(dtype)
-    amax_bits = fin[torch.isfinite(vals)].contiguous()
-    bad = torch.zeros(1, dtype=torch.int32, device=device)
-    BLOCK = 4096
-    _div_check_kernel[(amax_bits.numel(), 65536 // BLOCK)](
-        amax_bits, bad, HF=hf, CT_BF16=(not hf and cd == torch.bfloat16), EPS=float(torch.finfo(cd).eps),
-        INV=INV_FP8_MAX, FP16=dtype == torch.float16, BLOCK=BLOCK, num_warps=8)
-    # pairs: for amax pattern p (positive), x in [-p, p] over finite patterns ~ 2p + 1
-    pairs = int((2 * amax_bits.to(torch.int64) + 1).sum())
-    return int(bad.item()), pairs
+def exhaustive_check(dtype: torch.dtype, recipe: str, chunk: int = 4096) -> tuple[int, int, int]:
+    """Every ``(amax, x)`` pair of a 16-bit dtype through the production block
+    kernel and through the torch reference. Returns ``(differing fp8 bytes,
+    differing scales, elements checked)``."""
+    nq = ns = n = 0
+    total = int(torch.isfinite(torch.arange(1, 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)).sum())
+    for first in range(0, total, chunk):
+        w = exhaustive_pairs(dtype, first, chunk)
+        assert _fits(w, recipe, "block", (128, 128))
+        q1, s1, _ = _ref._torch_blockwise(w, recipe, (128, 128))
+        q2, s2, _ = blockwise(w, recipe, (128, 128))
+        nq += int((q1.view(torch.uint8) != q2.view(torch.uint8)).sum())
+        ns += int((s1 != s2).sum())
+        n += w.numel()
+        del w, q1, q2, s1, s2
+    return nq, ns, n
 
 
 BACKEND = _ref.QuantBackend("triton", tensorwise, channelwise, blockwise)
