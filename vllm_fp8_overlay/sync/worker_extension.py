@@ -270,20 +270,42 @@ def _proc_status_bytes(*keys: str) -> dict[str, int]:
     return out
 
 
+def _release_cpu_free_memory() -> list[str]:
+    """Return memory that the C allocator keeps after frees to the OS
+    (tcmalloc, which vLLM's CPU build preloads, and glibc), so that the
+    resident set is the memory in use. Best effort; which ones ran."""
+    import ctypes
+
+    done = []
+    with contextlib.suppress(Exception):
+        fn = getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)
+        if fn is not None:
+            fn()
+            done.append("tcmalloc")
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        done.append("glibc")
+    return done
+
+
 class _PeakMemory:
     """Peak memory above the level at construction, until :meth:`finish`.
 
     CUDA: the caching allocator's peak (``reset_peak_memory_stats``,
     ``max_memory_allocated() - memory_allocated()`` before). CPU (Linux): the
     resident-set high-water mark, reset by writing ``5`` to
-    ``/proc/self/clear_refs``, minus ``VmRSS`` before; this counts every
-    thread of the process and memory an allocator keeps after a free.
-    Best effort: ``None`` where neither is available."""
+    ``/proc/self/clear_refs``, minus ``VmRSS`` before. Free memory the C
+    allocator still holds is returned to the OS first (otherwise an update
+    reuses the pages a previous one freed and its peak does not show); the
+    figure still counts every thread of the process and memory the allocator
+    keeps during the update. Best effort: ``None`` where neither is
+    available."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.source: str | None = None
         self.before = 0
+        self.released: list[str] = []
         try:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -291,6 +313,7 @@ class _PeakMemory:
                 self.before = int(torch.cuda.memory_allocated(device))
                 self.source = "cuda_allocator"
             else:
+                self.released = _release_cpu_free_memory()
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 self.before = _proc_status_bytes("VmRSS")["VmRSS"]
@@ -309,7 +332,8 @@ class _PeakMemory:
         except Exception:
             peak = None
         return {"peak_extra_bytes": peak, "peak_extra_source": self.source if peak is not None else None,
-                "memory_before_bytes": self.before if peak is not None else None}
+                "memory_before_bytes": self.before if peak is not None else None,
+                "allocator_released": list(self.released)}
 
 
 def _tensor_bytes(tensors: Any) -> int:
