@@ -335,6 +335,25 @@ def _worker(rank, args, ports):
             got["keep"] = recv(i)
 
         r["c_keep_s"], r["c_keep_runs"] = timed(gk0, gk1)
+        if args.profile:
+            # one more c_keep iteration under cProfile on both ranks: where the host time goes
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            dist.barrier()
+            prof.enable()
+            (gk0 if rank == 0 else gk1)(0)
+            _sync(dev)
+            prof.disable()
+            dist.barrier()
+            buf_s = io.StringIO()
+            ps = pstats.Stats(prof, stream=buf_s).sort_stats("tottime")
+            ps.print_stats(25)
+            ps.print_callers(8)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"profile_{kind}_rank{rank}.txt").write_text(buf_s.getvalue())
         if rank == 1:
             a, b = dict(got.pop("keep")), dict(got["gr"])
             same = a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
@@ -464,6 +483,8 @@ def main(argv=None):
                     help="WeightSender bucket size (default: the sender's, 1 GiB on CUDA, 256 MiB on CPU)")
     ap.add_argument("--nccl-high-priority", action="store_true", help="TORCH_NCCL_HIGH_PRIORITY=1 for the group")
     ap.add_argument("--quick", action="store_true", help="only a, a_ws, c and the fp8 broadcast")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one c_keep iteration per rank (profile_<model>_rank<r>.txt in --out)")
     args = ap.parse_args(argv)
     if not args.cpu_smoke and torch.cuda.device_count() < 2:
         sys.exit("needs 2 CUDA devices (or --cpu-smoke)")

@@ -151,11 +151,15 @@ def test_grouped_amax_any_and_cached_plan():
 
 
 @pytest.mark.parametrize("method,strat", [("fp8", "block"), ("compressed-tensors", "channel")])
-def test_sender_grouped_path_repeated_steps(method, strat):
+@pytest.mark.parametrize("bucket_kib", [96, 192])
+def test_sender_grouped_path_repeated_steps(method, strat, bucket_kib):
     """WeightSender's grouped, pipelined path over several steps (the second
     and later steps reuse cached entries, manifests and prepared launches):
     every received tensor equals the torch reference bitwise, also after the
-    weights change in place and after a tensor moves to a new address."""
+    weights change in place, after a tensor moves to a new address, after a
+    shape changes and after a tensor is dropped. With 96 KiB buckets one
+    weight is larger than a bucket (sent alone; no bucket layout is reused),
+    with 192 KiB none is."""
     from vllm_fp8_overlay.formats import FP8Layout
     from vllm_fp8_overlay.formats import quantize as R
     from vllm_fp8_overlay.sync import WeightReceiver, WeightSender
@@ -174,17 +178,23 @@ def test_sender_grouped_path_repeated_steps(method, strat):
         for e in range(6):
             sd[p + f"mlp.experts.{e}.gate_proj.weight"] = _sample((128, 256), torch.bfloat16, "n", 10 * i + e)
     rec = RecordingTransport(device="cuda")
-    snd = WeightSender(layout, "", 0, 0, bucket_bytes=96 << 10, transport=rec)
-    for step in range(4):
+    snd = WeightSender(layout, "", 0, 0, bucket_bytes=bucket_kib << 10, transport=rec)
+    reused = []
+    for step in range(7):
         if step == 2:
             for t in sd.values():
                 t.mul_(1.5)
         if step == 3:
             k = "model.layers.1.self_attn.q_proj.weight"
             sd[k] = sd[k].clone() * -0.5
+        if step == 4:  # a shape changes mid-step: the buckets from there on are laid out afresh
+            sd["model.layers.1.mlp.experts.2.gate_proj.weight"] = _sample((256, 256), torch.bfloat16, "n", 99)
+        if step == 6:  # the last tensor is gone
+            sd.pop("model.layers.1.mlp.experts.5.gate_proj.weight")
         rec.messages.clear()
         st = snd.send(sd, step=step)
         assert st.num_buckets > 2
+        reused.append((st.reused_buckets, st.num_buckets))
         got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
         ref = {n: t.cpu() for n, t in R.quantize_weights(iter(list(sd.items())), layout, backend="torch")}
         assert got.keys() == ref.keys()
@@ -193,6 +203,15 @@ def test_sender_grouped_path_repeated_steps(method, strat):
             assert g.dtype == r.dtype and tuple(g.shape) == tuple(r.shape), n
             assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
                                r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"step {step}: {n}"
+    if bucket_kib == 96:
+        assert all(r == 0 for r, _ in reused)
+    else:  # every bucket reused from step 1 on, except after the changes of steps 4 and 6
+        assert reused[0][0] == 0 and all(reused[i][0] == reused[i][1] for i in (1, 2, 3, 5))
+        assert 0 < reused[4][0] < reused[4][1] and reused[6][0] < reused[6][1]
+    # a name sent twice is caught also when the buckets before it were reused
+    items = list(sd.items())
+    with pytest.raises(ValueError, match="twice"):
+        snd.send(items + [items[0]], step=7)
 
 
 @pytest.mark.parametrize("dtype,recipe", [(torch.bfloat16, "hf"), (torch.bfloat16, "ct"), (torch.float16, "hf")])
