@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_fp8_overlay.demo import (
         CT_FP8_CHANNEL_DYNAMIC,
         EXTENSION,
-        LLMTargetWithOptions,
         free_port,
         push_row,
         write_serving_checkpoint,
@@ -134,15 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"engine up in {engine_s:.1f}s")
     rows: list[dict] = []
     try:
-        target = LLMTargetWithOptions(llm)
-        client = WeightSyncClient([target], host="127.0.0.1", port=free_port(), backend="gloo",
+        client = WeightSyncClient([llm], host="127.0.0.1", port=free_port(), backend="gloo",
                                   bucket_bytes=int(args.bucket_mb * MIB), timeout=600)
         modes = [m for _ in range(args.steps) for m in (False, True)]
         try:
             for i, stream in enumerate(modes, start=1):
                 w = tm.perturb_state_dict(w, seed=1000 + i, scale=0.05)
-                target.receive_options["stream"] = stream
-                rep = client.push(w, i)
+                rep = client.push(w, i, stream=stream)
                 row = push_row(rep)
                 check = args.cold == "every" or (args.cold == "last" and i > len(modes) - 2)
                 if check:

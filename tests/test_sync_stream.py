@@ -35,7 +35,6 @@ pytest.importorskip("vllm")
 
 from vllm_fp8_overlay.demo import (  # noqa: E402
     CT_FP8_CHANNEL_DYNAMIC,
-    LLMTargetWithOptions,
     free_port,
     write_serving_checkpoint,
 )
@@ -102,7 +101,7 @@ def assert_warm_equals_cold(llm, model_dir: Path, what: str) -> None:
 
 
 def stream_client(llm, stream=True, **kw) -> WeightSyncClient:
-    return WeightSyncClient([LLMTargetWithOptions(llm, stream=stream)], host="127.0.0.1", port=free_port(),
+    return WeightSyncClient([llm], stream=stream, host="127.0.0.1", port=free_port(),
                             timeout=TIMEOUT, bucket_bytes=BUCKET, **kw)
 
 

@@ -40,7 +40,6 @@ __all__ = [
     "CT_FP8_CHANNEL_DYNAMIC",
     "write_serving_checkpoint",
     "free_port",
-    "LLMTargetWithOptions",
     "main",
 ]
 
@@ -98,28 +97,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def LLMTargetWithOptions(llm: Any, **receive_options: Any) -> Any:
-    """A client target for an in-process ``vllm.LLM`` whose
-    ``receive_weights`` calls get extra keyword arguments, e.g.
-    ``LLMTargetWithOptions(llm, stream=True)`` for the streaming update::
-
-        client = WeightSyncClient([LLMTargetWithOptions(llm, stream=True)], ...)
-
-    The options are the target's ``receive_options`` dict and may be changed
-    between pushes."""
-    from .sync.client import LLMTarget
-
-    class _Target(LLMTarget):
-        def call(self, method: str, kwargs: dict[str, Any], timeout: float | None) -> list[Any]:
-            if method == "receive_weights":
-                kwargs = {**kwargs, **self.receive_options}
-            return super().call(method, kwargs, timeout)
-
-    target = _Target(llm)
-    target.receive_options = dict(receive_options)
-    return target
 
 
 # --------------------------------------------------------------------------
@@ -222,9 +199,8 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
                 raise SystemExit("the in-worker cold load does not reproduce a fresh engine; use --cold fresh")
         port = args.port or free_port()
         _say(f"trainer: joining the sync group on 127.0.0.1:{port} (backend {args.backend}) ...")
-        target = LLMTargetWithOptions(llm, stream=True) if args.stream else llm
-        client = attach_llm(target, host="127.0.0.1", port=port, backend=args.backend,
-                            bucket_bytes=int(args.bucket_mb * (1 << 20)))
+        client = attach_llm(llm, host="127.0.0.1", port=port, backend=args.backend,
+                            bucket_bytes=int(args.bucket_mb * (1 << 20)), stream=args.stream)
         _say(f"trainer: layout {'FP8 ' + client.layout.method + '/' + client.layout.strategy if client.layout else 'BF16 (none)'}"
              f", world size {client.world_size}, backend {client.sender.transport.backend}")
         try:

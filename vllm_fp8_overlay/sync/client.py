@@ -184,6 +184,10 @@ class WeightSyncClient:
         backend, bucket_bytes, device, timeout: as for ``WeightSender``.
         mode: load mode passed to the workers (``"auto"``, ``"layerwise"``,
             ``"load_weights"``, ``"kernel"``).
+        stream: workers load buckets as they arrive instead of receiving and
+            validating the whole step first (``receive_weights(stream=True)``:
+            less memory, but an error after the first bucket leaves the model
+            partially updated and is reported as such). Default ``False``.
         checkpoint_dir: what the servers validate against, if their model
             directory is not local to them.
         reset_prefix_cache: reset each server's prefix cache after a step.
@@ -204,6 +208,7 @@ class WeightSyncClient:
         device: Any = None,
         timeout: float = 300.0,
         mode: str = "auto",
+        stream: bool = False,
         checkpoint_dir: str | None = None,
         reset_prefix_cache: bool = True,
     ) -> None:
@@ -214,6 +219,7 @@ class WeightSyncClient:
             raise ValueError("no targets")
         self.timeout = float(timeout)
         self.mode = mode
+        self.stream = stream
         self.reset_prefix_cache = reset_prefix_cache
         self._pool = cf.ThreadPoolExecutor(max_workers=max(2, len(self.targets)), thread_name_prefix="weight-sync-rpc")
         self.sender: WeightSender | None = None
@@ -279,8 +285,9 @@ class WeightSyncClient:
     # ------------------------------------------------------------------ API
 
     def push(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], step: int,
-             mode: str | None = None) -> StepReport:
-        """Send one step to every worker and wait until all of them loaded it.
+             mode: str | None = None, stream: bool | None = None) -> StepReport:
+        """Send one step to every worker and wait until all of them loaded it
+        (``mode`` / ``stream``: this step only, default the client's).
 
         Raises :class:`WeightSyncFailed` if any worker rejected or failed the
         step (after all workers answered), or the sender's own error.
@@ -288,7 +295,8 @@ class WeightSyncClient:
         if self._closed or self.sender is None:
             raise RuntimeError("client is closed")
         t0 = time.perf_counter()
-        kw = {"step": int(step), "mode": mode or self.mode, "on_error": "return"}
+        kw = {"step": int(step), "mode": mode or self.mode, "on_error": "return",
+              "stream": self.stream if stream is None else stream}
         futs = [self._pool.submit(t.call, "receive_weights", kw, self.timeout + 60) for t in self.targets]
         send_error: BaseException | None = None
         stats = None
