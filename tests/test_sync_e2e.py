@@ -103,24 +103,9 @@ def stop_engine(llm) -> None:
     gc.collect()
 
 
-def digest(llm) -> str:
-    return llm.collective_rpc("weight_sync_digest")[0]["digest"]
-
-
-def cold_digest(llm, model_dir: Path) -> str:
-    return llm.collective_rpc("weight_sync_cold_digest", kwargs={"model_dir": str(model_dir)})[0]["digest"]
-
-
-def per_tensor_diff(llm, model_dir: Path) -> list[str]:
-    warm = llm.collective_rpc("weight_sync_digest", kwargs={"per_tensor": True})[0]["tensors"]
-    cold = llm.collective_rpc("weight_sync_cold_digest",
-                              kwargs={"model_dir": str(model_dir), "per_tensor": True})[0]["tensors"]
-    return sorted(n for n in set(warm) | set(cold) if warm.get(n) != cold.get(n))
-
-
-def assert_warm_equals_cold(llm, model_dir: Path, what: str) -> None:
-    if digest(llm) != cold_digest(llm, model_dir):
-        raise AssertionError(f"{what}: warm != cold; differing tensors: {per_tensor_diff(llm, model_dir)}")
+digest = harness.sync_digest
+cold_digest = harness.sync_cold_digest
+assert_warm_equals_cold = harness.assert_warm_equals_cold
 
 
 def greedy(llm) -> list[list[int]]:
@@ -151,7 +136,7 @@ def check_cold_method(llm, model_dir: Path) -> None:
     """The in-worker cold load reproduces this freshly started engine."""
     assert digest(llm) == cold_digest(llm, model_dir), (
         "weight_sync_cold_digest does not reproduce a fresh engine start; differing: "
-        f"{per_tensor_diff(llm, model_dir)}")
+        f"{harness.warm_cold_diff(llm, model_dir)}")
 
 
 # ---------------------------------------------------------------- engines

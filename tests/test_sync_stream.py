@@ -83,21 +83,9 @@ def engine(weights):
     gc.collect()
 
 
-def digest(llm) -> str:
-    return llm.collective_rpc("weight_sync_digest")[0]["digest"]
-
-
-def cold_digest(llm, model_dir: Path) -> str:
-    return llm.collective_rpc("weight_sync_cold_digest", kwargs={"model_dir": str(model_dir)})[0]["digest"]
-
-
-def assert_warm_equals_cold(llm, model_dir: Path, what: str) -> None:
-    if digest(llm) == cold_digest(llm, model_dir):
-        return
-    warm = llm.collective_rpc("weight_sync_digest", kwargs={"per_tensor": True})[0]["tensors"]
-    cold = llm.collective_rpc("weight_sync_cold_digest",
-                              kwargs={"model_dir": str(model_dir), "per_tensor": True})[0]["tensors"]
-    raise AssertionError(f"{what}: warm != cold; differing: {sorted(n for n in set(warm) | set(cold) if warm.get(n) != cold.get(n))}")
+digest = harness.sync_digest
+cold_digest = harness.sync_cold_digest
+assert_warm_equals_cold = harness.assert_warm_equals_cold
 
 
 def stream_client(llm, stream=True, **kw) -> WeightSyncClient:

@@ -610,3 +610,31 @@ def capture_vllm_logs(level: int = logging.INFO, logger_name: str = "vllm") -> I
 def model_dir_of(llm: Any) -> Path:
     """Checkpoint directory an engine was started on."""
     return Path(get_model_config(llm).model)
+
+
+# ---------------------------------------------------------------------------
+# Weight-sync digests (engines started with the WeightSyncExtension)
+# ---------------------------------------------------------------------------
+
+
+def sync_digest(llm: Any) -> str:
+    """sha256 over every parameter and buffer of worker 0's model."""
+    return llm.collective_rpc("weight_sync_digest")[0]["digest"]
+
+
+def sync_cold_digest(llm: Any, model_dir: str | os.PathLike[str]) -> str:
+    """The same digest of the model a cold start on ``model_dir`` would serve."""
+    return llm.collective_rpc("weight_sync_cold_digest", kwargs={"model_dir": str(model_dir)})[0]["digest"]
+
+
+def warm_cold_diff(llm: Any, model_dir: str | os.PathLike[str]) -> list[str]:
+    """Names of the tensors whose served value differs from the cold start's."""
+    warm = llm.collective_rpc("weight_sync_digest", kwargs={"per_tensor": True})[0]["tensors"]
+    cold = llm.collective_rpc("weight_sync_cold_digest",
+                              kwargs={"model_dir": str(model_dir), "per_tensor": True})[0]["tensors"]
+    return sorted(n for n in set(warm) | set(cold) if warm.get(n) != cold.get(n))
+
+
+def assert_warm_equals_cold(llm: Any, model_dir: str | os.PathLike[str], what: str) -> None:
+    if sync_digest(llm) != sync_cold_digest(llm, model_dir):
+        raise AssertionError(f"{what}: warm != cold; differing tensors: {warm_cold_diff(llm, model_dir)}")
