@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from pathlib import Path
 
 import pytest
 
