@@ -106,12 +106,15 @@ def test_stream_equals_cold_with_straddling_layers(engine, weights):
             assert r["peak_extra_source"] == "rss_hwm" and r["peak_extra_bytes"] is not None, r
             assert r["model_bytes"] > r["largest_layer_bytes"] > 0, r
             assert_warm_equals_cold(engine, ckpts[k], f"streamed step {k}")
-    # the validated whole-step path (the default) next to it, same memory report
+    # the validated whole-step path (the default) next to it, same memory report; with kept
+    # receive buffers the later steps land in the first one's buffers and views
     with WeightSyncClient([engine], host="127.0.0.1", port=free_port(), timeout=TIMEOUT,
-                          bucket_bytes=BUCKET) as client:
-        r = client.push(ws[3], step=3).workers[0]
-        assert r["ok"] and not r["stream"] and r["peak_extra_source"] == "rss_hwm", r
-        assert_warm_equals_cold(engine, ckpts[3], "whole step 3")
+                          bucket_bytes=BUCKET, keep_receive_buffers=True) as client:
+        assert engine.collective_rpc("weight_sync_status")[0]["receiver"]["keep_step_buffers"]
+        for k in (3, 4, 1):
+            r = client.push(ws[k], step=k).workers[0]
+            assert r["ok"] and not r["stream"] and r["peak_extra_source"] == "rss_hwm", r
+            assert_warm_equals_cold(engine, ckpts[k], f"whole step {k}, kept receive buffers")
 
 
 def test_stream_failure_after_handover_then_good_step(engine, weights):

