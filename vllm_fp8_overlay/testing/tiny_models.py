@@ -255,7 +255,11 @@ def _common_config(
 # --------------------------------------------------------------------------
 
 
-def llama_state_dict(config: Mapping[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
+def _decoder_state_dict(
+    config: Mapping[str, Any], seed: int, ffn: Any, **attention: Any
+) -> dict[str, torch.Tensor]:
+    """Embedding, per layer (norms, attention, ``ffn(init, sd, prefix, layer)``
+    for the MLP or MoE block), final norm and untied head, drawn in this order."""
     init = _Init(seed)
     h, v = config["hidden_size"], config["vocab_size"]
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": init.normal(v, h, std=1.0)}
@@ -264,13 +268,20 @@ def llama_state_dict(config: Mapping[str, Any], seed: int = 0) -> dict[str, torc
         sd[f"{p}.input_layernorm.weight"] = init.norm(h)
         _attention(
             init, sd, p, h, config["num_attention_heads"], config["num_key_value_heads"],
-            config["head_dim"],
+            config["head_dim"], **attention,
         )
         sd[f"{p}.post_attention_layernorm.weight"] = init.norm(h)
-        _mlp(init, sd, f"{p}.mlp", h, config["intermediate_size"])
+        ffn(init, sd, f"{p}.mlp", i)
     sd["model.norm.weight"] = init.norm(h)
     sd["lm_head.weight"] = init.linear(v, h)
     return sd
+
+
+def llama_state_dict(config: Mapping[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
+    def ffn(init, sd, p, i):
+        _mlp(init, sd, p, config["hidden_size"], config["intermediate_size"])
+
+    return _decoder_state_dict(config, seed, ffn)
 
 
 def make_llama(
@@ -309,31 +320,20 @@ def glm4_moe_bias(n_routed_experts: int, layer: int) -> torch.Tensor:
 
 
 def glm4_moe_state_dict(config: Mapping[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
-    init = _Init(seed)
-    h, v = config["hidden_size"], config["vocab_size"]
-    n_exp = config["n_routed_experts"]
-    moe_i = config["moe_intermediate_size"]
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": init.normal(v, h, std=1.0)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        sd[f"{p}.input_layernorm.weight"] = init.norm(h)
-        _attention(
-            init, sd, p, h, config["num_attention_heads"], config["num_key_value_heads"],
-            config["head_dim"], bias=config["attention_bias"], qk_norm=config["use_qk_norm"],
-        )
-        sd[f"{p}.post_attention_layernorm.weight"] = init.norm(h)
+    h, n_exp, moe_i = config["hidden_size"], config["n_routed_experts"], config["moe_intermediate_size"]
+
+    def ffn(init, sd, p, i):
         if i < config["first_k_dense_replace"]:
-            _mlp(init, sd, f"{p}.mlp", h, config["intermediate_size"])
-            continue
-        sd[f"{p}.mlp.gate.weight"] = init.linear(n_exp, h)
-        sd[f"{p}.mlp.gate.e_score_correction_bias"] = glm4_moe_bias(n_exp, i)
+            _mlp(init, sd, p, h, config["intermediate_size"])
+            return
+        sd[f"{p}.gate.weight"] = init.linear(n_exp, h)
+        sd[f"{p}.gate.e_score_correction_bias"] = glm4_moe_bias(n_exp, i)
         for e in range(n_exp):
-            _mlp(init, sd, f"{p}.mlp.experts.{e}", h, moe_i)
+            _mlp(init, sd, f"{p}.experts.{e}", h, moe_i)
         if config.get("n_shared_experts"):
-            _mlp(init, sd, f"{p}.mlp.shared_experts", h, moe_i * config["n_shared_experts"])
-    sd["model.norm.weight"] = init.norm(h)
-    sd["lm_head.weight"] = init.linear(v, h)
-    return sd
+            _mlp(init, sd, f"{p}.shared_experts", h, moe_i * config["n_shared_experts"])
+
+    return _decoder_state_dict(config, seed, ffn, bias=config["attention_bias"], qk_norm=config["use_qk_norm"])
 
 
 def make_glm4_moe(
@@ -396,30 +396,19 @@ def make_glm4_moe(
 
 
 def qwen3_moe_state_dict(config: Mapping[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
-    init = _Init(seed)
-    h, v = config["hidden_size"], config["vocab_size"]
-    n_exp = config["num_experts"]
-    moe_i = config["moe_intermediate_size"]
+    h, n_exp, moe_i = config["hidden_size"], config["num_experts"], config["moe_intermediate_size"]
     sparse_step = config.get("decoder_sparse_step", 1) or 1
     mlp_only = set(config.get("mlp_only_layers") or [])
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": init.normal(v, h, std=1.0)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        sd[f"{p}.input_layernorm.weight"] = init.norm(h)
-        _attention(
-            init, sd, p, h, config["num_attention_heads"], config["num_key_value_heads"],
-            config["head_dim"], bias=False, qk_norm=True,
-        )
-        sd[f"{p}.post_attention_layernorm.weight"] = init.norm(h)
+
+    def ffn(init, sd, p, i):
         if i in mlp_only or (i + 1) % sparse_step != 0:
-            _mlp(init, sd, f"{p}.mlp", h, config["intermediate_size"])
-            continue
-        sd[f"{p}.mlp.gate.weight"] = init.linear(n_exp, h)
+            _mlp(init, sd, p, h, config["intermediate_size"])
+            return
+        sd[f"{p}.gate.weight"] = init.linear(n_exp, h)
         for e in range(n_exp):
-            _mlp(init, sd, f"{p}.mlp.experts.{e}", h, moe_i)
-    sd["model.norm.weight"] = init.norm(h)
-    sd["lm_head.weight"] = init.linear(v, h)
-    return sd
+            _mlp(init, sd, f"{p}.experts.{e}", h, moe_i)
+
+    return _decoder_state_dict(config, seed, ffn, bias=False, qk_norm=True)
 
 
 def make_qwen3_moe(
