@@ -30,7 +30,6 @@ Run:  PYTHONPATH=. /work/venvs/vllm-0.32.0/bin/python -m pytest tests/test_sync_
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import signal
@@ -84,25 +83,8 @@ def weights(tmp_path_factory):
     return ws, ckpt
 
 
-def start_engine(model_dir: Path):
-    """A real vLLM ``LLM``; its engine core and worker run in subprocesses."""
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    from vllm import LLM
-
-    return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
-               max_model_len=128, max_num_seqs=4, seed=0, worker_extension_cls=EXTENSION)
-
-
-def stop_engine(llm) -> None:
-    if llm is None:
-        return
-    with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
-    gc.collect()
-
-
+start_engine = harness.start_sync_engine
+stop_engine = harness.stop_sync_engine
 digest = harness.sync_digest
 cold_digest = harness.sync_cold_digest
 assert_warm_equals_cold = harness.assert_warm_equals_cold

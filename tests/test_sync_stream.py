@@ -24,10 +24,6 @@ Run:  .nox/matrix-vllm-0-32-0/bin/python -m pytest tests/test_sync_stream.py -v
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import os
-
 import pytest
 
 pytest.importorskip("vllm")
@@ -37,7 +33,7 @@ from vllm_fp8_overlay.demo import (  # noqa: E402
     free_port,
     write_serving_checkpoint,
 )
-from vllm_fp8_overlay.sync.client import EXTENSION, WeightSyncClient, WeightSyncFailed  # noqa: E402
+from vllm_fp8_overlay.sync.client import WeightSyncClient, WeightSyncFailed  # noqa: E402
 from vllm_fp8_overlay.testing import harness  # noqa: E402
 from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
 
@@ -69,17 +65,9 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(weights):
     _, ckpts = weights
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    from vllm import LLM
-
-    llm = LLM(model=str(ckpts[0]), skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
-              max_model_len=128, max_num_seqs=4, seed=0, worker_extension_cls=EXTENSION)
+    llm = harness.start_sync_engine(ckpts[0])
     yield llm
-    with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
-    gc.collect()
+    harness.stop_sync_engine(llm)
 
 
 digest = harness.sync_digest

@@ -617,6 +617,29 @@ def model_dir_of(llm: Any) -> Path:
 # ---------------------------------------------------------------------------
 
 
+def start_sync_engine(model_dir: str | os.PathLike[str]) -> Any:
+    """A real ``vllm.LLM`` with the weight-sync worker extension; its engine
+    core and worker run in subprocesses, as in a deployment."""
+    from ..sync.client import EXTENSION
+
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    from vllm import LLM
+
+    return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
+               max_model_len=128, max_num_seqs=4, seed=0, worker_extension_cls=EXTENSION)
+
+
+def stop_sync_engine(llm: Any) -> None:
+    """Shut down an engine started by :func:`start_sync_engine` (``None``: no-op)."""
+    if llm is None:
+        return
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
 def sync_digest(llm: Any) -> str:
     """sha256 over every parameter and buffer of worker 0's model."""
     return llm.collective_rpc("weight_sync_digest")[0]["digest"]
