@@ -3,7 +3,7 @@
 On every release: the declared status, exactly what is touched, exact revert.
 With engines (slow): the reload bugs show without the overlay and are gone
 with it, and a reload of changed weights equals a cold start. Observations
-are compared with ``compat/matrix.json`` (see ``vllm_fp8_overlay.compat``).
+are compared with ``vllm_fp8_overlay/matrix.json`` (see ``vllm_fp8_overlay.compat``).
 
 The engines start with the overlay's automatic activation switched off
 (``FP8_OVERLAY_DISABLE=1``) so that vLLM records its reload metadata

@@ -78,11 +78,26 @@ def test_env_var_switches_automatic_activation_off():
         "import vllm_fp8_overlay as o; from vllm_fp8_overlay import plugin; plugin.register();"
         "print(o.is_active(), sorted({s.state.value for s in o.status()}))"
     )
-    r = _run(code, VLLM_FP8_OVERLAY_DISABLE="1")
+    r = _run(code, FP8_OVERLAY_DISABLE="1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False ['disabled']"
+    assert "deprecated" not in r.stderr
     # an explicit activate() still works
-    r = _run("import vllm_fp8_overlay as o; o.activate(); o.activate(); print(o.is_active())", VLLM_FP8_OVERLAY_DISABLE="1")
+    r = _run("import vllm_fp8_overlay as o; o.activate(); o.activate(); print(o.is_active())", FP8_OVERLAY_DISABLE="1")
+    assert r.stdout.strip() == "True"
+
+
+def test_deprecated_env_var_name_still_switches_activation_off():
+    code = (
+        "import vllm_fp8_overlay as o; from vllm_fp8_overlay import plugin; plugin.register();"
+        "print(o.is_active())"
+    )
+    r = _run(code, VLLM_FP8_OVERLAY_DISABLE="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+    assert "VLLM_FP8_OVERLAY_DISABLE is deprecated" in r.stderr
+    # the new name wins over the old one
+    r = _run(code, VLLM_FP8_OVERLAY_DISABLE="1", FP8_OVERLAY_DISABLE="0")
     assert r.stdout.strip() == "True"
 
 
@@ -122,7 +137,7 @@ def test_compat_md_is_current():
 def test_compat_record_agrees_with_declarations():
     """Every recorded status observation equals the declared states."""
     record = compat.load_record()
-    assert record, "compat/matrix.json is empty"
+    assert record, "vllm_fp8_overlay/matrix.json is empty"
     for version, sections in record.items():
         if "status" in sections:
             declared = {cls.id: cls().state_for(Version(version))[0].value for cls in PATCH_CLASSES}

@@ -3,7 +3,7 @@
 Importing the package activates the overlay (cheaply: vLLM is not imported;
 patches attach when vLLM imports their targets), and so does vLLM's
 ``vllm.general_plugins`` hook in every vLLM process. Set
-``VLLM_FP8_OVERLAY_DISABLE=1`` to switch that automatic activation off.
+``FP8_OVERLAY_DISABLE=1`` to switch that automatic activation off.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ _OVERLAY = Overlay(cls() for cls in PATCH_CLASSES)
 
 def activate() -> None:
     """Activate the overlay in this process (idempotent). Explicit activation
-    ignores ``VLLM_FP8_OVERLAY_DISABLE``, which governs only the automatic one."""
+    ignores ``FP8_OVERLAY_DISABLE``, which governs only the automatic one."""
     _OVERLAY.activate()
 
 
 def auto_activate() -> None:
     """What importing the package and vLLM's plugin hook do: activate unless
-    ``VLLM_FP8_OVERLAY_DISABLE`` is set."""
+    ``FP8_OVERLAY_DISABLE`` is set."""
     _OVERLAY.auto_activate()
 
 

@@ -1,43 +1,67 @@
 """COMPAT.md: generated from the patches' declarations plus the matrix record.
 
-``compat/matrix.json`` holds what the compatibility-matrix tests observed on
-each real vLLM release. Each matrix test compares its live observation with
-that record and fails on any difference, so the record (and the COMPAT.md
-rendered from it) is what the tests prove, not what somebody typed.
-``python -m vllm_fp8_overlay compat --merge DIR`` folds newly recorded
-observations in and rewrites COMPAT.md; ``--check`` fails when it is stale.
+The record, ``vllm_fp8_overlay/matrix.json``, holds what the
+compatibility-matrix tests observed on each real vLLM release. Each matrix
+test compares its live observation with that record and fails on any
+difference, so the record (and the COMPAT.md rendered from it) is what the
+tests prove, not what somebody typed.
+
+The record ships as package data and is read with ``importlib.resources``,
+so ``python -m vllm_fp8_overlay compat`` works from an installed wheel too.
+Changing it -- ``compat --merge DIR`` folds newly recorded observations in,
+``--write`` rewrites COMPAT.md, ``--check`` fails when it is stale -- needs
+a source checkout: COMPAT.md lives at its root and the record must be written
+into the source tree, not into site-packages.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 
 from packaging.version import Version
 
 from .patches import PATCH_CLASSES
 
+PACKAGE = __package__ or "vllm_fp8_overlay"
+RECORD_NAME = "matrix.json"
+#: the record's path in the source tree (what --merge writes)
+RECORD = Path(__file__).resolve().parent / RECORD_NAME
+#: how the record is named in messages and in COMPAT.md
+RECORD_LABEL = f"vllm_fp8_overlay/{RECORD_NAME}"
 ROOT = Path(__file__).resolve().parent.parent
-RECORD = ROOT / "compat" / "matrix.json"
 COMPAT_MD = ROOT / "COMPAT.md"
 #: where matrix tests write observations (per release, per section)
-OBS_DIR_ENV = "VLLM_FP8_OVERLAY_MATRIX_OUT"
+OBS_DIR_ENV = "FP8_OVERLAY_MATRIX_OUT"
 #: set to 1 to record observations instead of comparing them with the record
-RECORD_ENV = "VLLM_FP8_OVERLAY_RECORD"
+RECORD_ENV = "FP8_OVERLAY_RECORD"
 
 #: observation keys that are reported but not compared (not deterministic)
 INFORMATIONAL = {"bias_exact_without_overlay"}
+
+
+def source_checkout() -> Path | None:
+    """The repository root when the package runs from a source checkout
+    (plain or editable install), None when it runs from an installed wheel."""
+    if (ROOT / "pyproject.toml").is_file() and (ROOT / PACKAGE / "__init__.py").is_file():
+        return ROOT
+    return None
 
 
 def patches():
     return [cls() for cls in PATCH_CLASSES]
 
 
-def load_record(path: Path = RECORD) -> dict:
-    if not path.exists():
+def load_record(path: Path | None = None) -> dict:
+    """The matrix record: the packaged one unless ``path`` is given."""
+    if path is not None:
+        return json.loads(path.read_text()) if path.exists() else {}
+    resource = resources.files(PACKAGE).joinpath(RECORD_NAME)
+    if not resource.is_file():
         return {}
-    return json.loads(path.read_text())
+    return json.loads(resource.read_text(encoding="utf-8"))
 
 
 def save_record(record: dict, path: Path = RECORD) -> None:
@@ -47,7 +71,8 @@ def save_record(record: dict, path: Path = RECORD) -> None:
 
 
 def observation_dir() -> Path:
-    return Path(os.environ.get(OBS_DIR_ENV, ROOT / ".artifacts" / "matrix"))
+    default = (source_checkout() or Path.cwd()) / ".artifacts" / "matrix"
+    return Path(os.environ.get(OBS_DIR_ENV, default))
 
 
 def write_observation(version: str, section: str, data: dict) -> Path:
@@ -74,20 +99,20 @@ def comparable(data: dict) -> dict:
 
 
 def check_observation(version: str, section: str, observed: dict) -> None:
-    """Record (in record mode) or compare with ``compat/matrix.json``."""
+    """Record (in record mode) or compare with the packaged record."""
     write_observation(version, section, observed)
     if os.environ.get(RECORD_ENV) == "1":
         return
     recorded = load_record().get(version, {}).get(section)
     if recorded is None:
         raise AssertionError(
-            f"compat/matrix.json has no '{section}' record for vLLM {version}; "
+            f"{RECORD_LABEL} has no '{section}' record for vLLM {version}; "
             f"run the matrix with {RECORD_ENV}=1, then "
             "`python -m vllm_fp8_overlay compat --merge .artifacts/matrix`"
         )
     if comparable(recorded) != comparable(observed):
         raise AssertionError(
-            f"vLLM {version} '{section}' differs from compat/matrix.json:\n"
+            f"vLLM {version} '{section}' differs from {RECORD_LABEL}:\n"
             f"recorded: {json.dumps(comparable(recorded), sort_keys=True)}\n"
             f"observed: {json.dumps(comparable(observed), sort_keys=True)}"
         )
@@ -125,7 +150,7 @@ def render(record: dict | None = None) -> str:
         "# vLLM compatibility",
         "",
         "Generated by `python -m vllm_fp8_overlay compat` from the patch declarations",
-        "(`vllm_fp8_overlay/patches/`) and the matrix record (`compat/matrix.json`),",
+        f"(`vllm_fp8_overlay/patches/`) and the matrix record (`{RECORD_LABEL}`),",
         "which the matrix tests compare with what they observe on each real vLLM release.",
         "Do not edit by hand; a test fails when this file is stale.",
         "",

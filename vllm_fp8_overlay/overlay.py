@@ -16,11 +16,13 @@ fork would be. :func:`deactivate` puts every binding back.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from typing import Callable, Iterable
 
 import wrapt
@@ -33,11 +35,29 @@ from . import vllm_version as _vv
 # appear in its output with its format.
 logger = logging.getLogger("vllm.fp8_overlay")
 
-DISABLE_ENV = "VLLM_FP8_OVERLAY_DISABLE"
+DISABLE_ENV = "FP8_OVERLAY_DISABLE"
+#: the name before 0.2 (vLLM warns about unknown ``VLLM_*`` variables); read
+#: with a deprecation warning until 0.3
+DEPRECATED_DISABLE_ENV = "VLLM_FP8_OVERLAY_DISABLE"
+
+#: vLLM loads this entry-point group in every process it starts
+PLUGIN_GROUP = "vllm.general_plugins"
+#: our entry point's name, the name VLLM_PLUGINS must list
+PLUGIN_NAME = "vllm_fp8_overlay"
 
 
 def disabled_by_env() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    value = os.environ.get(DISABLE_ENV)
+    if value is None and DEPRECATED_DISABLE_ENV in os.environ:
+        value = os.environ[DEPRECATED_DISABLE_ENV]
+        _warn_deprecated_env()
+    return (value or "").strip().lower() not in ("", "0", "false", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_deprecated_env() -> None:
+    logger.warning("%s is deprecated and will be ignored from 0.3; set %s instead",
+                   DEPRECATED_DISABLE_ENV, DISABLE_ENV)
 
 
 class State(str, enum.Enum):
@@ -322,3 +342,60 @@ class Overlay:
                 )
             )
         return out
+
+
+@dataclass
+class PluginCoverage:
+    """Whether the processes vLLM spawns (engine core, workers) run patched.
+
+    ``import vllm_fp8_overlay`` reaches only the process that runs it; the
+    spawned processes are reached only through vLLM's plugin loader, which
+    looks up ``vllm.general_plugins`` entry points and filters them by
+    ``VLLM_PLUGINS``. ``is_active()`` in the driver cannot tell the two apart.
+    """
+
+    entry_point: str | None  # what vLLM would call, None when not installed
+    vllm_plugins: str | None  # VLLM_PLUGINS as set; None = unset, every plugin loads
+    allowed: bool  # VLLM_PLUGINS lets vLLM load our entry point
+    disabled_by_env: bool  # the plugin loads but auto-activation is off
+    covered: bool
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plugin_coverage() -> PluginCoverage:
+    """Apply vLLM's own plugin-selection rule to this environment (see
+    ``vllm.plugins.load_plugins_by_group``): a plugin loads when VLLM_PLUGINS
+    is unset or lists its name; vLLM splits on "," and does not strip
+    spaces, so neither do we."""
+    try:
+        found = [ep.value for ep in metadata.entry_points(group=PLUGIN_GROUP) if ep.name == PLUGIN_NAME]
+    except Exception:  # a broken distribution elsewhere must not break status
+        found = []
+    entry = found[0] if found else None
+    raw = os.environ.get("VLLM_PLUGINS")
+    names = None if raw is None else raw.split(",")
+    allowed = names is None or PLUGIN_NAME in names
+    disabled = disabled_by_env()
+    covered = entry is not None and allowed and not disabled
+    if entry is None:
+        reason = (
+            f"no {PLUGIN_GROUP} entry point {PLUGIN_NAME!r} is installed (package imported from a "
+            "path, not pip-installed?): processes vLLM spawns run unpatched"
+        )
+    elif not allowed:
+        reason = f"VLLM_PLUGINS={raw!r} excludes {PLUGIN_NAME!r}: processes vLLM spawns run unpatched"
+        if PLUGIN_NAME in (n.strip() for n in names or ()):
+            reason += " (vLLM matches names exactly: remove the spaces)"
+    elif disabled:
+        reason = (
+            f"automatic activation is switched off ({DISABLE_ENV}): "
+            "the plugin loads in each vLLM process but does nothing"
+        )
+    else:
+        reason = f"vLLM loads {PLUGIN_GROUP} {PLUGIN_NAME!r} in every process it starts (" + (
+            "VLLM_PLUGINS unset)" if raw is None else "listed in VLLM_PLUGINS)"
+        )
+    return PluginCoverage(entry, raw, allowed, disabled, covered, reason)
