@@ -1,4 +1,4 @@
-"""Command line: ``python -m vllm_fp8_overlay {status,compat,demo}``.
+"""Command line: ``python -m vllm_fp8_overlay {status,compat,demo,fork}``.
 
 torch and vLLM are optional extras, so every command checks for what it
 needs before importing it and, when something is missing, says which extra
@@ -197,8 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         help="end-to-end FP8 weight sync demo on real vLLM; needs torch + vLLM (see demo --help)",
         add_help=False,
     )
+    sub.add_parser(
+        "fork",
+        help="apply the back-ports as source diffs to a vLLM tree (a fork or site-packages); see fork --help",
+        add_help=False,
+    )
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
+    if argv and argv[0] == "fork":
+        from . import fork
+
+        return fork.main(argv[1:])
     args = parser.parse_args(argv)
     if args.cmd == "status":
         return _status(args)

@@ -169,14 +169,20 @@ def render(record: dict | None = None) -> str:
         "## What the overlay does on each release",
         "",
         "State per patch as declared (the same answer as `python -m vllm_fp8_overlay status`",
-        "on that release, which the matrix tests assert).",
+        "on that release, which the matrix tests assert); each applied patch links to the",
+        "same back-port as a source diff against that release (see the fork patches below).",
         "",
         "| vLLM | " + " | ".join(f"`{p.id}`" for p in ps) + " |",
         "|---|" + "---|" * len(ps),
     ]
     versions = sorted(record, key=Version)
+    diffs = _fork_diffs()
     for v in versions:
-        cells = [p.state_for(Version(v))[0].value for p in ps]
+        cells = []
+        for p in ps:
+            state = p.state_for(Version(v))[0].value
+            link = diffs.get(v, {}).get(p.id)
+            cells.append(f"[{state}]({link})" if link and state == "applied" else state)
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -270,10 +276,50 @@ def render(record: dict | None = None) -> str:
         lines += ["", "### Notes", ""]
         for v, n in notes:
             lines.append(f"- {v}: {n}")
+    fork_section = _fork_section()
+    if fork_section:
+        lines += ["", fork_section]
     formats = _formats_section()
     if formats:
         lines += ["", formats]
     return "\n".join(lines) + "\n"
+
+
+def _fork_diffs() -> dict[str, dict[str, str]]:
+    """``{release: {patch id: diff path relative to the repo}}``."""
+    from . import fork
+
+    where = fork.patch_dir()
+    if not where.is_relative_to(ROOT):
+        return {}
+    return {release: {pid: path.relative_to(ROOT).as_posix() for pid, path in d.items()}
+            for release, d in fork.available().items()}
+
+
+def _fork_section() -> str:
+    """The fork-patch diffs per release (same source as patches/README.md)."""
+    from . import fork
+
+    table = fork.available()
+    if not table:
+        return ""
+    where = fork.patch_dir()
+    where = where.relative_to(ROOT).as_posix() if where.is_relative_to(ROOT) else where.name
+    lines = [
+        "## Carrying the fixes in source (fork patches)",
+        "",
+        f"The same back-ports as diffs against each release's pristine source, in `{where}/`",
+        f"(index: `{where}/README.md`; apply with `python -m vllm_fp8_overlay fork --vllm-source DIR`).",
+        "A vLLM carrying them, with the overlay off, behaves as the pristine release with the",
+        "overlay (`tests/test_fork_patches.py`).",
+        "",
+        "| vLLM | diffs, in application order |",
+        "|---|---|",
+    ]
+    for release, diffs in table.items():
+        links = [f"[`{pid}`]({where}/{release}/{diffs[pid].name})" for pid in fork.patch_order() if pid in diffs]
+        lines.append(f"| {release} | " + " → ".join(links) + " |")
+    return "\n".join(lines)
 
 
 FORMATS_DOC = ROOT / "docs" / "formats.md"
