@@ -19,6 +19,17 @@ hashed and dropped. That this equals a fresh engine is checked first: on the
 W0 checkpoint it must reproduce the digest of the freshly started engine.
 ``--cold fresh`` instead starts a whole new engine per step (slow on small
 machines); ``--cold none`` skips the check.
+
+Console: the demo's own lines, a table whose columns add up to each push's
+wall time, and where the run's time went (engine start-up and the warm == cold
+checks dwarf the updates on a small machine). vLLM's own output goes to
+``vllm.log`` in the run directory (``--verbose``: the console), redirected at
+the file descriptors that vLLM's engine core and worker processes inherit:
+several of their lines (Triton's import-time warning, printed before vLLM
+configures logging; torch's C++ warnings; progress bars; Python warnings)
+bypass vLLM's logger, so ``VLLM_LOGGING_LEVEL`` cannot keep them off the
+console. The run directory also takes the temporary files vLLM would leave in
+``/tmp``, and is removed at exit unless ``--keep``, ``--workdir`` or a failure.
 """
 
 from __future__ import annotations
@@ -26,7 +37,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import math
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -125,22 +139,144 @@ def _parser() -> argparse.ArgumentParser:
                    help="workers load buckets as they arrive (receive_weights(stream=True)) instead of "
                         "receiving and validating the whole step first")
     p.add_argument("--cold", choices=["reload", "fresh", "none"], default="reload",
-                   help="warm==cold reference: 'reload' = one reference engine cold-loads each offline "
-                        "checkpoint with vLLM's load_model(); 'fresh' = a new engine per step; 'none' = skip")
-    p.add_argument("--workdir", default=None, help="where checkpoints go (default: a temporary directory)")
+                   help="warm==cold reference: 'reload' = the served worker cold-loads each offline "
+                        "checkpoint with vLLM's get_model(); 'fresh' = a new engine per step; 'none' = skip")
+    p.add_argument("--workdir", default=None,
+                   help="directory for the checkpoints and vllm.log, kept at exit (default: a temporary "
+                        "directory, removed at exit unless --keep)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
+    p.add_argument("--verbose", action="store_true",
+                   help="show vLLM's own output (log, progress bars, warnings) on the console instead of "
+                        "writing it to vllm.log in the run directory")
     p.add_argument("--port", type=int, default=0, help="sync-group port (0 = pick a free one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the per-step results to this JSON file")
     return p
 
 
+#: where the demo's own lines go; the terminal even while vLLM's output is
+#: redirected (see :func:`_vllm_output_to`)
+_console: Any = None
+
+
 def _say(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", file=_console or sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def _vllm_output_to(log: Path | None):
+    """Point file descriptors 1 and 2 of this process -- and so of every
+    process vLLM spawns from here -- at ``log`` (why: the module docstring);
+    :func:`_say` keeps writing to the terminal. ``None``: change nothing."""
+    global _console
+    if log is None:
+        yield
+        return
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    console = os.fdopen(os.dup(1), "w", buffering=1)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _console = console
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        for fd, s in ((1, saved[0]), (2, saved[1])):
+            os.dup2(s, fd)
+            os.close(s)
+        _console = None
+        console.close()
+
+
+@contextlib.contextmanager
+def _private_tmp(run: Path):
+    """A temporary directory for this process and vLLM's children (through
+    ``TMPDIR``), removed on exit: vLLM leaves its ZMQ IPC sockets and the
+    ``file://`` rendezvous files of ``torch.distributed`` behind in ``/tmp``."""
+    tmp = run / "tmp"
+    if len(str(tmp)) > 60:  # tmp + "/<uuid4>" must fit a unix-socket path (107 bytes)
+        tmp = Path(tempfile.mkdtemp(prefix="vllm_fp8_overlay_tmp_"))
+    tmp.mkdir(exist_ok=True)
+    old_env, old_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(tmp)
+    try:
+        yield tmp
+    finally:
+        tempfile.tempdir = old_dir
+        if old_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_env
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _NoTokenizerWarmup(logging.Filter):
+    """Turn vLLM's "Chat template warmup failed" traceback into one INFO line
+    when the only cause is that the engine has no tokenizer.
+
+    ``LLM()`` (vLLM 0.32) warms up chat-template rendering unconditionally, and
+    with ``skip_tokenizer_init=True`` (the demo sends token ids; its model has
+    no tokenizer) logs "Tokenizer not available" as a warning with traceback.
+    No engine argument skips the warmup, and nothing is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.msg == "Chat template warmup failed" and "skip_tokenizer_init" in str(exc):
+            record.msg, record.args = "Chat template warmup skipped: no tokenizer (skip_tokenizer_init=True)", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_NO_TOKENIZER_WARMUP = _NoTokenizerWarmup()
+
+
+class _Clock:
+    """Wall time per phase; :meth:`report` accounts for all of the run, so
+    that engine start-up and the warm == cold checks, which dwarf the updates
+    on a small machine, are not mistaken for update time."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t
+
+    def report(self) -> list[str]:
+        total = time.perf_counter() - self.t0
+        names = [*self.phases, "other (imports, bookkeeping)"]
+        shown = _round_to_sum([*self.phases.values(), total - sum(self.phases.values())])
+        width = max(map(len, names))
+        return ([f"  {k:<{width}}  {v:6.1f} s" for k, v in zip(names, shown)]
+                + [f"  {'total':<{width}}  {sum(shown):6.1f} s"])
+
+
+def _round_to_sum(values: list[float], digits: int = 1) -> list[float]:
+    """Round ``values`` to ``digits`` decimals so that the rounded values add
+    up to their rounded sum (largest remainder): a breakdown whose printed
+    parts do not add up to its printed total looks wrong even when it is not."""
+    scale = 10**digits
+    scaled = [v * scale for v in values]
+    out = [math.floor(x) for x in scaled]
+    by_remainder = sorted(range(len(values)), key=lambda i: scaled[i] - out[i], reverse=True)
+    for i in by_remainder[: round(sum(scaled)) - sum(out)]:
+        out[i] += 1
+    return [x / scale + 0.0 for x in out]
 
 
 def _llm(model_dir: Path, dtype: str = "bfloat16"):
     from vllm import LLM
 
+    logging.getLogger("vllm.renderers.base").addFilter(_NO_TOKENIZER_WARMUP)  # added once per logger
     return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, enforce_eager=True,
                max_model_len=128, max_num_seqs=4, seed=0, worker_extension_cls=EXTENSION)
 
@@ -153,80 +289,88 @@ def _greedy(llm: Any, n: int = 8) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def _cold_digest(args, llm, ckpt: Path) -> tuple[str, float]:
-    t = time.perf_counter()
+def _cold_digest(args, llm, ckpt: Path) -> str:
     if args.cold == "fresh":
         ref = _llm(ckpt)
         try:
-            d = ref.collective_rpc("weight_sync_digest")[0]["digest"]
+            return ref.collective_rpc("weight_sync_digest")[0]["digest"]
         finally:
             with contextlib.suppress(Exception):
                 ref.llm_engine.engine_core.shutdown()
             del ref
-    else:
-        d = llm.collective_rpc("weight_sync_cold_digest", kwargs={"model_dir": str(ckpt)})[0]["digest"]
-    return d, time.perf_counter() - t
+    return llm.collective_rpc("weight_sync_cold_digest", kwargs={"model_dir": str(ckpt)})[0]["digest"]
 
 
-def run_demo(args: argparse.Namespace) -> list[dict]:
+def run_demo(args: argparse.Namespace, work: Path, clock: _Clock | None = None) -> list[dict]:
+    """Build the model, start vLLM, push ``args.steps`` updates into it and
+    check each against a cold start; one result row per step."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     from .sync.client import attach_llm
     from .testing import tiny_models as tm
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="vllm_fp8_overlay_demo_"))
+    clock = clock or _Clock()
     qcfg = CT_FP8_CHANNEL_DYNAMIC if args.format == "fp8" else None
-    _say(f"workdir {work}; building a tiny Llama ({args.layers} layers, hidden {args.hidden}) "
-         f"and its {'FP8 (compressed-tensors channel)' if qcfg else 'BF16'} serving checkpoint")
-    bf16_dir = tm.make_llama(work / "trainer_w0", layers=args.layers, hidden=args.hidden,
-                             intermediate=args.intermediate, vocab=args.vocab, seed=args.seed)
-    config = tm.load_config(bf16_dir)
-    w = tm.load_checkpoint(bf16_dir)
-    serve_dir = write_serving_checkpoint(work / "serving_w0", w, config, qcfg)
+    _say(f"building a tiny Llama ({args.layers} layers, hidden {args.hidden}) and its "
+         f"{'FP8 (compressed-tensors channel)' if qcfg else 'BF16'} serving checkpoint")
+    with clock("build the tiny Llama and its serving checkpoint"):
+        bf16_dir = tm.make_llama(work / "trainer_w0", layers=args.layers, hidden=args.hidden,
+                                 intermediate=args.intermediate, vocab=args.vocab, seed=args.seed)
+        config = tm.load_config(bf16_dir)
+        w = tm.load_checkpoint(bf16_dir)
+        serve_dir = write_serving_checkpoint(work / "serving_w0", w, config, qcfg)
 
-    _say("starting the served vLLM engine (real vLLM, worker extension WeightSyncExtension) ...")
-    t = time.perf_counter()
-    llm = _llm(serve_dir)
-    _say(f"served engine up in {time.perf_counter() - t:.1f}s")
+    _say("starting vLLM on it with the worker extension WeightSyncExtension"
+         + ("" if args.verbose else f"; vLLM's own output goes to {work / 'vllm.log'}") + " ...")
+    with clock("vLLM engine start-up"):
+        t = time.perf_counter()
+        llm = _llm(serve_dir)
+    _say(f"engine up in {time.perf_counter() - t:.1f}s")
     rows: list[dict] = []
     try:
         if args.cold == "reload":
-            served0 = llm.collective_rpc("weight_sync_digest")[0]["digest"]
-            ref0, _ = _cold_digest(args, llm, serve_dir)
-            ok = served0 == ref0
-            _say(f"check: cold load via vLLM's get_model() == this fresh engine start on W0: {'yes' if ok else 'NO'}")
+            with clock("warm == cold checks (W0 check, offline checkpoints, cold loads)"):
+                t = time.perf_counter()
+                ok = llm.collective_rpc("weight_sync_digest")[0]["digest"] == _cold_digest(args, llm, serve_dir)
+            _say(f"check: cold load via vLLM's get_model() == this fresh engine start on W0: "
+                 f"{'yes' if ok else 'NO'} ({time.perf_counter() - t:.1f}s)")
             if not ok:
                 raise SystemExit("the in-worker cold load does not reproduce a fresh engine; use --cold fresh")
         port = args.port or free_port()
-        _say(f"trainer: joining the sync group on 127.0.0.1:{port} (backend {args.backend}) ...")
-        client = attach_llm(llm, host="127.0.0.1", port=port, backend=args.backend,
-                            bucket_bytes=int(args.bucket_mb * (1 << 20)), stream=args.stream)
-        _say(f"trainer: layout {'FP8 ' + client.layout.method + '/' + client.layout.strategy if client.layout else 'BF16 (none)'}"
-             f", world size {client.world_size}, backend {client.sender.transport.backend}")
+        with clock("join the sync group"):
+            client = attach_llm(llm, host="127.0.0.1", port=port, backend=args.backend,
+                                bucket_bytes=int(args.bucket_mb * (1 << 20)), stream=args.stream)
+        lay = client.layout
+        _say(f"trainer: joined the sync group on 127.0.0.1:{port}; sending "
+             f"{'FP8 ' + lay.method + '/' + lay.strategy if lay else 'BF16'}, world size {client.world_size}, "
+             f"backend {client.sender.transport.backend}")
         try:
             for step in range(1, args.steps + 1):
                 w = tm.perturb_state_dict(w, seed=args.seed * 1000 + step, scale=0.05)  # "optimizer step"
-                _say(f"step {step}: sending {len(w)} BF16 tensors ...")
-                rep = client.push(w, step)
+                with clock(f"weight updates ({args.steps} x push)"):
+                    rep = client.push(w, step)
                 row = push_row(rep)
-                _say(f"step {step}: {row['bytes'] / 2**20:.2f} MiB in {row['buckets']} bucket(s); quantize "
-                     f"{row['quantize_s'] * 1e3:.1f} ms, transfer {row['transfer_s'] * 1e3:.1f} ms, vLLM validate "
-                     f"{row['validate_s'] * 1e3:.1f} ms, load ({row['mode']}{', stream' if row['stream'] else ''}) "
-                     f"{row['load_s'] * 1e3:.1f} ms, peak extra memory {_mib(row['peak_extra_bytes'])} MiB")
-                row["tokens"] = _greedy(llm)
+                row["backend"] = client.sender.transport.backend
+                _say(f"step {step}: {len(w)} BF16 tensors -> {row['tensors']} sent, {row['bytes'] / 2**20:.2f} MiB in "
+                     f"{row['buckets']} bucket(s); push {row['push_s'] * 1e3:.1f} ms; vLLM peak extra memory "
+                     f"{_mib(row['peak_extra_bytes'])} MiB")
+                with clock("greedy decoding after each update"):
+                    row["tokens"] = _greedy(llm)
                 if args.cold != "none":
-                    ckpt = write_serving_checkpoint(work / f"serving_w{step}", w, config, qcfg)
-                    cold, cold_s = _cold_digest(args, llm, ckpt)
-                    warm = llm.collective_rpc("weight_sync_digest")[0]
+                    with clock("warm == cold checks (W0 check, offline checkpoints, cold loads)"):
+                        t = time.perf_counter()
+                        ckpt = write_serving_checkpoint(work / f"serving_w{step}", w, config, qcfg)
+                        cold = _cold_digest(args, llm, ckpt)
+                        warm = llm.collective_rpc("weight_sync_digest")[0]
                     row["warm_eq_cold"] = warm["digest"] == cold
                     row["params"] = warm["num_tensors"]
                     _say(f"step {step}: warm == cold over {warm['num_tensors']} vLLM tensors: "
-                         f"{'YES (bitwise)' if row['warm_eq_cold'] else 'NO'} (cold reference {cold_s:.1f}s)")
+                         f"{'YES (bitwise)' if row['warm_eq_cold'] else 'NO'} ({time.perf_counter() - t:.1f}s)")
                 rows.append(row)
         finally:
             client.close()
     finally:
-        with contextlib.suppress(Exception):
+        with clock("engine shutdown"), contextlib.suppress(Exception):
             llm.llm_engine.engine_core.shutdown()
     return rows
 
@@ -237,28 +381,48 @@ def _mib(n: Any) -> str:
 
 def push_row(rep: Any) -> dict:
     """One step's numbers from a ``StepReport``: the trainer's stage times
-    (slowest worker per stage) and worker 0's memory figures."""
+    (slowest worker per stage) and worker 0's memory figures.
+
+    ``push_s`` is the whole ``client.push()`` call (``wall_s`` plus the prefix
+    cache reset) and ``other_s`` what of it the four stages do not cover, so
+    that quantize + transfer + validate + load + other = push; ``send_other_s``
+    is the trainer's share of ``other`` (packing, checksums, first-step buffer
+    allocation); the rest is vLLM's RPCs, the wait for the worker's answer and
+    the prefix-cache reset.
+    """
     st = rep.stage_times()
     w0 = rep.workers[0]
+    push_s = rep.wall_s + rep.reset_prefix_cache_s
+    stages = st["quantize_s"] + st["transfer_s"] + st["validate_s"] + st["load_s"]
     return {"step": rep.step, "bytes": rep.send.num_bytes, "tensors": rep.send.num_tensors,
             "buckets": rep.send.num_buckets, "quantize_s": st["quantize_s"],
             "transfer_s": st["transfer_s"], "receive_s": st["receive_s"],
             "validate_s": st["validate_s"], "load_s": st["load_s"], "wall_s": st["wall_s"],
+            "push_s": push_s, "other_s": push_s - stages, "send_total_s": st["send_total_s"],
+            "send_other_s": st["send_total_s"] - st["quantize_s"] - st["transfer_s"],
+            "pack_s": rep.send.pack_s, "checksum_s": rep.send.checksum_s,
+            "reset_prefix_cache_s": rep.reset_prefix_cache_s,
+            "worker_total_s": max(r.get("total_s", 0.0) for r in rep.workers),
             "mode": w0["mode"], "stream": bool(w0.get("stream")),
             "peak_extra_bytes": w0.get("peak_extra_bytes"), "peak_extra_source": w0.get("peak_extra_source"),
             "model_bytes": w0.get("model_bytes"), "largest_layer_bytes": w0.get("largest_layer_bytes"),
             "max_bucket_bytes": w0.get("max_bucket_bytes")}
 
 
+_STAGES = ("quantize_s", "transfer_s", "validate_s", "load_s")
+
+
 def _table(rows: list[dict]) -> str:
-    head = ["step", "MiB", "quantize ms", "transfer ms", "validate ms", "load ms", "total ms", "mode",
+    """Per-step table in ms; each printed row adds up exactly to its
+    ``= push`` column (see :func:`_round_to_sum`)."""
+    head = ["step", "MiB", "quantize", "transfer", "validate", "load", "other", "= push",
             "peak extra MiB", "warm==cold"]
     lines = [head]
     for r in rows:
-        lines.append([str(r["step"]), f"{r['bytes'] / 2**20:.2f}", f"{r['quantize_s'] * 1e3:.1f}",
-                      f"{r['transfer_s'] * 1e3:.1f}", f"{r['validate_s'] * 1e3:.1f}", f"{r['load_s'] * 1e3:.1f}",
-                      f"{r['wall_s'] * 1e3:.1f}", r["mode"] + (" stream" if r.get("stream") else ""),
-                      _mib(r.get("peak_extra_bytes")),
+        stages = [r[k] * 1e3 for k in _STAGES]
+        shown = _round_to_sum([*stages, r["push_s"] * 1e3 - sum(stages)])
+        lines.append([str(r["step"]), f"{r['bytes'] / 2**20:.2f}", *(f"{x:.1f}" for x in shown),
+                      f"{sum(shown):.1f}", _mib(r.get("peak_extra_bytes")),
                       {True: "yes", False: "NO"}.get(r.get("warm_eq_cold"), "-")])
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
     out = ["  ".join(c.rjust(wd) for c, wd in zip(line, widths)) for line in lines]
@@ -266,21 +430,75 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _legend(rows: list[dict], fmt: str) -> list[str]:
+    """What each column of :func:`_table` measures, and why ``other`` can dip below zero."""
+    r0 = rows[0] if rows else {}
+    lines = [
+        "  quantize  trainer: " + ("BF16 -> FP8 weights + scales, as the served checkpoint holds them" if fmt == "fp8"
+                                   else "nothing to quantize for a BF16 target (pulling the tensors)"),
+        f"  transfer  trainer: blocked in the broadcast to the vLLM worker ({r0.get('backend', '-')})",
+        "  validate  vLLM worker: names, dtypes, shapes and layout checked against the served checkpoint",
+        f"  load      vLLM worker: loading the step into the served model ({r0.get('mode', '-')})",
+        "  other     the rest: packing and checksumming buckets (on step 1 also allocating the send",
+        "            buffers), vLLM's RPCs to the worker and the wait for its answer, the worker's",
+        "            bookkeeping, resetting the prefix cache; below zero when validate/load overlap the",
+        "            end of the transfer",
+    ]
+    if any(r.get("stream") for r in rows):
+        lines.append("  --stream: the worker validates and loads while buckets still arrive (overlapping transfer)")
+    return lines
+
+
+def _cleanup(run: Path, remove: bool, why_kept: str) -> None:
+    """Remove the run directory, or say where it is and why it stays: a
+    directory left behind silently is clutter nobody knows the origin of."""
+    if remove:
+        shutil.rmtree(run, ignore_errors=True)
+        _say(f"removed {run} (--keep keeps it)")
+    else:
+        _say(f"kept {run} ({why_kept}): checkpoints" + ("" if not (run / "vllm.log").exists() else ", vllm.log"))
+
+
+def _tail(log: Path, n: int = 25) -> None:
+    """After a failure: the end of vLLM's log, where the cause usually is."""
+    with contextlib.suppress(OSError):
+        lines = log.read_text(errors="replace").splitlines()[-n:]
+        print(f"\n--- last {len(lines)} lines of {log} ---", *lines, "---", sep="\n", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
-    t0 = time.perf_counter()
-    rows = run_demo(args)
-    print("\nsummary (total = trainer-side wall time of one push: quantize + transfer + vLLM receive/validate/load)")
-    print(_table(rows))
-    bad = [r["step"] for r in rows if r.get("warm_eq_cold") is False]
-    print(f"\n{len(rows)} update(s) in {time.perf_counter() - t0:.1f}s; "
-          + ("warm == cold at every step" if not bad and args.cold != "none" else
-             f"MISMATCH at steps {bad}" if bad else "warm == cold not checked"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 1 if bad else 0
+    clock = _Clock()
+    own = args.workdir is None
+    run = Path(tempfile.mkdtemp(prefix="vllm_fp8_overlay_demo_") if own else args.workdir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    log = None if args.verbose else run / "vllm.log"
+    _say(f"run directory {run}")
+    failed = True
+    try:
+        with _private_tmp(run), _vllm_output_to(log):
+            rows = run_demo(args, run, clock)
+        bad = [r["step"] for r in rows if r.get("warm_eq_cold") is False]
+        failed = bool(bad)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        print("\nper push, in ms (the stage columns add up to '= push', the wall time of one client.push() call):")
+        print(_table(rows))
+        print("\n".join(_legend(rows, args.format)))
+        print("\nwhere the run's time went:")
+        print("\n".join(clock.report()))
+        print("\n" + ("warm == cold at every step" if not bad and args.cold != "none" else
+                      f"warm != cold at steps {bad}" if bad else "warm == cold not checked (--cold none)"))
+    except BaseException:
+        if log is not None:
+            _tail(log)
+        raise
+    finally:
+        _cleanup(run, own and not args.keep and not failed,
+                 "the run did not succeed" if failed else "--keep" if own else "--workdir")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
