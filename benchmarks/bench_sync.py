@@ -226,7 +226,8 @@ def _worker(rank, args, ports):
         port = ports[pi]
         pi += 1
         if rank == 0:
-            snd = WeightSender(LAYOUT, "127.0.0.1", port, 2, backend=backend, bucket_bytes=bucket, device=dev)
+            snd = WeightSender(LAYOUT, "127.0.0.1", port, 2, backend=backend, bucket_bytes=bucket, device=dev,
+                               checksum=args.checksum)
             snd_raw = WeightSender(None, "127.0.0.1", 0, 2, transport=snd.transport, bucket_bytes=bucket)
             tr = snd.transport
         else:
@@ -485,6 +486,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, gloo on CPU")
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--checksum", default="auto", help="the sender's payload checksum for c (auto, sum64, crc32, none)")
     ap.add_argument("--moe-layers", type=int, default=16)
     ap.add_argument("--models", nargs="+", default=["dense", "moe"])
     ap.add_argument("--bucket-mb", type=int, default=0,

@@ -4,9 +4,9 @@ For the synthetic dense and MoE checkpoints of ``bench_sync.py``, builds the
 wire manifests the FP8 path sends (fp8 weight + scale per quantized matrix,
 256 MiB buckets) and times what ``WeightReceiver`` does with them per bucket on
 the host: ``decode_bucket_manifest`` (JSON parse + per-entry validation) and
-``tensors_from_buffer`` (one view per entry) on a first step, then what the
-receiver itself does on later steps (manifests cached; with
-``keep_step_buffers`` also buffers and views). This is a floor for the
+``tensors_from_buffer`` (one view per entry) on a first step. (Later steps,
+with manifests cached and buffers kept, are measured end to end by
+``bench_sync.py``'s ``c_keep`` column.) This is a floor for the
 end-to-end time of models with many small tensors, whatever the sender does.
 
     python benchmarks/host_cost.py
@@ -14,7 +14,6 @@ end-to-end time of models with many small tensors, whatever the sender does.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import sys
 import time
@@ -30,8 +29,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_sync import BUCKET, LAYOUT, model_specs  # noqa: E402
 from vllm_fp8_overlay.sync import wire  # noqa: E402
-from vllm_fp8_overlay.sync.receiver import WeightReceiver, _StepState  # noqa: E402
-from vllm_fp8_overlay.sync.transport import ReplayTransport  # noqa: E402
 from vllm_fp8_overlay.sync.wire import ALIGNMENT, Header, MessageKind, TensorEntry  # noqa: E402
 
 
@@ -91,21 +88,6 @@ def main():
         dec, view = statistics.median(ts_dec), statistics.median(ts_view)
         print(f"{kind}: {len(bs)} buckets, {n} entries: receiver decode {dec * 1e3:.1f} ms + views "
               f"{view * 1e3:.1f} ms per step ({(dec + view) / n * 1e6:.1f} us/entry) [first step]")
-        # later steps through the receiver itself: cached manifests, kept buffers
-        for keep in (False, True):
-            rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport([]), keep_step_buffers=keep)
-            ts = []
-            for step in range(4):
-                t0 = time.perf_counter()
-                st = _StepState(None)
-                for h, m in msgs:
-                    h = dataclasses.replace(h, step=step)
-                    payload, kept = rx._payload_buffer(h, fresh=True)
-                    rx._bucket(st, h, m, payload, kept)
-                ts.append(time.perf_counter() - t0)
-            print(f"{kind}: receive_all host work, later steps, keep_step_buffers={keep}: "
-                  f"{statistics.median(ts[1:]) * 1e3:.1f} ms per step (first step {ts[0] * 1e3:.1f} ms, "
-                  f"incl. buffer allocation)")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # another rootdir/ini still knows them
     config.addinivalue_line("markers", "vllm: needs a real vLLM installed (skipped otherwise)")
     config.addinivalue_line("markers", "slow: starts real vLLM engines")
+    config.addinivalue_line("markers", "soak: long fault soak (500 updates); FP8_OVERLAY_SOAK=1 -m soak")
     expected = os.environ.get(EXPECT_ENV)
     if expected:
         installed = _installed_vllm()

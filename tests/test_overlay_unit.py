@@ -188,3 +188,43 @@ def test_patch_wrap_and_revert_rebinds_every_alias():
     finally:
         for name in ("vllm._fake_defining", "vllm._fake_alias", "vllm._fake_late"):
             sys.modules.pop(name, None)
+
+
+def test_uninspectable_target_skips_that_patch_and_the_next_still_applies():
+    """A target whose check raises something other than TargetMismatch (e.g.
+    ``inspect.signature`` on a C function) must not leave later patches
+    pending forever."""
+    from vllm_fp8_overlay.overlay import Overlay, Patch, State
+
+    class _Fake(Patch):
+        trigger_module = "json"  # already imported: the hook runs at once
+        targets = ("json.dumps",)
+
+        def state_for(self, version):
+            return State.APPLIED, "test"
+
+        def apply(self):
+            pass
+
+    class Uninspectable(_Fake):
+        id = "uninspectable"
+
+        def check(self):
+            raise ValueError("no signature found for builtin")
+
+    class Fine(_Fake):
+        id = "fine"
+
+        def check(self):
+            pass
+
+    import json  # noqa: F401
+
+    ov = Overlay([Uninspectable(), Fine()])
+    ov.activate()
+    try:
+        assert ov._runtime["uninspectable"][0] is State.SKIPPED
+        assert "cannot be inspected" in ov._runtime["uninspectable"][1]
+        assert ov._runtime["fine"][0] is State.APPLIED
+    finally:
+        ov.deactivate()

@@ -128,7 +128,7 @@ def test_bounded_memory_bucket_count():
         assert stats.num_buckets == -(-n // per_bucket)
         assert stats.max_payload_bytes <= per_bucket * each
         assert stats.buffers_allocated == 2
-        assert all(s.buf.numel() == per_bucket * each for s in sender._slots)
+        assert all(s.buf.numel() == per_bucket * each + wire.SEAL_SIZE for s in sender._slots)
 
 
 def test_receiver_reuses_one_streaming_buffer():
@@ -140,7 +140,7 @@ def test_receiver_reuses_one_streaming_buffer():
     r._alloc = lambda n: allocs.append(n) or orig(n)
     r.receive_step(lambda ts, m: None)
     assert stats.num_buckets == 5
-    assert [a for a in allocs if a > 4096] == [8192]  # one payload buffer, reused
+    assert [a for a in allocs if a > 4096] == [8192 + wire.SEAL_SIZE]  # one payload buffer, reused
 
 
 def test_fp8_layout_round_trip_in_process():
@@ -205,11 +205,11 @@ def test_empty_step():
 
 
 def _split_messages(msgs):
-    """Group the recorded broadcasts into messages: [header, manifest, (payload)]."""
+    """Group the recorded broadcasts into messages: [header, manifest, (payload + seal)]."""
     out, i = [], 0
     while i < len(msgs):
         h = wire.decode_header(msgs[i])
-        n = 3 if h.payload_len else 2
+        n = 3 if h.kind == wire.MessageKind.BUCKET else 2
         out.append(msgs[i : i + n])
         i += n
     return out

@@ -24,6 +24,8 @@ Run:  .nox/matrix-vllm-0-32-0/bin/python -m pytest tests/test_sync_stream.py -v
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 pytest.importorskip("vllm")
@@ -46,6 +48,7 @@ FMT = "fp8" if VERSION >= (0, 24) else "bf16"  # CT FP8 loads and runs on vllm-c
 LAYERS = 2
 BUCKET = 48 << 10  # small: layers and fused parameters straddle buckets
 TIMEOUT = 240.0
+STEP = itertools.count(1)  # step numbers must increase on the engine, whatever tests run
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_stream_equals_cold_with_straddling_layers(engine, weights):
     assert digest(engine) == cold_digest(engine, ckpts[0]), "cold reference does not reproduce the fresh engine"
     with stream_client(engine) as client:
         for k in (1, 2):
-            rep = client.push(ws[k], step=k)
+            rep = client.push(ws[k], step=next(STEP))
             r = rep.workers[0]
             assert r["ok"] and r["stream"] and r["mode"] == "layerwise", r
             assert r["num_buckets"] == rep.send.num_buckets > 2 * LAYERS, (r, rep.send)
@@ -100,7 +103,7 @@ def test_stream_equals_cold_with_straddling_layers(engine, weights):
                           bucket_bytes=BUCKET, keep_receive_buffers=True) as client:
         assert engine.collective_rpc("weight_sync_status")[0]["receiver"]["keep_step_buffers"]
         for k in (3, 4, 1):
-            r = client.push(ws[k], step=k).workers[0]
+            r = client.push(ws[k], step=next(STEP)).workers[0]
             assert r["ok"] and not r["stream"] and r["peak_extra_source"] == "rss_hwm", r
             assert_warm_equals_cold(engine, ckpts[k], f"whole step {k}, kept receive buffers")
 
@@ -118,17 +121,18 @@ def test_stream_failure_after_handover_then_good_step(engine, weights):
     with stream_client(engine) as client:
         for i, (case, (bad, name)) in enumerate(cases.items()):
             with pytest.raises(WeightSyncFailed, match="PARTIALLY UPDATED") as ei:
-                client.push(bad, step=20 + i)
+                client.push(bad, step=next(STEP))
             r = ei.value.results[0]
             assert r["error_type"] == "WeightLoadFailed" and r["model_touched"], r
             assert name in r["error"], f"{case}: {r['error']}"
             # the receiver is in sync: the next good step lands and equals cold
             k = 1 + i  # alternate between W1 and W2 so the update changes the model
-            rep = client.push(ws[k], step=30 + i)
+            good = next(STEP)
+            rep = client.push(ws[k], step=good)
             assert rep.workers[0]["ok"] and rep.workers[0]["stream"]
             assert_warm_equals_cold(engine, ckpts[k], f"good step after '{case}'")
         st = client.status()[0][0]
-        assert st["last_step"] == 31 and st["last_error"] is None, st
+        assert st["last_step"] == good and st["last_error"] is None, st
 
 
 def test_stream_bad_first_bucket_rejected_model_unchanged(engine, weights):
@@ -139,17 +143,17 @@ def test_stream_bad_first_bucket_rejected_model_unchanged(engine, weights):
     # stream passed as a string, as it arrives over vLLM's HTTP route
     with stream_client(engine, stream="true") as client:
         with pytest.raises(WeightSyncFailed, match="rejected, model unchanged") as ei:
-            client.push({**w, first: w[first].float()}, step=40)
+            client.push({**w, first: w[first].half()}, step=next(STEP))  # same size, wrong dtype
         r = ei.value.results[0]
         assert r["error_type"] == "WeightUpdateRejected" and not r["model_touched"], r
         assert first in r["error"] and "bucket 0" in r["error"], r["error"]
         assert digest(engine) == before, "a rejected streamed update changed the model"
-        rep = client.push(ws[4], step=41)  # the group is still in sync
+        rep = client.push(ws[4], step=next(STEP))  # the group is still in sync
         assert rep.workers[0]["stream"]
         assert_warm_equals_cold(engine, ckpts[4], "good step after a rejected first bucket")
     if FMT == "fp8":  # unquantized tensors to the FP8 server: the layout of bucket 0 is wrong
         before = digest(engine)
         with stream_client(engine, layout=None) as client:
             with pytest.raises(WeightSyncFailed, match="scheme mismatch"):
-                client.push(ws[2], step=42)
+                client.push(ws[2], step=next(STEP))
         assert digest(engine) == before

@@ -51,8 +51,13 @@ def test_recording_and_replay():
     assert out.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(TransportError):
         rep.broadcast(out)  # exhausted
+    short = ReplayTransport([b"abc"])
+    short.broadcast(out)  # fewer bytes than posted: the rest keeps its old bytes (as gloo does)
+    assert out.tolist() == [97, 98, 99, 3, 4] and not short.aborted
+    long = ReplayTransport([b"abcdefgh"])
     with pytest.raises(TransportError):
-        ReplayTransport([b"abc"]).broadcast(out)  # size mismatch
+        long.broadcast(out)  # more bytes than posted: gloo would abort the process
+    assert long.aborted
 
 
 def test_invalid_arguments():
@@ -101,8 +106,8 @@ def test_gloo_broadcast_two_receivers():
 
 
 def test_handshake_mismatch_fails_loudly():
-    """A receiver that disagrees with rank 0 about the group fails with a
-    clear error instead of hanging; rank 0 times out."""
+    """A receiver that disagrees with rank 0 about the group refuses it at the
+    handshake, with a reason on both sides (rank 0 does not wait for a timeout)."""
     port = _free_port()
     errors = {}
 
@@ -114,10 +119,10 @@ def test_handshake_mismatch_fails_loudly():
 
     t = threading.Thread(target=rank0, daemon=True)
     t.start()
-    with pytest.raises(TransportError, match="announced"):
+    with pytest.raises(TransportError, match="world size"):
         BroadcastGroup("127.0.0.1", port, 3, 1, backend="gloo", timeout=3)
     t.join(timeout=30)
-    assert isinstance(errors.get(0), TransportError)
+    assert isinstance(errors.get(0), TransportError) and "world size" in str(errors[0])
 
 
 def test_broadcast_after_close_raises():

@@ -7,6 +7,8 @@ import zlib
 import pytest
 import torch
 
+from vllm_fp8_overlay.formats import FP8Layout
+
 from vllm_fp8_overlay.sync import wire
 from vllm_fp8_overlay.sync.wire import (
     FLAG_LAST,
@@ -96,7 +98,7 @@ def test_round_trip_every_dtype(dtype_name):
 
 
 def test_round_trip_mixed_dtypes_alignment_and_layout():
-    layout = {"method": "fp8", "strategy": "block", "block_size": [128, 128]}
+    layout = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv").to_dict()
     tensors = [
         ("a.weight", _rand(torch.float8_e4m3fn, (3, 5))),  # 15 bytes -> next offset aligned
         ("a.weight_scale_inv", _rand(torch.float32, (1, 1))),
@@ -196,7 +198,7 @@ def test_header_field_validation(kw, exc):
 
 
 def test_limits_are_configurable():
-    limits = WireLimits(max_bucket_bytes=1024, max_manifest_bytes=100)
+    limits = WireLimits(max_bucket_bytes=1024, max_tensor_bytes=1024, max_manifest_bytes=100)
     with pytest.raises(LimitExceededError):
         wire.decode_header(_bucket_header(b"{}", 1025), limits)
     with pytest.raises(LimitExceededError):
@@ -316,3 +318,33 @@ def test_tensors_from_buffer_requires_enough_bytes():
     m = wire.decode_bucket_manifest(h, man)
     with pytest.raises(ManifestError):
         wire.tensors_from_buffer(payload[:16], m)
+
+
+def test_sum64_matches_a_reference_and_detects_changes():
+    """sum64 = little-endian int64 words summed mod 2**64, tail zero-padded,
+    folded lo ^ hi; checked against a pure-Python reference, on aligned and
+    unaligned views."""
+    import struct
+
+    g = torch.Generator().manual_seed(3)
+    data = torch.randint(0, 256, (4099,), dtype=torch.uint8, generator=g)
+
+    def reference(b: bytes) -> int:
+        b = b + bytes(-len(b) % 8)
+        s = sum(struct.unpack(f"<{len(b) // 8}q", b)) % (1 << 64)
+        return (s ^ (s >> 32)) & 0xFFFFFFFF
+
+    for view in (data, data[:4096], data[1:4001], data[:3], data[:12]):
+        assert wire.sum64(view) == reference(view.numpy().tobytes())
+    base = wire.sum64(data)
+    for i in (0, 1, 2048, 4098):
+        flipped = data.clone()
+        flipped[i] ^= 0x10
+        assert wire.sum64(flipped) != base
+    stale = data.clone()
+    stale[1024:2048] = 0  # a region left as it was before the transfer
+    assert wire.sum64(stale) != base
+    h, m, payload = wire.encode_bucket([("w", torch.ones(7, dtype=torch.bfloat16))], step=1,
+                                       checksum="sum64")
+    assert wire.decode_header(h).checksum_algo == wire.ChecksumAlgo.SUM64
+    assert wire.payload_checksum(payload, wire.ChecksumAlgo.SUM64) == wire.decode_header(h).payload_checksum

@@ -287,6 +287,14 @@ class Overlay:
             self._runtime[patch.id] = (State.SKIPPED, str(exc))
             logger.warning("vllm-fp8-overlay: patch %s skipped: %s", patch.id, exc)
             return
+        except Exception as exc:
+            # a target whose signature cannot even be inspected (a C function,
+            # a wrapper of another tool): skip this patch, and let the loop go
+            # on so that the next patches do not stay "pending" forever
+            self._runtime[patch.id] = (State.SKIPPED, f"target cannot be inspected: {exc!r}")
+            logger.warning("vllm-fp8-overlay: patch %s skipped: target cannot be inspected: %r",
+                           patch.id, exc)
+            return
         try:
             patch.apply()
         except Exception as exc:

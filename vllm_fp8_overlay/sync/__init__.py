@@ -3,12 +3,15 @@
 * :class:`WeightSender` (trainer, rank 0): quantize, pack into buckets, broadcast.
 * :class:`WeightReceiver` (each vLLM worker, ranks >= 1): receive, validate, decode.
 * :mod:`.wire`: the binary wire format, safe to decode from an untrusted peer.
-* :mod:`.transport`: a private gloo/NCCL broadcast group.
+* :mod:`.transport`: a private gloo/NCCL broadcast group and its handshake.
+* :mod:`.values`: value sentinels (NaN/Inf, scales > 0) both sides enforce.
+* :mod:`.client` / :mod:`.worker_extension`: the trainer's driver and the
+  vLLM side (loading lives in :mod:`.apply`).
 """
 
-from .receiver import Bucket, ReceivedStep, WeightReceiver
+from .receiver import Bucket, ReceivedStep, StepRejectedError, WeightReceiver
 from .sender import DEFAULT_BUCKET_BYTES, SendStats, WeightSender
-from .transport import BroadcastGroup, TransportError, assign_rank_offsets
+from .transport import BroadcastGroup, GroupRefused, OwnershipLost, TransportError, assign_rank_offsets
 from .wire import (
     PROTOCOL_VERSION,
     BadMagicError,
@@ -35,8 +38,11 @@ __all__ = [
     "WeightReceiver",
     "Bucket",
     "ReceivedStep",
+    "StepRejectedError",
     "BroadcastGroup",
     "TransportError",
+    "GroupRefused",
+    "OwnershipLost",
     "assign_rank_offsets",
     "PROTOCOL_VERSION",
     "WireLimits",

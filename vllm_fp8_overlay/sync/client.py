@@ -18,18 +18,28 @@ and talks to every vLLM server through ``collective_rpc`` -- in-process
         report = client.push(model.state_dict(), step)   # raises if any worker failed
     client.close()
 
-The receivers' calls block until the step is complete, so each is issued from
-a helper thread; ``push`` then runs ``WeightSender.send`` in the calling
-thread, waits (bounded) for every worker's result, raises
-:class:`WeightSyncFailed` listing each worker's error if any failed, and
-finally resets every server's prefix cache (cached KV blocks were computed
-with the old weights).
+``push`` asks every worker to start receiving (from helper threads), runs
+``WeightSender.send`` in the calling thread, and polls the workers until all
+answered. A worker receives in a background thread, so each poll holds the
+server's engine at most ``max_block_s`` (default 0.1 s) and the client then
+leaves it alone for ``poll_interval_s`` (default 0.1 s): generation goes on
+while a slow or frozen trainer's step is in flight (streamed steps excepted:
+they load while receiving). ``push`` raises :class:`WeightSyncFailed` listing
+each worker's error if any failed, and resets every server's prefix cache
+after every attempt, failed ones included (cached KV blocks were computed
+with other weights).
+
+Ownership: the client names its group with a random id; a server already
+owned by another live trainer refuses to join unless ``takeover=True``,
+which tells that trainer (its next push raises ``OwnershipLost``). Steps
+must increase unless ``push(..., allow_non_increasing=True)``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -81,10 +91,9 @@ class LLMTarget:
     def call(self, method: str, kwargs: dict[str, Any], timeout: float | None) -> list[Any]:
         return list(self.llm.collective_rpc(method, timeout=timeout, kwargs=kwargs))
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> bool:
         fn = getattr(self.llm, "reset_prefix_cache", None)
-        if callable(fn):
-            fn()
+        return bool(fn()) if callable(fn) else False
 
 
 class HTTPTarget:
@@ -124,8 +133,9 @@ class HTTPTarget:
             raise RuntimeError(f"{self.name}: unexpected /collective_rpc response {out!r}")
         return list(out["results"])
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> bool:
         self._post("/reset_prefix_cache", None, 60)
+        return True
 
 
 def _target(t: Any) -> Any:
@@ -151,6 +161,7 @@ class StepReport:
     wall_s: float
     reset_prefix_cache_s: float = 0.0
     targets: list[str] = field(default_factory=list)
+    prefix_cache_reset: list[bool] = field(default_factory=list)  # per target: did the reset succeed
 
     def stage_times(self) -> dict[str, float]:
         """Slowest worker per stage, plus the trainer's quantize/transfer."""
@@ -195,7 +206,13 @@ class WeightSyncClient:
             between updates. Default ``False``.
         checkpoint_dir: what the servers validate against, if their model
             directory is not local to them.
-        reset_prefix_cache: reset each server's prefix cache after a step.
+        reset_prefix_cache: reset each server's prefix cache after every
+            update attempt.
+        takeover: replace the receivers of another trainer that still owns
+            the servers (it is told); without it such servers refuse.
+        max_block_s: longest time one poll may hold a server's engine while a
+            step is in flight (workers receive in the background).
+        poll_interval_s: pause between polls, during which the engine serves.
 
     Construction joins every worker and the sender into one group (bounded by
     ``timeout``).
@@ -217,6 +234,9 @@ class WeightSyncClient:
         keep_receive_buffers: bool = False,
         checkpoint_dir: str | None = None,
         reset_prefix_cache: bool = True,
+        takeover: bool = False,
+        max_block_s: float = 0.1,
+        poll_interval_s: float = 0.1,
     ) -> None:
         if not isinstance(targets, (list, tuple)):
             targets = [targets]
@@ -227,6 +247,9 @@ class WeightSyncClient:
         self.mode = mode
         self.stream = stream
         self.reset_prefix_cache = reset_prefix_cache
+        self.max_block_s = float(max_block_s)
+        self.poll_interval_s = float(poll_interval_s)
+        self.group_id = os.urandom(16).hex()
         self._pool = cf.ThreadPoolExecutor(max_workers=max(2, len(self.targets)), thread_name_prefix="weight-sync-rpc")
         self.sender: WeightSender | None = None
         self._closed = False
@@ -260,7 +283,8 @@ class WeightSyncClient:
             self._pool.submit(t.call, "init_weight_receiver", {
                 "host": host, "port": int(port), "world_size": world_size, "rank_offset": off,
                 "backend": backend, "timeout": self.timeout, "checkpoint_dir": checkpoint_dir,
-                "keep_step_buffers": keep_receive_buffers,
+                "keep_step_buffers": keep_receive_buffers, "group_id": self.group_id, "takeover": takeover,
+                "on_error": "return",
             }, self.timeout + 60)
             for t, off in zip(self.targets, offsets)
         ]
@@ -269,7 +293,8 @@ class WeightSyncClient:
         def build() -> None:
             try:
                 box["sender"] = WeightSender(layout, host, int(port), world_size, backend=backend,
-                                             bucket_bytes=bucket_bytes, device=device, timeout=self.timeout)
+                                             bucket_bytes=bucket_bytes, device=device, timeout=self.timeout,
+                                             group_id=self.group_id)
             except BaseException as e:  # noqa: BLE001 - reported below
                 box["error"] = e
 
@@ -278,47 +303,70 @@ class WeightSyncClient:
         deadline = time.monotonic() + self.timeout + 30
         while th.is_alive() and time.monotonic() < deadline:
             th.join(0.2)
-            for t, f in zip(self.targets, futs):
-                if f.done() and f.exception() is not None:
-                    self._pool.shutdown(wait=False, cancel_futures=True)
-                    raise RuntimeError(f"{t.name}: init_weight_receiver failed: {f.exception()}") from f.exception()
+            failed = self._init_failures(futs)
+            if failed:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                raise WeightSyncFailed("init_weight_receiver failed: " + "; ".join(failed))
         if th.is_alive():
             raise TimeoutError(f"weight-sync group did not form within {self.timeout + 30:.0f}s")
         if "error" in box:
-            raise RuntimeError(f"could not form the weight-sync group: {box['error']}") from box["error"]
+            cf.wait(futs, timeout=10)  # the workers' own reasons say more than the handshake's
+            failed = self._init_failures(futs)
+            raise WeightSyncFailed("could not form the weight-sync group: " + "; ".join(failed or [str(box["error"])])) \
+                from box["error"]
         self.sender = box["sender"]
         self.workers = self._gather(futs, "init_weight_receiver")
+
+    def _init_failures(self, futs: list[cf.Future]) -> list[str]:
+        out = []
+        for t, f in zip(self.targets, futs):
+            if not f.done():
+                continue
+            if f.exception() is not None:
+                out.append(f"{t.name}: {f.exception()}")
+                continue
+            for i, r in enumerate(f.result()):
+                if isinstance(r, dict) and r.get("ok") is False:
+                    out.append(f"{t.name} worker {i}: {r.get('error')}")
+        return out
 
     # ------------------------------------------------------------------ API
 
     def push(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], step: int,
-             mode: str | None = None, stream: bool | None = None) -> StepReport:
+             mode: str | None = None, stream: bool | None = None, allow_non_increasing: bool = False) -> StepReport:
         """Send one step to every worker and wait until all of them loaded it
         (``mode`` / ``stream``: this step only, default the client's).
+        ``step`` must be larger than the last step the workers loaded unless
+        ``allow_non_increasing``.
 
         Raises :class:`WeightSyncFailed` if any worker rejected or failed the
-        step (after all workers answered), or the sender's own error.
+        step (after all workers answered), or the sender's own error. Every
+        server's prefix cache is reset afterwards either way.
         """
         if self._closed or self.sender is None:
             raise RuntimeError("client is closed")
         t0 = time.perf_counter()
         kw = {"step": int(step), "mode": mode or self.mode, "on_error": "return",
-              "stream": self.stream if stream is None else stream}
-        futs = [self._pool.submit(t.call, "receive_weights", kw, self.timeout + 60) for t in self.targets]
+              "stream": self.stream if stream is None else stream, "max_wait_s": self.max_block_s,
+              "allow_non_increasing": bool(allow_non_increasing), "group_id": self.group_id}
+        futs = [self._pool.submit(self._run_step, t, kw) for t in self.targets]
         send_error: BaseException | None = None
         stats = None
         try:
-            stats = self.sender.send(weights, step)
-        except BaseException as e:  # noqa: BLE001 - workers got an ABORT; collect them first
-            send_error = e
-        try:
-            results = self._gather(futs, "receive_weights")
-        except Exception as e:
+            try:
+                stats = self.sender.send(weights, step)
+            except BaseException as e:  # noqa: BLE001 - workers got an ABORT; collect them first
+                send_error = e
+            try:
+                results = self._gather(futs, "receive_weights")
+            except Exception as e:
+                if send_error is not None:
+                    raise send_error from e
+                raise
             if send_error is not None:
-                raise send_error from e
-            raise
-        if send_error is not None:
-            raise send_error
+                raise send_error
+        finally:
+            reset = self._reset_prefix_caches()
         failed = [(t.name, i, r) for t, rs in zip(self.targets, results) for i, r in enumerate(rs)
                   if not (isinstance(r, dict) and r.get("ok"))]
         flat = [r for rs in results for r in rs]
@@ -329,12 +377,9 @@ class WeightSyncClient:
                     + ("SOME MODELS MAY BE PARTIALLY UPDATED" if touched else "failed workers left their model unchanged"))
             raise WeightSyncFailed(head + ":\n  " + "\n  ".join(lines), flat)
         t1 = time.perf_counter()
-        if self.reset_prefix_cache:
-            for t in self.targets:
-                t.reset_prefix_cache()
-        t2 = time.perf_counter()
-        return StepReport(step=int(step), send=stats, workers=flat, wall_s=t1 - t0,
-                          reset_prefix_cache_s=t2 - t1, targets=[t.name for t in self.targets])
+        return StepReport(step=int(step), send=stats, workers=flat, wall_s=t1 - t0 - reset[1],
+                          reset_prefix_cache_s=reset[1], targets=[t.name for t in self.targets],
+                          prefix_cache_reset=reset[0])
 
     def status(self) -> list[list[dict]]:
         """``weight_sync_status()`` of every worker, per target."""
@@ -364,6 +409,32 @@ class WeightSyncClient:
         self.close()
 
     # ------------------------------------------------------------ internals
+
+    def _run_step(self, t: Any, kw: dict) -> list[Any]:
+        """One target's side of a step: start it, then poll until every
+        worker answered (each call holds the engine at most ``max_block_s``)."""
+        res = t.call("receive_weights", kw, self.timeout + 60)
+        deadline = time.monotonic() + self.timeout + 60
+        poll = {"step": kw["step"], "max_wait_s": self.max_block_s, "on_error": "return", "group_id": self.group_id}
+        while any(isinstance(r, dict) and r.get("pending") for r in res):
+            if time.monotonic() > deadline:
+                return [{"ok": False, "step": kw["step"], "error": f"step still arriving after {self.timeout + 60:.0f}s",
+                         "error_type": "WeightUpdateRejected", "model_touched": False} if r.get("pending") else r
+                        for r in res]
+            time.sleep(self.poll_interval_s)
+            res = t.call("weight_sync_wait", poll, self.timeout + 60)
+        return res
+
+    def _reset_prefix_caches(self) -> tuple[list[bool], float]:
+        t0 = time.perf_counter()
+        ok: list[bool] = []
+        if self.reset_prefix_cache:
+            for t in self.targets:
+                try:
+                    ok.append(bool(t.reset_prefix_cache()))
+                except Exception:  # a dead server must not hide the step's own outcome
+                    ok.append(False)
+        return ok, time.perf_counter() - t0
 
     def _call_all(self, method: str, kwargs: dict) -> list[list[Any]]:
         futs = [self._pool.submit(t.call, method, kwargs, self.timeout) for t in self.targets]

@@ -8,101 +8,48 @@ whenever the trainer announces a step, calls either
   next bucket arrives; or
 * :meth:`WeightReceiver.receive_all`: the whole step, each bucket received into
   its own buffer, so every tensor stays valid (memory = size of the step) and
-  all names/shapes can be validated before the model is touched.
+  all names/shapes can be validated before the model is touched. Caller
+  checks run per bucket: on the manifest before its payload is allocated,
+  and on the tensors once they arrived.
 
-Host work per step is kept small for models with thousands of tensors:
-manifests are decoded and validated once and reused while the trainer sends
-byte-identical ones (:class:`~vllm_fp8_overlay.sync.wire.ManifestCache`), and
-the tensor views of a bucket are built once per reused buffer and manifest.
+Every receive is posted with a size the trainer announced in a header this
+receiver accepted (within the limits agreed at the group's handshake), so no
+claim of a peer can make gloo abort this process. When the receiver cannot
+know the size of the next transfer (a header it cannot trust, a message of
+another step), it never posts another receive on the group: it marks itself
+broken and closes the group, which also fails the trainer's pending
+broadcast at once instead of at its timeout.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 from . import wire
+from .received import Bucket, ManifestCheck, OnBucket, PayloadCheck, ReceivedStep, StepRejectedError, _Fatal, _StepState
 from .transport import DEFAULT_TIMEOUT_S, BroadcastGroup, Transport, TransportError
 from .wire import (
     HEADER_SIZE,
+    SEAL_SIZE,
     BucketManifest,
     ChecksumAlgo,
     ChecksumError,
     EndOfStep,
     Header,
+    LimitExceededError,
     MessageKind,
-    ProtocolError,
     ReceiverBrokenError,
     StepAbortedError,
     TruncatedStepError,
-    WireError,
     WireLimits,
 )
 
-__all__ = ["WeightReceiver", "Bucket", "ReceivedStep", "OnBucket"]
+__all__ = ["WeightReceiver", "Bucket", "ReceivedStep", "OnBucket", "StepRejectedError"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Bucket:
-    """One received bucket: validated manifest plus zero-copy tensor views."""
-
-    manifest: BucketManifest
-    tensors: list[tuple[str, torch.Tensor]]
-    payload: torch.Tensor  # the uint8 buffer the views alias
-
-    @property
-    def step(self) -> int:
-        return self.manifest.step
-
-    @property
-    def index(self) -> int:
-        return self.manifest.index
-
-    @property
-    def last(self) -> bool:
-        return self.manifest.last
-
-
-@dataclass
-class ReceivedStep:
-    """Everything of one step, as returned by :meth:`WeightReceiver.receive_all`."""
-
-    step: int
-    layout: dict | None
-    tensors: list[tuple[str, torch.Tensor]]
-    summary: EndOfStep
-    manifests: list[BucketManifest] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.tensors)
-
-
-OnBucket = Callable[[list[tuple[str, torch.Tensor]], BucketManifest], None]
-
-
-class _StepState:
-    def __init__(self, expected_step: int | None) -> None:
-        self.expected_step = expected_step
-        self.step: int | None = None
-        self.next_index = 0
-        self.saw_last = False
-        self.num_tensors = 0
-        self.num_bytes = 0
-        self.names: set[str] = set()
-        self.layout: dict | None = None
-
-    def check_step(self, header: Header) -> None:
-        if self.step is None:
-            if self.expected_step is not None and header.step != self.expected_step:
-                raise ProtocolError(f"expected step {self.expected_step}, sender sent step {header.step}")
-            self.step = header.step
-        elif header.step != self.step:
-            raise ProtocolError(f"message of step {header.step} inside step {self.step}")
 
 
 class WeightReceiver:
@@ -115,8 +62,10 @@ class WeightReceiver:
         backend, device: as for the sender; must resolve to the same backend
             as the trainer (checked at the handshake).
         timeout: seconds for group creation and each collective.
-        limits: caps applied to everything the trainer sends.
-        verify_checksum: verify payload checksums the sender provides.
+        limits: caps applied to everything the trainer sends; also announced
+            at the handshake (the trainer packs within them).
+        verify_checksum: verify payload checksums the sender provides (the
+            seal is always verified).
         require_checksum: reject buckets that carry no payload checksum.
         transport: inject a ready transport (tests / tools).
         keep_step_buffers: ``receive_all`` keeps its per-bucket buffers (and the
@@ -124,6 +73,8 @@ class WeightReceiver:
             new ones: no allocation and no view building after the first
             step, but the step's memory stays resident between steps and the
             tensors a ``receive_all`` returned are overwritten by the next one.
+        group_id: refuse a group whose id is not this one (the id the trainer
+            passed to this worker when it asked it to join).
 
     Construction blocks until every rank has joined.
     """
@@ -144,22 +95,26 @@ class WeightReceiver:
         group_name: str = "weights",
         transport: Transport | None = None,
         keep_step_buffers: bool = False,
+        group_id: str | None = None,
     ) -> None:
         if transport is None:
             if rank == 0:
                 raise ValueError("rank 0 is the trainer; receivers use ranks >= 1")
-            transport = BroadcastGroup(
-                host, port, world_size, rank, backend=backend, device=device, timeout=timeout, group_name=group_name
-            )
+            transport = BroadcastGroup(host, port, world_size, rank, backend=backend, device=device,
+                                       timeout=timeout, group_name=group_name, limits=limits, group_id=group_id)
         self.transport = transport
         self.device = torch.device(transport.device)
         self.limits = limits
+        #: largest payload of several tensors (agreed at the handshake)
+        self.bucket_bytes = int(getattr(transport, "bucket_bytes", None) or limits.max_bucket_bytes)
+        self.group_id = getattr(transport, "group_id", None)
         self.verify_checksum = verify_checksum
         self.require_checksum = require_checksum
+        self.keep_step_buffers = bool(keep_step_buffers)
         self._hdr = torch.zeros(HEADER_SIZE, dtype=torch.uint8, device=self.device)
         self._man: torch.Tensor | None = None
-        self._buf: torch.Tensor | None = None
-        self.keep_step_buffers = bool(keep_step_buffers)
+        self._buf: torch.Tensor | None = None  # streaming buffer (iter_buckets / receive_step)
+        self._scratch: torch.Tensor | None = None  # payloads nobody will read (drains, rejected buckets)
         self._step_bufs: list[torch.Tensor] = []
         self.manifest_cache = wire.ManifestCache()
         # id(buffer) -> {id(manifest entries): (entries, views)}; only for
@@ -178,6 +133,10 @@ class WeightReceiver:
         """Why the stream can no longer be trusted (``None`` while healthy)."""
         return self._broken
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def iter_buckets(self, expected_step: int | None = None) -> Iterator[Bucket]:
         """Yield the buckets of one step, in order, until end-of-step.
 
@@ -187,6 +146,14 @@ class WeightReceiver:
         the group stays in sync with the trainer.
         """
         return self._iter(expected_step, fresh=False)
+
+    def iter_fresh_buckets(self, expected_step: int | None = None,
+                           check_manifest: ManifestCheck | None = None) -> Iterator[Bucket]:
+        """Like :meth:`iter_buckets`, but every bucket is received into its own
+        buffer (freed when the last view into it is dropped), and
+        ``check_manifest`` vets each manifest before its payload is allocated
+        (problems: :class:`StepRejectedError` once the step was drained)."""
+        return self._iter(expected_step, fresh=True, check_manifest=check_manifest, reject_early=True)
 
     def receive_step(self, on_bucket: OnBucket, expected_step: int | None = None) -> EndOfStep:
         """Receive one step, calling ``on_bucket(tensors, manifest)`` per bucket.
@@ -206,19 +173,25 @@ class WeightReceiver:
         finally:
             gen.close()
 
-    def receive_all(self, expected_step: int | None = None) -> ReceivedStep:
+    def receive_all(self, expected_step: int | None = None, *, check_manifest: ManifestCheck | None = None,
+                    check_payload: PayloadCheck | None = None) -> ReceivedStep:
         """Receive a whole step and return every tensor.
 
-        Each bucket is received straight into a freshly allocated buffer of its
-        exact payload size, so nothing is copied and the returned views stay
-        valid for as long as they are referenced. The price is memory: the
-        whole step (all buckets, incl. alignment padding) is resident at once,
-        on ``device``. The reused streaming buffer is not touched.
+        Each bucket is received straight into a buffer of its exact payload
+        size, so nothing is copied and the returned views stay valid for as
+        long as they are referenced. The price is memory: the whole step is
+        resident at once, on ``device``.
+
+        ``check_manifest(manifest) -> problems`` runs on each bucket's manifest
+        before its payload is allocated; ``check_payload(bucket) -> problems``
+        on its tensors once they arrived (e.g. value sentinels). After the
+        first problem the rest of the step is still received (into one scratch
+        buffer, not kept) and its manifests still checked, then
+        :class:`StepRejectedError` lists every problem.
         """
         tensors: list[tuple[str, torch.Tensor]] = []
         manifests: list[BucketManifest] = []
-        layout = None
-        gen = self._iter(expected_step, fresh=True)
+        gen = self._iter(expected_step, fresh=True, check_manifest=check_manifest, check_payload=check_payload)
         try:
             while True:
                 try:
@@ -228,24 +201,27 @@ class WeightReceiver:
                     break
                 tensors.extend(bucket.tensors)
                 manifests.append(bucket.manifest)
-                layout = bucket.manifest.layout
         finally:
             gen.close()
+        layout = manifests[-1].layout if manifests else None
         return ReceivedStep(step=summary.step, layout=layout, tensors=tensors, summary=summary, manifests=manifests)
 
     def release_buffers(self) -> None:
         """Free the reused buffers (they are reallocated on demand)."""
         self._buf = None
         self._man = None
+        self._scratch = None
         self._step_bufs = []
         self._views.clear()
+        self._summaries.clear()
 
     def close(self) -> None:
-        """Tear the group down. Idempotent."""
+        """Tear the group down and drop every buffer and cache. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.release_buffers()
+        self.manifest_cache.clear()
         self.transport.close()
 
     def __enter__(self) -> "WeightReceiver":
@@ -259,28 +235,92 @@ class WeightReceiver:
     def _alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
-    def _payload_buffer(self, header: Header, fresh: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(payload view, kept buffer it lies in or None)`` for a message."""
-        p = header.payload_len
-        if fresh and not (self.keep_step_buffers and header.kind == MessageKind.BUCKET and p):
-            return self._alloc(p), None
+    def _break(self, why: BaseException | str) -> None:
+        """The position in the stream is unknown: never post another receive
+        on this group. Closing it makes a trainer blocked on this rank fail at
+        once; recreate the group on both sides."""
+        if self._broken is None:
+            self._broken = why if isinstance(why, str) else f"{type(why).__name__}: {why}"
+            logger.error("weight sync: receiver rank %s is out of sync and leaves the group: %s",
+                         getattr(self.transport, "rank", "?"), self._broken)
+        self._after_failure()
+        try:
+            self.transport.close()
+        except Exception:  # pragma: no cover - closing a broken group is best effort
+            pass
+
+    def _after_failure(self) -> None:
+        """Nothing of a failed step stays cached or allocated."""
+        self.release_buffers()
+        self.manifest_cache.clear()
+
+    def _grow(self, buf: torch.Tensor | None, n: int) -> torch.Tensor:
+        if buf is None or buf.numel() < n:
+            buf = None  # drop the old buffer before growing
+            buf = self._alloc(n)
+        return buf
+
+    def _recv_header(self) -> Header:
+        try:
+            self._hdr.zero_()  # a short transfer must not leave an old valid header behind
+            self.transport.broadcast(self._hdr)
+            h = wire.decode_header(self._hdr.cpu().numpy().tobytes(), self.limits)
+            cap = max(self.bucket_bytes, self.limits.max_tensor_bytes)
+            if h.payload_len > cap:  # more than any payload this receiver agreed to take
+                raise LimitExceededError(f"bucket {h.index} of step {h.step} announces {h.payload_len} payload bytes; "
+                                         f"this receiver takes at most {cap} (agreed bucket size "
+                                         f"{self.bucket_bytes}, max_tensor_bytes {self.limits.max_tensor_bytes})")
+            return h
+        except BaseException as e:
+            raise _Fatal(e) from None
+
+    def _recv_manifest(self, h: Header) -> bytes:
+        try:
+            self._man = self._grow(self._man, max(h.manifest_len, 4096))
+            man = self._man[: h.manifest_len]
+            man.zero_()
+            self.transport.broadcast(man)
+            return man.cpu().numpy().tobytes()
+        except BaseException as e:
+            raise _Fatal(e) from None
+
+    def _recv_payload(self, h: Header, dest: torch.Tensor, check: bool) -> None:
+        """Receive ``payload || seal`` into ``dest`` (``payload_len + SEAL_SIZE``
+        bytes); with ``check`` verify the seal."""
+        seal = dest[h.payload_len:]
+        try:
+            wire.clear_seal(seal)
+            self.transport.broadcast(dest)
+        except BaseException as e:
+            raise _Fatal(e) from None
+        if check:
+            wire.check_payload_seal(seal, h)
+
+    def _scratch_for(self, h: Header) -> torch.Tensor:
+        self._scratch = self._grow(self._scratch, h.payload_len + SEAL_SIZE)
+        return self._scratch[: h.payload_len + SEAL_SIZE]
+
+    def _payload_buffer(self, h: Header, fresh: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(transfer view, kept buffer it lies in or None)`` for a bucket."""
+        n = h.payload_len + SEAL_SIZE
+        if fresh and not self.keep_step_buffers:
+            return self._alloc(n), None
         if fresh:
-            i = header.index
+            i = h.index
             while len(self._step_bufs) <= i:
                 self._step_bufs.append(self._alloc(0))
-            if self._step_bufs[i].numel() < p:
+            if self._step_bufs[i].numel() < n:
                 self._views.pop(id(self._step_bufs[i]), None)
-                self._step_bufs[i] = self._alloc(0)  # drop the old buffer before growing
-                self._step_bufs[i] = self._alloc(p)
+                self._step_bufs[i] = self._alloc(0)
+                self._step_bufs[i] = self._alloc(n)
             kept = self._step_bufs[i]
         else:
-            if self._buf is None or self._buf.numel() < p:
+            if self._buf is None or self._buf.numel() < n:
                 if self._buf is not None:
                     self._views.pop(id(self._buf), None)
-                self._buf = None  # drop the old buffer before growing
-                self._buf = self._alloc(p)
+                self._buf = self._grow(None if self._buf is None else self._buf, n)
             kept = self._buf
-        return kept[:p], kept
+        return kept[:n], kept
 
     def _tensor_views(self, payload: torch.Tensor, kept: torch.Tensor | None,
                       manifest: BucketManifest) -> list[tuple[str, torch.Tensor]]:
@@ -296,103 +336,6 @@ class WeightReceiver:
         per_buf[id(manifest.tensors)] = (manifest.tensors, views)
         return list(views)
 
-    def _to_bytes(self, t: torch.Tensor) -> bytes:
-        return t.cpu().numpy().tobytes()
-
-    def _recv_header(self) -> Header:
-        try:
-            self.transport.broadcast(self._hdr)
-            return wire.decode_header(self._to_bytes(self._hdr), self.limits)
-        except BaseException as e:
-            # The sizes of what follows are unknown or untrusted (or the
-            # collective was interrupted): we cannot resynchronise.
-            self._broken = f"{type(e).__name__}: {e}"
-            raise
-
-    def _recv_rest(self, header: Header, fresh: bool) -> tuple[bytes, torch.Tensor, torch.Tensor | None]:
-        """Receive manifest and payload whose (capped) sizes the header gave."""
-        try:
-            n = header.manifest_len
-            if self._man is None or self._man.numel() < n:
-                self._man = None
-                self._man = self._alloc(max(n, 4096))
-            man = self._man[:n]
-            self.transport.broadcast(man)
-            manifest = self._to_bytes(man)
-            payload, kept = self._payload_buffer(header, fresh)
-            if header.payload_len:
-                self.transport.broadcast(payload)
-            return manifest, payload, kept
-        except BaseException as e:
-            self._broken = f"{type(e).__name__}: {e}"
-            raise
-
-    def _recv_message(self, fresh: bool) -> tuple[Header, bytes, torch.Tensor, torch.Tensor | None]:
-        header = self._recv_header()
-        return (header, *self._recv_rest(header, fresh))
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise TransportError("receiver is closed")
-        if self._broken is not None:
-            raise ReceiverBrokenError(f"weight-sync stream is out of sync ({self._broken}); recreate the group")
-        if self._busy:
-            raise RuntimeError("a step is already being received on this receiver")
-
-    def _iter(self, expected_step: int | None, fresh: bool) -> Iterator[Bucket]:
-        self._check_usable()
-        self._busy = True
-        done = False
-        st = _StepState(expected_step)
-        try:
-            while True:
-                header, manifest, payload, kept = self._recv_message(fresh)
-                if header.kind == MessageKind.ABORT:
-                    done = True
-                    reason = wire.decode_abort(header, manifest, self.limits)
-                    raise StepAbortedError(f"trainer aborted step {header.step}: {reason}")
-                if header.kind == MessageKind.END:
-                    done = True
-                    summary = self._finish(st, header, manifest)
-                    self.last_step = summary.step
-                    return summary
-                bucket = self._bucket(st, header, manifest, payload, kept)
-                yield bucket
-        finally:
-            self._busy = False
-            if not done and self._broken is None:
-                self._drain()
-
-    def _bucket(self, st: _StepState, header: Header, manifest_bytes: bytes, payload: torch.Tensor,
-                kept: torch.Tensor | None) -> Bucket:
-        st.check_step(header)
-        if st.saw_last:
-            raise ProtocolError(f"bucket {header.index} after the last bucket of step {st.step}")
-        if header.index != st.next_index:
-            raise ProtocolError(f"expected bucket {st.next_index}, got {header.index}")
-        manifest = wire.decode_bucket_manifest(header, manifest_bytes, self.limits, self.manifest_cache)
-        if header.checksum_algo == ChecksumAlgo.NONE:
-            if self.require_checksum:
-                raise ChecksumError(f"bucket {header.index} carries no payload checksum")
-        elif self.verify_checksum:
-            got = wire.payload_checksum(payload, header.checksum_algo)
-            if got != header.payload_checksum:
-                raise ChecksumError(
-                    f"payload checksum mismatch in bucket {header.index} of step {header.step}: "
-                    f"got 0x{got:08x}, header says 0x{header.payload_checksum:08x}"
-                )
-        names, nbytes = self._summary(manifest)
-        if not st.names.isdisjoint(names):
-            dup = sorted(st.names & names)[0]
-            raise wire.ManifestError(f"tensor {dup!r} sent twice in step {st.step}")
-        st.names |= names
-        st.num_bytes += nbytes
-        st.num_tensors += len(manifest.tensors)
-        st.next_index += 1
-        st.saw_last = manifest.last
-        st.layout = manifest.layout
-        return Bucket(manifest=manifest, tensors=self._tensor_views(payload, kept, manifest), payload=payload)
-
     def _summary(self, manifest: BucketManifest) -> tuple[frozenset[str], int]:
         """Names and byte count of a manifest (memoized for cached manifests)."""
         hit = self._summaries.get(id(manifest.tensors))
@@ -405,27 +348,137 @@ class WeightReceiver:
         self._summaries[id(manifest.tensors)] = (manifest.tensors, names, nbytes)
         return names, nbytes
 
+    def _check_usable(self) -> None:
+        if self._closed and self._broken is None:
+            raise TransportError("receiver is closed")
+        if self._broken is not None:
+            raise ReceiverBrokenError(f"weight-sync stream is out of sync ({self._broken}); recreate the group")
+        if self._busy:
+            raise RuntimeError("a step is already being received on this receiver")
+
+    def _iter(self, expected_step: int | None, fresh: bool, check_manifest: ManifestCheck | None = None,
+              check_payload: PayloadCheck | None = None, reject_early: bool = False) -> Iterator[Bucket]:
+        self._check_usable()
+        self._busy = True
+        st = _StepState(expected_step)
+        ok = False
+        try:
+            while True:
+                h = self._recv_header()
+                raw = self._recv_manifest(h)
+                st.check_step(h) if st.step is not None else None
+                if h.kind == MessageKind.BUCKET:
+                    bucket = self._bucket(st, h, raw, fresh, check_manifest, check_payload)
+                    if bucket is not None:
+                        yield bucket
+                    elif reject_early:
+                        raise StepRejectedError(st.step, st.problems)
+                    continue
+                st.ended = True  # END or ABORT: the step is over on the wire
+                st.check_step(h)
+                if h.kind == MessageKind.ABORT:
+                    raise StepAbortedError(f"trainer aborted step {h.step}: {wire.decode_abort(h, raw, self.limits)}")
+                summary = self._finish(st, h, raw)
+                if st.problems:
+                    raise StepRejectedError(summary.step, st.problems)
+                self.last_step = summary.step
+                ok = True
+                return summary
+        except _Fatal as f:
+            self._break(f.args[0])
+            raise f.args[0] from None
+        finally:
+            self._busy = False
+            if not ok:
+                if not st.ended and self._broken is None:
+                    self._drain(st)
+                self._after_failure()
+
+    def _bucket(self, st: _StepState, h: Header, raw: bytes, fresh: bool, check_manifest: ManifestCheck | None,
+                check_payload: PayloadCheck | None) -> Bucket | None:
+        """Validate a BUCKET message and receive its payload. A manifest that
+        fails validation is fatal (the payload's size is then a bare claim:
+        no buffer is allocated for it and no receive posted). Otherwise the
+        payload is always received: ``None`` when a check rejected the bucket
+        (the payload went to scratch), a :class:`WireError` after it was
+        consumed for order, seal and checksum errors."""
+        try:  # the payload size is trusted only once the manifest accounts for it
+            manifest = wire.decode_bucket_manifest(h, raw, self.limits, self.manifest_cache)
+            if h.payload_len > self.bucket_bytes and len(manifest.tensors) != 1:
+                raise LimitExceededError(f"bucket {h.index}: payload of {h.payload_len} bytes is larger than the "
+                                         f"agreed bucket size {self.bucket_bytes} but holds {len(manifest.tensors)} "
+                                         "tensors (only a single tensor may travel alone)")
+        except BaseException as e:  # no receive is posted for a payload nobody vouches for
+            raise _Fatal(e) from None
+        error: BaseException | None = None
+        problems: list[str] = []
+        try:
+            if st.step is None:
+                st.check_step(h)
+            st.check_order(h)
+            if check_manifest is not None:
+                problems = list(check_manifest(manifest))
+        except Exception as e:  # whatever happens, the payload transfer must be consumed
+            error = e
+        to_scratch = error is not None or bool(problems) or bool(st.problems)
+        try:
+            dest, kept = (self._scratch_for(h), None) if to_scratch else self._payload_buffer(h, fresh)
+        except BaseException as e:  # no buffer: the payload cannot be consumed
+            raise _Fatal(e) from None
+        self._recv_payload(h, dest, check=not to_scratch)
+        if error is not None:
+            raise error
+        if problems or st.problems:
+            st.problems += problems
+            names, nbytes = self._summary(manifest)
+            st.account(names, nbytes, len(manifest.tensors), manifest.last)
+            return None
+        payload = dest[: h.payload_len]
+        if h.checksum_algo == ChecksumAlgo.NONE:
+            if self.require_checksum:
+                raise ChecksumError(f"bucket {h.index} carries no payload checksum")
+        elif self.verify_checksum:
+            got = wire.payload_checksum(payload, h.checksum_algo)
+            if got != h.payload_checksum:
+                raise ChecksumError(f"payload checksum mismatch in bucket {h.index} of step {h.step}: "
+                                    f"got 0x{got:08x}, header says 0x{h.payload_checksum:08x}")
+        names, nbytes = self._summary(manifest)
+        st.account(names, nbytes, len(manifest.tensors), manifest.last)
+        bucket = Bucket(manifest=manifest, tensors=self._tensor_views(payload, kept, manifest), payload=payload)
+        if check_payload is not None:
+            bad = list(check_payload(bucket))
+            if bad:
+                st.problems += bad
+                return None
+        return bucket
+
     def _finish(self, st: _StepState, header: Header, manifest: bytes) -> EndOfStep:
         summary = wire.decode_end(header, manifest, self.limits)
-        st.check_step(header)
         got = (st.next_index, st.num_tensors, st.num_bytes)
         want = (summary.num_buckets, summary.num_tensors, summary.num_bytes)
         if got != want or (summary.num_buckets > 0 and not st.saw_last):
             raise TruncatedStepError(
                 f"step {summary.step}: received (buckets, tensors, bytes)={got}, "
-                f"trainer sent {want}{'' if st.saw_last or not summary.num_buckets else ', last bucket missing'}"
-            )
+                f"trainer sent {want}{'' if st.saw_last or not summary.num_buckets else ', last bucket missing'}")
         return summary
 
-    def _drain(self) -> None:
+    def _drain(self, st: _StepState) -> None:
         """Consume the rest of the current step (until END or ABORT) without
-        looking at payloads, so the group stays aligned with the trainer."""
+        looking at payloads, so the group stays aligned with the trainer. A
+        message of another step means this step's end is missing: the
+        receiver breaks instead of swallowing the next step."""
         try:
             while True:
-                header, _, _, _ = self._recv_message(fresh=False)
-                if header.kind in (MessageKind.END, MessageKind.ABORT):
+                h = self._recv_header()
+                self._recv_manifest(h)
+                st.check_step(h)
+                if h.kind == MessageKind.BUCKET:
+                    self._recv_payload(h, self._scratch_for(h), check=False)
+                else:
                     return
-        except Exception as e:  # already marked broken by _recv_*
-            if self._broken is None:
-                self._broken = f"drain failed: {e}"
-            logger.error("weight sync: could not drain the rest of the step: %s", e)
+        except _Fatal as f:
+            self._break(f.args[0])
+        except Exception as e:  # pragma: no cover - defensive
+            self._break(f"drain failed: {e}")
+        finally:
+            self._scratch = None

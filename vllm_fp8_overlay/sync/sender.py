@@ -1,4 +1,11 @@
-"""Trainer side of the weight sync: quantize, pack into buckets, broadcast."""
+"""Trainer side of the weight sync: quantize, pack into buckets, broadcast.
+
+The non-grouped path (CPU, or CUDA without Triton) lives here; the grouped,
+pipelined CUDA path is :class:`~.grouped.GroupedSendPath`. Both refuse
+tensors a receiver would reject for their values (:mod:`.values`) before
+anything goes on the wire, so a bad step costs the trainer an exception, not
+a transfer.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,19 @@ import ctypes
 import logging
 import time
 import zlib
-from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from . import wire
-from .transport import DEFAULT_TIMEOUT_S, BroadcastGroup, Transport, TransportError
+from .grouped import _END, GroupedSendPath, _BucketPlan
+from .sendstate import SendStats, _Peekable, _Slot, _wants_cuda
+from .transport import DEFAULT_TIMEOUT_S, BroadcastGroup, OwnershipLost, Transport, TransportError
+from .values import value_problems
 from .wire import (
     ALIGNMENT,
     FLAG_LAST,
+    SEAL_SIZE,
     ChecksumAlgo,
     EndOfStep,
     Header,
@@ -27,15 +37,6 @@ from .wire import (
 __all__ = ["WeightSender", "SendStats", "DEFAULT_BUCKET_BYTES", "DEFAULT_CUDA_BUCKET_BYTES"]
 
 
-def _wants_cuda(backend: str, device) -> bool:
-    if backend == "nccl":
-        return True
-    if backend == "gloo":
-        return False
-    if device is not None:
-        return torch.device(device if not isinstance(device, int) else f"cuda:{device}").type == "cuda"
-    return torch.cuda.is_available()
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 256 << 20
@@ -43,142 +44,12 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 #: 2x H200: 1 GiB buckets cut the 7B end-to-end send from 42.9 to 24.3 ms);
 #: the trainer holds two of them.
 DEFAULT_CUDA_BUCKET_BYTES = 1 << 30
-_END = object()
 
 
-@dataclass
-class SendStats:
-    """Per-step statistics returned by :meth:`WeightSender.send`.
-
-    Times are host wall-clock seconds. ``quantize_s`` is the time spent
-    pulling the next tensor out of the (quantizing) weight iterator, which
-    includes whatever the caller's own iterator does (e.g. gathering shards).
-    ``pack_s`` is the time to copy tensors into bucket buffers (for CUDA
-    buffers this is launch time only), ``checksum_s`` the payload checksum,
-    ``transfer_s`` the time blocked in the transport (enqueue + waiting for a
-    buffer to be free again + the final drain).
-    """
-
-    step: int
-    num_tensors: int = 0
-    num_buckets: int = 0
-    num_bytes: int = 0  # sum of tensor bytes
-    wire_bytes: int = 0  # everything broadcast: headers, manifests, payloads (incl. padding)
-    max_payload_bytes: int = 0
-    oversize_tensors: int = 0  # tensors larger than bucket_bytes, sent as their own bucket
-    buffers_allocated: int = 0  # bucket buffers held by the sender (2 once warm)
-    reused_buckets: int = 0  # buckets laid out as in the previous step (grouped path)
-    quantize_s: float = 0.0
-    pack_s: float = 0.0
-    checksum_s: float = 0.0
-    transfer_s: float = 0.0
-    total_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class _Peekable:
-    """Iterator with one-item look-ahead that accounts the time spent in it."""
-
-    def __init__(self, it: Iterator, stats: SendStats) -> None:
-        self._it = it
-        self._stats = stats
-        self._head: Any = None
-        self._has_head = False
-        self._back: list = []
-
-    def _pull(self) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return next(self._it)
-        except StopIteration:
-            return _END
-        finally:
-            self._stats.quantize_s += time.perf_counter() - t0
-
-    def peek(self) -> Any:
-        if self._back:
-            return self._back[-1]
-        if not self._has_head:
-            self._head = self._pull()
-            self._has_head = True
-        return self._head
-
-    def next(self) -> Any:
-        if self._back:
-            return self._back.pop()
-        if self._has_head:
-            self._has_head = False
-            head, self._head = self._head, None
-            return head
-        return self._pull()
-
-    def push_back(self, items: list) -> None:
-        """Make ``items`` the next ones returned, in order."""
-        self._back.extend(reversed(items))
-
-
-class _Slot:
-    """A bucket buffer plus the transfers that still read from it."""
-
-    def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
-        self.handles: list = []
-        self.keepalive: list = []
-
-    def wait(self) -> None:
-        handles, self.handles = self.handles, []
-        try:
-            for h in handles:
-                h.wait()
-        finally:
-            self.keepalive = []
-
-
-def wire_fp8() -> torch.dtype:
-    return torch.float8_e4m3fn
-
-
-_FP8 = torch.float8_e4m3fn
 _CACHE_MAX = 1 << 20  # entries per host cache before it is cleared (a guard, not a tuning knob)
 
 
-class _Bucket:
-    """A bucket of the grouped path: wire entries, quantization and copy jobs."""
-
-    __slots__ = ("slot_idx", "entries", "qjobs", "copies", "end", "manifest_est", "event", "flag", "plan",
-                 "num_tensors", "num_bytes")
-
-    def __init__(self) -> None:
-        self.slot_idx = 0
-        self.entries: list[TensorEntry] = []
-        self.qjobs: dict = {}  # source dtype -> [(tensor, fp8 offset, scale offset)]
-        self.copies: list = []  # [(entry, tensor)]
-        self.end = 0
-        self.manifest_est = 64
-        self.event = None
-        self.flag = None
-        # per item, in arrival order: (name, shape, dtype, quant, device, jk, fp8/byte offset, scale offset,
-        # copy entry) -- what a later step with the same items reuses (see _replay_bucket)
-        self.plan: list[tuple] = []
-        self.num_tensors = 0
-        self.num_bytes = 0
-
-
-@dataclass(frozen=True)
-class _BucketPlan:
-    """Layout of one bucket of an earlier step (no tensor references)."""
-
-    items: list  # _Bucket.plan
-    entries: list
-    end: int
-    manifest_est: int
-    num_tensors: int
-    num_bytes: int
-
-
-class WeightSender:
+class WeightSender(GroupedSendPath):
     """Rank 0 of the weight-sync group.
 
     Args:
@@ -195,12 +66,18 @@ class WeightSender:
         device: device of the bucket buffers (``None``: current CUDA device if
             available, else CPU).
         timeout: seconds for group creation and each collective.
-        checksum: ``"auto"`` (crc32 for CPU buffers, none for CUDA buffers),
-            ``"crc32"`` or ``"none"``.
+        checksum: ``"auto"`` (crc32 for CPU buffers; for CUDA buffers the seal
+            alone, see :mod:`.wire.integrity`), ``"crc32"``, ``"sum64"`` (on
+            the device) or ``"none"`` (the seal is always sent).
+        limits: this side's caps; after the handshake the sender packs within
+            the element-wise minimum of every receiver's (``self.limits``).
+        group_id: 32 hex digits naming the group (default: random); receivers
+            told another id refuse the group.
         transport: inject a ready transport (tests / custom transports);
             ``host``/``port``/``world_size``/``backend`` are then ignored.
 
-    Construction blocks until every receiver has joined.
+    Construction blocks until every receiver has joined and accepted the
+    handshake (:class:`~.transport.GroupRefused` names any that refused).
     """
 
     def __init__(
@@ -218,6 +95,7 @@ class WeightSender:
         group_name: str = "weights",
         limits: WireLimits = wire.DEFAULT_LIMITS,
         transport: Transport | None = None,
+        group_id: str | None = None,
     ) -> None:
         if bucket_bytes is None:
             on_cuda = transport.device.type == "cuda" if transport is not None else _wants_cuda(backend, device)
@@ -226,8 +104,8 @@ class WeightSender:
             raise ValueError(f"bucket_bytes must be an int >= {ALIGNMENT}, got {bucket_bytes!r}")
         if bucket_bytes > limits.max_bucket_bytes:
             raise ValueError(f"bucket_bytes {bucket_bytes} > limits.max_bucket_bytes {limits.max_bucket_bytes}")
-        if checksum not in ("auto", "crc32", "none"):
-            raise ValueError(f"checksum must be 'auto', 'crc32' or 'none', got {checksum!r}")
+        if checksum not in ("auto", "crc32", "sum64", "none"):
+            raise ValueError(f"checksum must be 'auto', 'crc32', 'sum64' or 'none', got {checksum!r}")
         if isinstance(layout, Mapping):
             from ..formats import FP8Layout
 
@@ -235,16 +113,19 @@ class WeightSender:
         self.layout = layout
         self._layout_dict = None if layout is None else layout.to_dict()
         # Fail early if the layout cannot travel.
-        wire._dumps(self._layout_dict)
+        wire.validate_layout(self._layout_dict, limits)
+        wire.dumps(self._layout_dict)
         self.bucket_bytes = bucket_bytes
-        self.limits = limits
         if transport is None:
-            transport = BroadcastGroup(
-                host, port, world_size, 0, backend=backend, device=device, timeout=timeout, group_name=group_name
-            )
+            transport = BroadcastGroup(host, port, world_size, 0, backend=backend, device=device, timeout=timeout,
+                                       group_name=group_name, limits=limits, bucket_bytes=bucket_bytes,
+                                       group_id=group_id)
         if transport.rank != 0:
             raise ValueError("the sender must be rank 0")
         self.transport = transport
+        #: what every receiver accepts (the handshake's minimum); own limits without one
+        self.limits = getattr(transport, "send_limits", None) or limits
+        self.group_id = getattr(transport, "group_id", None)
         self.device = torch.device(transport.device)
         if checksum == "auto":
             checksum = "crc32" if self.device.type == "cpu" else "none"
@@ -255,6 +136,7 @@ class WeightSender:
         self._broken: str | None = None
         self._closed = False
         self._last_step: int | None = None
+        self._scale_name = None if layout is None else layout.scale_name
         self._side: Any = None  # CUDA stream that quantizes bucket k+1 while bucket k is on the wire
         self._flags: list = [None, None]  # pinned finiteness flag per bucket slot
         self._grouped: bool | None = None
@@ -291,6 +173,12 @@ class WeightSender:
             raise TransportError(f"sender is unusable after an earlier transport failure: {self._broken}")
         if type(step) is not int or not 0 <= step < 2**63:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
+        evicted = getattr(self.transport, "evicted", None)
+        note = evicted() if callable(evicted) else None
+        if note:
+            self._broken = f"taken over: {note}"
+            raise OwnershipLost(f"a receiver of this group was taken over by another trainer ({note}); "
+                                "this sender can no longer send")
         stats = SendStats(step=step)
         t_start = time.perf_counter()
         items = weights.items() if isinstance(weights, Mapping) else weights
@@ -381,78 +269,6 @@ class WeightSender:
             self._flush(slot, entries, end, True, stats)
         self._send_end_of_step(stats)
 
-    # ------------------------------------------- grouped, pipelined FP8 path
-
-    def _grouped_ok(self) -> bool:
-        """Quantize whole buckets with the grouped Triton kernels, straight into
-        the bucket buffer, on a side stream (CUDA + a layout + Triton)."""
-        if self._grouped is None:
-            ok = self.layout is not None and self.device.type == "cuda"
-            if ok:
-                from ..kernels import triton_available
-
-                ok = triton_available()
-            self._grouped = ok
-        return self._grouped
-
-    def _plan_items(self, items: Iterator) -> Iterator[tuple[str, torch.Tensor, bool]]:
-        """``(checkpoint name, tensor, quantize?)`` with the checks of
-        ``formats.quantize_weights`` (fused experts split, block-shape rules)."""
-        from ..formats.quantize import FP8_DTYPE, _CT_DTYPES, _check_block_shape, expand_fused_experts
-
-        layout = self.layout
-        memo = self._item_memo
-        for item in items:
-            try:
-                name, t = item
-            except (TypeError, ValueError):
-                raise TypeError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}") from None
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-            m = memo.get(name)
-            if m is not None and m[0] == t.shape and m[1] == t.dtype:
-                # same name, shape and dtype as an earlier step: same decision
-                yield name, (t.detach() if t.requires_grad else t), m[2]
-                continue
-            expanded = expand_fused_experts(name, t, layout.hidden_size)
-            for n, x in expanded if expanded is not None else ((name, t),):
-                if not layout.is_quantized(n):
-                    if expanded is None:
-                        memo[name] = (t.shape, t.dtype, False)
-                    yield n, x, False
-                    continue
-                if x.dtype == FP8_DTYPE or not x.is_floating_point():
-                    raise ValueError(f"{n}: expected an unquantized floating weight, got {x.dtype} (already quantized?)")
-                if x.ndim != 2:
-                    raise ValueError(f"{n}: quantized linear weight must be 2-D, got shape {tuple(x.shape)}")
-                if x.dtype not in _CT_DTYPES:
-                    raise ValueError(f"{n}: expected a bf16/fp16/fp32 weight to quantize, got {x.dtype}")
-                if layout.strategy == "block":
-                    _check_block_shape(n, x.shape, layout)
-                if expanded is None:
-                    if len(memo) > 1 << 20:
-                        memo.clear()
-                    memo[name] = (t.shape, t.dtype, True)
-                yield n, x.detach(), True
-
-    def _qmeta(self, x: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
-        """Scale dtype, wire shape and bytes of the scale of weight ``x``."""
-        hf = self.layout.method == "fp8"
-        cd = torch.float32 if hf else x.dtype
-        rows, cols = x.shape
-        st = self.layout.strategy
-        if st == "tensor":
-            shape: tuple[int, ...] = () if hf else (1,)
-        elif st == "channel":
-            shape = (rows, 1)
-        else:
-            bn, bk = self.layout.block_size
-            shape = (-(-rows // bn), -(-cols // bk))
-        n = 1
-        for d in shape:
-            n *= d
-        return cd, shape, n * cd.itemsize
-
     def _entry(self, name: str, dtype: torch.dtype, shape, off: int, nbytes: int) -> TensorEntry:
         """The wire entry, reused from an earlier step when it is identical
         (same object, so the manifest of an unchanged bucket is reused too)."""
@@ -479,276 +295,6 @@ class WeightSender:
         self._man_cache[key] = (tuple(entries), manifest)
         return manifest
 
-    def _check_out(self, name: str, dims: int, seen: set[str]) -> None:
-        wire.validate_name(name, self.limits)
-        if dims > self.limits.max_dims:
-            raise wire.LimitExceededError(f"{name}: {dims} dimensions exceed the wire limits")
-        if name in seen:
-            raise ValueError(f"tensor {name!r} appears twice in one step")
-        seen.add(name)
-
-    def _send_step_grouped(self, it: _Peekable, stats: SendStats) -> None:
-        """Bucket k+1 is quantized (one grouped launch per shape, written in
-        place into the free bucket buffer, on a side CUDA stream) while bucket k
-        is broadcast. The host waits only for a bucket's own quantization (one
-        finiteness flag per bucket) before putting it on the wire."""
-        if self._side is None:
-            self._side = torch.cuda.Stream(device=self.device)
-        qmemo = self._qmemo
-        dev_idx = -1 if self.device.type == "cpu" else (
-            self.device.index if self.device.index is not None else torch.cuda.current_device())
-        seen: set[str] = set()
-        pending: _Bucket | None = None
-        cur = self._new_bucket()
-        prev = self._bucket_plans
-        self._bucket_plans = None
-        self._step_plans = []
-        replaying = prev is not None
-        while True:
-            if replaying and not cur.entries:
-                k = len(self._step_plans)
-                if k < len(prev) and self._replay_bucket(it, prev[k], cur):
-                    stats.num_tensors += cur.num_tensors
-                    stats.num_bytes += cur.num_bytes
-                    stats.reused_buckets += 1
-                    pending = self._close_bucket(cur, pending, stats)
-                    cur = self._new_bucket()
-                    continue
-                replaying = False
-                if it.peek() is not _END:  # more items: check them against the names sent so far
-                    for plan in self._step_plans:
-                        seen.update(e.name for e in plan.entries)
-            item = it.next()
-            if item is _END:
-                break
-            name, x, quant = item
-            m = qmemo.get(name)
-            if m is not None and m[0] == x.shape and m[1] is x.dtype and m[2] is quant:
-                _, _, _, skey, cd, sshape, sn, qn, need, est, nent = m
-                if name in seen or (skey is not None and skey in seen):
-                    raise ValueError(f"tensor {name!r} appears twice in one step")
-                seen.add(name)
-                if skey is not None:
-                    seen.add(skey)
-            else:
-                if quant:
-                    if x.dim() > self.limits.max_dims or any(d > self.limits.max_dim_size for d in x.shape):
-                        raise wire.LimitExceededError(f"{name}: shape {tuple(x.shape)} exceeds the wire limits")
-                    skey = self.layout.scale_key(name)
-                    self._check_out(name, x.dim(), seen)
-                    self._check_out(skey, 2, seen)
-                    cd, sshape, sn = self._qmeta(x)
-                    qn = x.numel()
-                    need = ALIGNMENT + qn + sn if qn % ALIGNMENT else qn + sn
-                    est = len(name) + len(skey) + 192 + 24 * x.dim()
-                    nent = 2
-                else:
-                    wire.dtype_to_str(x.dtype)
-                    if x.dim() > self.limits.max_dims or any(d > self.limits.max_dim_size for d in x.shape):
-                        raise wire.LimitExceededError(f"{name}: shape {tuple(x.shape)} exceeds the wire limits")
-                    self._check_out(name, x.dim(), seen)
-                    skey = cd = sshape = sn = None
-                    qn = need = x.numel() * x.element_size()
-                    est = len(name) + 96 + 12 * x.dim()
-                    nent = 1
-                if len(qmemo) > 1 << 20:
-                    qmemo.clear()
-                qmemo[name] = (x.shape, x.dtype, quant, skey, cd, sshape, sn, qn, need, est, nent)
-            stats.num_tensors += nent
-            if need > self.bucket_bytes:
-                self._step_plans = None  # oversize tensors travel alone: no bucket layout to reuse
-                if cur.entries:
-                    pending = self._close_bucket(cur, pending, stats)
-                    cur = self._new_bucket()
-                if pending is not None:
-                    self._dispatch_bucket(pending, False, stats)
-                    pending = None
-                last = it.peek() is _END
-                if quant:
-                    from ..formats.quantize import quantize_tensor
-
-                    q, sc = quantize_tensor(x.to(self.device), self.layout, name=name)
-                    stats.num_bytes += q.numel() + sc.numel() * sc.element_size()
-                    self._send_oversize(name, q, False, stats)
-                    self._send_oversize(skey, sc, last, stats)
-                else:
-                    stats.num_bytes += qn
-                    self._send_oversize(name, x, last, stats)
-                continue
-            off = (cur.end + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT if cur.entries else 0
-            if quant:
-                so = off + (qn + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-                fits = so + sn <= self.bucket_bytes
-            else:
-                fits = off + qn <= self.bucket_bytes
-            if cur.entries and (
-                not fits
-                or len(cur.entries) + nent > self.limits.max_tensors_per_bucket
-                or cur.manifest_est + est > self.limits.max_manifest_bytes
-            ):
-                pending = self._close_bucket(cur, pending, stats)
-                cur = self._new_bucket()
-                off = 0
-                if quant:
-                    so = (qn + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-            xdev = x.get_device()
-            if quant:
-                cur.entries.append(self._entry(name, _FP8, x.shape, off, qn))
-                cur.entries.append(self._entry(skey, cd, sshape, so, sn))
-                jk = x.dtype if xdev == dev_idx else (x.dtype, "h2d")
-                jl = cur.qjobs.get(jk)
-                if jl is None:
-                    jl = cur.qjobs[jk] = []
-                jl.append((x, off, so, name))
-                cur.end = so + sn
-                stats.num_bytes += qn + sn
-                cur.num_bytes += qn + sn
-                cur.plan.append((name, x.shape, x.dtype, True, xdev, jk, off, so, None))
-            else:
-                entry = self._entry(name, x.dtype, x.shape, off, qn)
-                cur.entries.append(entry)
-                cur.copies.append((entry, x))
-                cur.end = off + qn
-                stats.num_bytes += qn
-                cur.num_bytes += qn
-                cur.plan.append((name, x.shape, x.dtype, False, xdev, None, off, None, entry))
-            cur.num_tensors += nent
-            cur.manifest_est += est
-        if cur.entries:
-            pending = self._close_bucket(cur, pending, stats)
-        if pending is not None:
-            self._dispatch_bucket(pending, True, stats)
-        self._send_end_of_step(stats)
-        self._bucket_plans, self._step_plans = self._step_plans, None
-
-    def _replay_bucket(self, it: _Peekable, plan: _BucketPlan, cur: "_Bucket") -> bool:
-        """Fill ``cur`` with the layout of an earlier step's bucket if the next
-        items are the same (name, shape, dtype, quantized or not, device) as
-        that bucket's, in order; otherwise put the items back and return False."""
-        got = []
-        for name, shape, dtype, quant, xdev, _, _, _, _ in plan.items:
-            item = it.next()
-            got.append(item)
-            if (item is _END or item[0] != name or item[2] is not quant or item[1].dtype is not dtype
-                    or item[1].shape != shape or item[1].get_device() != xdev):
-                it.push_back(got)
-                return False
-        qjobs = cur.qjobs
-        for (name, x, _), (_, _, _, quant, _, jk, off, so, entry) in zip(got, plan.items):
-            if quant:
-                jl = qjobs.get(jk)
-                if jl is None:
-                    jl = qjobs[jk] = []
-                jl.append((x, off, so, name))
-            else:
-                cur.copies.append((entry, x))
-        cur.entries = plan.entries
-        cur.end = plan.end
-        cur.manifest_est = plan.manifest_est
-        cur.plan = plan.items
-        cur.num_tensors = plan.num_tensors
-        cur.num_bytes = plan.num_bytes
-        return True
-
-    def _new_bucket(self) -> "_Bucket":
-        b = _Bucket()
-        b.slot_idx = self._cur
-        self._cur ^= 1
-        return b
-
-    def _close_bucket(self, b: "_Bucket", pending: "_Bucket | None", stats: SendStats) -> "_Bucket":
-        """Launch bucket ``b``'s quantization, then put the previous bucket on
-        the wire; returns ``b`` (now pending)."""
-        if self._step_plans is not None:
-            self._step_plans.append(_BucketPlan(b.plan, b.entries, b.end, b.manifest_est, b.num_tensors,
-                                                b.num_bytes))
-        self._launch_bucket(b, stats)
-        if pending is not None:
-            self._dispatch_bucket(pending, False, stats)
-        return b
-
-    def _launch_bucket(self, b: "_Bucket", stats: SendStats) -> None:
-        from ..kernels.triton_fp8 import prepare_grouped, quantize_grouped
-
-        t0 = time.perf_counter()
-        slot = self._slots[b.slot_idx]
-        if slot.buf is None:
-            slot.buf = torch.zeros(self.bucket_bytes, dtype=torch.uint8, device=self.device)
-        if self._flags[b.slot_idx] is None:
-            self._flags[b.slot_idx] = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-        side = self._side
-        main = torch.cuda.current_stream(self.device)
-        recipe = "hf" if self.layout.method == "fp8" else "ct"
-        with torch.cuda.stream(side):
-            # the buffer is free once its previous broadcast is done: NCCL's
-            # wait() orders the current (side) stream after it, the host does
-            # not block; the main stream follows so that memory released by
-            # the transport is not reused before the wire has read it.
-            t1 = time.perf_counter()
-            slot.wait()
-            stats.transfer_s += time.perf_counter() - t1
-            main.wait_stream(side)
-            side.wait_stream(main)  # sources written on the main stream
-            checks = []
-            for key, jobs in b.qjobs.items():
-                srcs = [j[0] for j in jobs]
-                am = None
-                if isinstance(key, tuple):
-                    srcs = [t.to(self.device, non_blocking=True) for t in srcs]
-                else:
-                    # sources at the same addresses, shapes and bucket offsets
-                    # as in an earlier step: reuse the prepared launch (no
-                    # per-tensor host work, no table upload)
-                    lkey = (key, tuple([(j[0].data_ptr(), j[0].shape, j[0].stride(), j[1], j[2]) for j in jobs]))
-                    lc = self._launch_cache
-                    prep = lc.get(lkey, False)
-                    if prep is False:
-                        prep = prepare_grouped(srcs, recipe, self.layout.strategy, self.layout.block_size,
-                                               [j[1] for j in jobs], [j[2] for j in jobs])
-                        if len(lc) >= 1024:
-                            lc.clear()
-                        lc[lkey] = prep
-                    if prep is not None:
-                        am = prep(srcs, slot.buf)
-                if am is None:
-                    _, _, am = quantize_grouped(
-                        srcs, recipe, self.layout.strategy, self.layout.block_size, out=slot.buf,
-                        q_offsets=[j[1] for j in jobs], s_offsets=[j[2] for j in jobs], amax="any", views=False,
-                    )
-                checks.append(torch.isfinite(am).all().reshape(1))
-            t2 = time.perf_counter()
-            for entry, x in b.copies:
-                wire.pack_into(slot.buf, entry, x, non_blocking=True)
-            stats.pack_s += time.perf_counter() - t2
-            flag = self._flags[b.slot_idx]
-            if checks:
-                ok = checks[0] if len(checks) == 1 else torch.cat(checks).all().reshape(1)
-                flag.copy_(ok, non_blocking=True)
-            else:
-                flag.fill_(True)
-            b.event = torch.cuda.Event()
-            b.event.record(side)
-        b.flag = flag
-        stats.quantize_s += time.perf_counter() - t0
-
-    def _dispatch_bucket(self, b: "_Bucket", last: bool, stats: SendStats) -> None:
-        t0 = time.perf_counter()
-        b.event.synchronize()
-        stats.quantize_s += time.perf_counter() - t0
-        if not bool(b.flag[0]):
-            self._raise_nonfinite(b)
-        slot = self._slots[b.slot_idx]
-        b.qjobs = b.copies = None  # sources were read: quantization is complete
-        self._dispatch(slot, b.entries, slot.buf[: b.end], last, stats)
-
-    def _raise_nonfinite(self, b: "_Bucket") -> None:
-        for jobs in b.qjobs.values():
-            for x, _, _, name in jobs:
-                if not bool(torch.isfinite(x).all()):
-                    bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
-                    raise ValueError(f"{name}: weight contains {bad} values; refusing to quantize")
-        raise ValueError("non-finite weights in a bucket; refusing to quantize")
-
     def _check_item(self, item: Any, seen: set[str]) -> tuple[str, torch.Tensor]:
         try:
             name, t = item
@@ -762,6 +308,13 @@ class WeightSender:
             raise wire.LimitExceededError(f"{name}: shape {tuple(t.shape)} exceeds the wire limits")
         if name in seen:
             raise ValueError(f"tensor {name!r} appears twice in one step")
+        n = t.numel() * t.element_size()
+        if n > self.bucket_bytes and n > self.limits.max_tensor_bytes:
+            raise wire.LimitExceededError(f"{name}: {n} bytes exceed the receivers' max_tensor_bytes "
+                                          f"{self.limits.max_tensor_bytes}")
+        bad = value_problems([(name, t)], scale_name=self._scale_name)
+        if bad:
+            raise ValueError(f"refusing to send step: {bad[0]}")
         seen.add(name)
         return name, t.detach()
 
@@ -772,7 +325,7 @@ class WeightSender:
             slot.wait()
             stats.transfer_s += time.perf_counter() - t0
         if slot.buf is None:
-            slot.buf = torch.zeros(self.bucket_bytes, dtype=torch.uint8, device=self.device)
+            slot.buf = torch.zeros(self.bucket_bytes + SEAL_SIZE, dtype=torch.uint8, device=self.device)
         return slot
 
     def _next_slot(self, stats: SendStats) -> _Slot:
@@ -788,20 +341,10 @@ class WeightSender:
         # D2H copies into a CPU buffer must be synchronous.
         wire.pack_into(buf, entry, t, non_blocking=self.device.type == "cuda")
 
-    def _header_bytes(self, index: int, last: bool, manifest: bytes, payload: torch.Tensor, step: int) -> bytes:
-        return wire.encode_header(
-            Header(
-                kind=MessageKind.BUCKET,
-                step=step,
-                index=index,
-                flags=FLAG_LAST if last else 0,
-                manifest_len=len(manifest),
-                payload_len=payload.numel(),
-                checksum_algo=self._algo,
-                payload_checksum=wire.payload_checksum(payload, self._algo),
-                manifest_crc32=zlib.crc32(manifest),
-            )
-        )
+    def _header(self, index: int, last: bool, manifest: bytes, payload: torch.Tensor, step: int) -> Header:
+        return Header(kind=MessageKind.BUCKET, step=step, index=index, flags=FLAG_LAST if last else 0,
+                      manifest_len=len(manifest), payload_len=payload.numel(), checksum_algo=self._algo,
+                      payload_checksum=wire.payload_checksum(payload, self._algo), manifest_crc32=zlib.crc32(manifest))
 
     def _send_end_of_step(self, stats: SendStats) -> None:
         """The END message (totals, so receivers detect truncation); waits for every in-flight bucket."""
@@ -843,44 +386,47 @@ class WeightSender:
             o += len(p)
         stats.wire_bytes += n
 
-    def _dispatch(self, slot: _Slot, entries: list[TensorEntry], payload: torch.Tensor, last: bool, stats: SendStats) -> None:
+    def _dispatch(self, slot: _Slot, entries: list[TensorEntry], buf: torch.Tensor, end: int, last: bool,
+                  stats: SendStats) -> None:
+        """Put one bucket on the wire: header, manifest, then ``buf[:end]``
+        followed by its seal, written into ``buf[end:end + SEAL_SIZE]``."""
         if stats.num_buckets >= self.limits.max_buckets_per_step:
             raise wire.LimitExceededError(f"more than {self.limits.max_buckets_per_step} buckets in one step")
         manifest = self._manifest(entries)
         if len(manifest) > self.limits.max_manifest_bytes:
             raise wire.LimitExceededError(f"manifest of {len(manifest)} bytes exceeds the limit")
+        payload = buf[:end]
         t0 = time.perf_counter()
-        hdr = self._header_bytes(stats.num_buckets, last, manifest, payload, stats.step)
+        header = self._header(stats.num_buckets, last, manifest, payload, stats.step)
         t1 = time.perf_counter()
         stats.checksum_s += t1 - t0
-        self._broadcast_bytes(hdr, manifest, slot=slot, stats=stats)
-        if payload.numel():
-            slot.keepalive.append(payload)
-            slot.handles.append(self.transport.broadcast(payload, async_op=True))
+        self._broadcast_bytes(wire.encode_header(header), manifest, slot=slot, stats=stats)
+        slot.keepalive.append(wire.write_seal(buf[end: end + SEAL_SIZE], header))
+        transfer = buf[: end + SEAL_SIZE]
+        slot.keepalive.append(transfer)
+        slot.handles.append(self.transport.broadcast(transfer, async_op=True))
         stats.transfer_s += time.perf_counter() - t1
-        stats.wire_bytes += payload.numel()
-        stats.max_payload_bytes = max(stats.max_payload_bytes, payload.numel())
+        stats.wire_bytes += transfer.numel()
+        stats.max_payload_bytes = max(stats.max_payload_bytes, end)
         stats.num_buckets += 1
 
     def _flush(self, slot: _Slot, entries: list[TensorEntry], end: int, last: bool, stats: SendStats) -> None:
-        self._dispatch(slot, entries, slot.buf[:end], last, stats)
+        self._dispatch(slot, entries, slot.buf, end, last, stats)
 
     def _send_oversize(self, name: str, t: torch.Tensor, last: bool, stats: SendStats) -> None:
-        """A tensor larger than a bucket travels alone, straight from its own
-        memory when it already lives on the transport device."""
+        """A tensor larger than a bucket travels alone, through one temporary
+        buffer with room for the seal behind it."""
         t0 = time.perf_counter()
         self._oversize.wait()
         stats.transfer_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        if t.device == self.device and t.is_contiguous():
-            payload = wire.tensor_bytes(t)
-        else:
-            payload = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8, device=self.device)
-            payload.copy_(wire.tensor_bytes(t))
+        n = t.numel() * t.element_size()
+        buf = torch.empty(n + SEAL_SIZE, dtype=torch.uint8, device=self.device)
+        buf[:n].copy_(wire.tensor_bytes(t), non_blocking=self.device.type == "cuda")
         stats.pack_s += time.perf_counter() - t0
-        entry = TensorEntry(name=name, dtype=t.dtype, shape=tuple(t.shape), offset=0, nbytes=payload.numel())
+        entry = TensorEntry(name=name, dtype=t.dtype, shape=tuple(t.shape), offset=0, nbytes=n)
         stats.oversize_tensors += 1
-        self._dispatch(self._oversize, [entry], payload, last, stats)
+        self._dispatch(self._oversize, [entry], buf, n, last, stats)
 
     def _abort(self, step: int, reason: str) -> None:
         """Tell receivers the step is void so they do not hang."""

@@ -10,38 +10,60 @@ Rank layout: rank 0 is the trainer; each receiving server k with ``n_k``
 workers owns ranks ``offset_k + 0 .. offset_k + n_k - 1`` where
 ``offset_0 = 1`` and ``offset_{k+1} = offset_k + n_k`` (see
 :func:`assign_rank_offsets`). Every receiver gets every byte.
+
+Before the process group exists, the ranks agree through the store (whose
+messages are length-prefixed TCP: no size a peer announces can crash a
+process there): rank 0 writes a fixed-size HELLO (protocol version, header
+and seal sizes, backend, world size, group id, its bucket size and limits),
+every receiver answers with a fixed-size ACK (accept with its own limits, or
+refuse with a reason), and rank 0 writes GO only if all accepted. So a peer
+of another protocol, framing or limits is refused with a reason on both
+sides before any collective could post a receive of the wrong size.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
+import os
 from collections import deque
+from dataclasses import replace
 from typing import Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .wire import PROTOCOL_VERSION
+from . import wire
+from .wire import WireError, WireLimits
 
 __all__ = [
     "TransportError",
+    "GroupRefused",
+    "OwnershipLost",
     "Transport",
     "BroadcastGroup",
     "RecordingTransport",
     "ReplayTransport",
     "assign_rank_offsets",
     "resolve_backend",
+    "refuse_group",
     "DEFAULT_TIMEOUT_S",
 ]
 
 DEFAULT_TIMEOUT_S = 300.0
-_HANDSHAKE_KEY = "vfo8/handshake"
+_MAX_NOTE = 512
 
 
 class TransportError(RuntimeError):
-    """Group creation failed, a peer disagreed at the handshake, or a
-    collective failed / timed out."""
+    """Group creation failed, a peer refused the handshake, or a collective
+    failed / timed out."""
+
+
+class GroupRefused(TransportError):
+    """A peer refused the group at the handshake (its reason is in the message)."""
+
+
+class OwnershipLost(TransportError):
+    """A receiver of this group was taken over by another trainer."""
 
 
 class Handle(Protocol):
@@ -106,13 +128,37 @@ def resolve_backend(backend: str, device: torch.device | str | int | None) -> tu
     return backend, dev
 
 
+def _timedelta(timeout: float | _dt.timedelta) -> _dt.timedelta:
+    return timeout if isinstance(timeout, _dt.timedelta) else _dt.timedelta(seconds=float(timeout))
+
+
+def _group_store(host: str, port: int, world_size: int, rank: int, timeout: _dt.timedelta, group_name: str):
+    raw = dist.TCPStore(host, int(port), world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False)
+    return raw, dist.PrefixStore(f"vfo8/{group_name}/", raw)
+
+
+def refuse_group(host: str, port: int, world_size: int, rank: int, reason: str, *,
+                 timeout: float = 30.0, group_name: str = "weights") -> None:
+    """Answer a trainer's HELLO with a refusal without joining its group, so
+    its handshake fails at once with ``reason`` instead of timing out."""
+    _, store = _group_store(host, port, world_size, rank, _timedelta(timeout), group_name)
+    store.set(f"ack/{rank}", wire.encode_ack(wire.Ack(rank=rank, accepted=False, reason=reason)))
+
+
 class BroadcastGroup:
     """A private process group used only to broadcast from rank 0.
 
-    Construction blocks until every rank of ``world_size`` has joined (or
-    ``timeout`` expires), so the trainer and all receivers must construct it
-    concurrently (typically: the trainer triggers the receivers' init through
-    an RPC without waiting, then builds its side).
+    Construction blocks until every rank of ``world_size`` has joined and
+    accepted the handshake (or ``timeout`` expires), so the trainer and all
+    receivers must construct it concurrently (typically: the trainer triggers
+    the receivers' init through an RPC without waiting, then builds its side).
+
+    Rank 0 announces ``bucket_bytes`` (the largest payload of several
+    tensors it will send) and its ``limits``; a receiver refuses a bucket size
+    above its ``limits.max_bucket_bytes``, and a group id other than
+    ``group_id`` when it was given one. After the handshake
+    :attr:`send_limits` (rank 0) holds the element-wise minimum of every
+    rank's limits, and :attr:`bucket_bytes` the agreed bucket size.
     """
 
     def __init__(
@@ -126,6 +172,9 @@ class BroadcastGroup:
         device: torch.device | str | int | None = None,
         timeout: float | _dt.timedelta = DEFAULT_TIMEOUT_S,
         group_name: str = "weights",
+        limits: WireLimits = wire.DEFAULT_LIMITS,
+        bucket_bytes: int | None = None,
+        group_id: str | None = None,
     ) -> None:
         if not (isinstance(world_size, int) and world_size >= 2):
             raise ValueError(f"world_size must be an int >= 2 (trainer + receivers), got {world_size!r}")
@@ -134,24 +183,26 @@ class BroadcastGroup:
         self.backend, self.device = resolve_backend(backend, device)
         self.rank = rank
         self.world_size = world_size
-        self.timeout = timeout if isinstance(timeout, _dt.timedelta) else _dt.timedelta(seconds=float(timeout))
+        self.timeout = _timedelta(timeout)
+        self.limits = limits
+        self.send_limits = limits
+        self.bucket_bytes = int(bucket_bytes) if bucket_bytes is not None else limits.max_bucket_bytes
+        self.group_id = group_id
+        self.address = f"{host}:{port}"
         self._closed = False
         self._pg = None
+        self._store = None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         try:
-            self._store = dist.TCPStore(
-                host,
-                int(port),
-                world_size,
-                is_master=(rank == 0),
-                timeout=self.timeout,
-                wait_for_workers=False,
-            )
-            self.port = self._store.port
-            store = dist.PrefixStore(f"vfo8/{group_name}/", self._store)
-            self._handshake(store)
-            pg_store = dist.PrefixStore("pg/", store)
+            self._raw_store, self._store = _group_store(host, port, world_size, rank, self.timeout, group_name)
+            self.port = self._raw_store.port
+            self.address = f"{host}:{self.port}"
+            if rank == 0:
+                self._handshake_root()
+            else:
+                self._handshake_peer()
+            pg_store = dist.PrefixStore("pg/", self._store)
             if self.backend == "gloo":
                 self._pg = dist.ProcessGroupGloo(pg_store, rank, world_size, self.timeout)
             else:
@@ -162,26 +213,125 @@ class BroadcastGroup:
                 opts._timeout = self.timeout
                 self._pg = dist.ProcessGroupNCCL(pg_store, rank, world_size, opts)
         except TransportError:
+            self._store = None
             raise
         except Exception as e:  # DistStoreError, RuntimeError, ...
+            self._store = None
             raise TransportError(
                 f"rank {rank}/{world_size}: could not join the {backend} weight-sync group at {host}:{port}: {e}"
             ) from e
 
-    def _handshake(self, store: dist.Store) -> None:
-        """Rank 0 publishes backend + protocol version; others check it so a
-        mismatch fails with a clear message instead of hanging in the PG."""
-        mine = {"backend": self.backend, "protocol": PROTOCOL_VERSION, "world_size": self.world_size}
-        if self.rank == 0:
-            store.set(_HANDSHAKE_KEY, json.dumps(mine))
-            return
-        raw = store.get(_HANDSHAKE_KEY)
+    # ------------------------------------------------------------ handshake
+
+    def _handshake_root(self) -> None:
+        gid = bytes.fromhex(self.group_id) if self.group_id else os.urandom(16)
+        if len(gid) != 16:
+            raise ValueError("group_id must be 32 hex digits")
+        self.group_id = gid.hex()
+        lim = self.limits
+        self.hello = wire.Hello(world_size=self.world_size, group_id=gid, backend=self.backend,
+                                bucket_bytes=self.bucket_bytes, max_manifest_bytes=lim.max_manifest_bytes,
+                                max_tensor_bytes=lim.max_tensor_bytes,
+                                max_tensors_per_bucket=lim.max_tensors_per_bucket, max_dims=lim.max_dims)
+        self._store.set("hello", wire.encode_hello(self.hello))
+        keys = [f"ack/{r}" for r in range(1, self.world_size)]
+        self._store.wait(keys, self.timeout)
+        refusals, acks = [], []
+        for r, k in enumerate(keys, start=1):
+            try:
+                ack = wire.decode_ack(self._store.get(k))
+            except WireError as e:
+                refusals.append(f"rank {r}: unreadable answer ({e})")
+                continue
+            if not ack.accepted:
+                refusals.append(f"rank {r}: {ack.reason}")
+            acks.append(ack)
+        self._store.set("go", wire.encode_go(not refusals))
+        if refusals:
+            raise GroupRefused("the weight-sync group was refused: " + "; ".join(refusals))
+        self.send_limits = replace(
+            lim,
+            max_manifest_bytes=min([lim.max_manifest_bytes] + [a.max_manifest_bytes for a in acks]),
+            max_tensors_per_bucket=min([lim.max_tensors_per_bucket] + [a.max_tensors_per_bucket for a in acks]),
+            max_tensor_bytes=min([lim.max_tensor_bytes] + [a.max_tensor_bytes for a in acks]),
+            max_dims=min([lim.max_dims] + [a.max_dims for a in acks]),
+        )
+
+    def _handshake_peer(self) -> None:
+        self._store.wait(["hello"], self.timeout)
+        lim = self.limits
+        reason = ""
+        hello = None
         try:
-            theirs = json.loads(bytes(raw[:4096]).decode("utf-8"))
-        except Exception as e:
-            raise TransportError(f"unreadable handshake from rank 0: {e}") from None
-        if theirs != mine:
-            raise TransportError(f"rank {self.rank} expects {mine}, rank 0 announced {theirs}")
+            hello = wire.decode_hello(self._store.get("hello"))
+        except WireError as e:
+            reason = f"unreadable hello ({e})"
+        if hello is not None:
+            checks = [
+                (hello.wire_version == wire.PROTOCOL_VERSION,
+                 f"trainer speaks wire version {hello.wire_version}, this receiver {wire.PROTOCOL_VERSION}"),
+                (hello.header_size == wire.HEADER_SIZE and hello.seal_size == wire.SEAL_SIZE,
+                 f"framing differs: header {hello.header_size}/seal {hello.seal_size} bytes, "
+                 f"expected {wire.HEADER_SIZE}/{wire.SEAL_SIZE}"),
+                (hello.backend == self.backend, f"trainer uses {hello.backend}, this receiver {self.backend}"),
+                (hello.world_size == self.world_size,
+                 f"trainer says world size {hello.world_size}, this receiver {self.world_size}"),
+                (hello.bucket_bytes <= lim.max_bucket_bytes,
+                 f"bucket of {hello.bucket_bytes} bytes > this receiver's max_bucket_bytes {lim.max_bucket_bytes}"),
+                (self.group_id is None or hello.group_id.hex() == self.group_id,
+                 f"group id {hello.group_id.hex()[:12]}.. is not the expected {str(self.group_id)[:12]}.."),
+            ]
+            reason = next((why for ok, why in checks if not ok), "")
+        ack = wire.Ack(rank=self.rank, accepted=not reason, max_bucket_bytes=lim.max_bucket_bytes,
+                       max_tensor_bytes=lim.max_tensor_bytes, max_manifest_bytes=lim.max_manifest_bytes,
+                       max_tensors_per_bucket=lim.max_tensors_per_bucket, max_dims=lim.max_dims, reason=reason)
+        self._store.set(f"ack/{self.rank}", wire.encode_ack(ack))
+        if reason:
+            raise GroupRefused(f"rank {self.rank} refused the weight-sync group at {self.address}: {reason}")
+        self.hello = hello
+        self.group_id = hello.group_id.hex()
+        self.bucket_bytes = hello.bucket_bytes
+        self._store.wait(["go"], self.timeout)
+        try:
+            go = wire.decode_go(self._store.get("go"))
+        except WireError as e:
+            raise GroupRefused(f"rank {self.rank}: unreadable go record ({e})") from None
+        if not go:
+            raise GroupRefused(f"rank {self.rank}: the trainer cancelled the group (another rank refused it)")
+
+    # ------------------------------------------------------------ ownership
+
+    def notify_evicted(self, reason: str) -> bool:
+        """Tell rank 0 (through the store) that this receiver was taken over.
+        Best effort; returns whether the note was written."""
+        try:
+            self._store.set("evicted", f"rank {self.rank}: {reason}"[:_MAX_NOTE].encode())
+            return True
+        except Exception:
+            return False
+
+    def evicted(self) -> str | None:
+        """Rank 0: the note of a receiver that was taken over, else ``None``."""
+        if self._store is None:
+            return None
+        try:
+            if self._store.check(["evicted"]):
+                return bytes(self._store.get("evicted")[:_MAX_NOTE]).decode("utf-8", "replace")
+        except Exception:
+            return None
+        return None
+
+    def peer_alive(self) -> bool:
+        """Receivers: whether rank 0's store still answers (a dead trainer's does not)."""
+        if self._store is None or self._closed:
+            return False
+        try:
+            self._store.check(["hello"])
+            return True
+        except Exception:
+            return False
+
+    # ------------------------------------------------------------ transfers
 
     def broadcast(self, tensor: torch.Tensor, async_op: bool = False):
         if self._closed or self._pg is None:
@@ -207,7 +357,10 @@ class BroadcastGroup:
         return None
 
     def close(self) -> None:
-        """Tear the group down. Idempotent."""
+        """Tear the group down. Idempotent. A receive pending in another
+        thread is not interrupted by this (gloo keeps waiting until the peer
+        closes or the timeout); a peer blocked sending to this rank gets an
+        error at once."""
         if self._closed:
             return
         self._closed = True
@@ -273,8 +426,10 @@ class RecordingTransport:
 class ReplayTransport:
     """Receiver stand-in that fills each broadcast from a list of byte blobs.
 
-    A blob whose size differs from the receiving tensor raises
-    :class:`TransportError` (what a real collective would do, loudly)."""
+    Sizes behave as gloo's do: a blob longer than the posted receive raises
+    :class:`TransportError` (gloo would abort the process: ``aborted`` is set
+    so a test can assert it never happened), a shorter one fills the front
+    of the tensor and leaves the rest as it was."""
 
     def __init__(self, messages: Sequence[bytes], device: torch.device | str = "cpu", rank: int = 1) -> None:
         self.device = torch.device(device)
@@ -282,22 +437,29 @@ class ReplayTransport:
         self.world_size = rank + 1
         self._queue = deque(messages)
         self.sizes: list[int] = []
+        self.aborted = False
+        self.closed = False
 
     @property
     def remaining(self) -> int:
         return len(self._queue)
 
     def broadcast(self, tensor: torch.Tensor, async_op: bool = False):
+        if self.closed:
+            raise TransportError("broadcast on a closed group")
         n = tensor.numel() * tensor.element_size()
         if n:
             self.sizes.append(n)
             if not self._queue:
                 raise TransportError("replay stream exhausted")
             blob = self._queue.popleft()
-            if len(blob) != n:
-                raise TransportError(f"size mismatch: receiver posted {n} bytes, sender sent {len(blob)}")
-            tensor.view(torch.uint8).view(-1).copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+            if len(blob) > n:
+                self.aborted = True
+                raise TransportError(f"size mismatch: receiver posted {n} bytes, sender sent {len(blob)} "
+                                     "(gloo aborts the receiving process here)")
+            if blob:
+                tensor.view(torch.uint8).view(-1)[: len(blob)].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
         return _Done() if async_op else None
 
     def close(self) -> None:
-        pass
+        self.closed = True

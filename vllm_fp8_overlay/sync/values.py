@@ -1,0 +1,148 @@
+"""Value sentinels: what no weight update may contain.
+
+The wire format proves that the bytes a receiver holds are the bytes the
+trainer sent; it says nothing about whether those bytes are usable weights.
+One NaN scale or one NaN FP8 byte turns every logit it touches into NaN (vLLM
+then samples token 0), and the KV cache computed meanwhile keeps poisoning
+later requests. So both sides check values, fail closed and name the tensor:
+
+* FP8 payloads hold no NaN/Inf encodings (``e4m3fn``: bytes 0x7F and 0xFF;
+  ``e5m2``: exponent all ones; the ``fnuz`` formats: 0x80; ``e8m0fnu``: 0xFF);
+* scales (``*.weight_scale``, ``*.weight_scale_inv``, ``*.input_scale``,
+  attention ``k/v/q/prob_scale``, and the layout's ``scale_name``) are finite
+  and > 0 (the quantizer never writes a zero scale: an all-zero group gets
+  ``eps`` or 1.0);
+* every other floating-point tensor is finite.
+
+Integers and booleans are not checked. The trainer refuses such a step
+before sending (:func:`raise_on_bad_values`); the receiver rejects it before
+anything is loaded (:func:`value_problems`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+__all__ = ["FP8_NAN_BYTES", "is_scale_name", "value_problems", "device_values_ok", "raise_on_bad_values"]
+
+#: per FP8 dtype, (mask, value): a byte ``b`` encodes NaN/Inf iff ``b & mask == value``
+FP8_NAN_BYTES: dict[torch.dtype, tuple[int, int]] = {}
+for _name, _rule in (("float8_e4m3fn", (0x7F, 0x7F)), ("float8_e5m2", (0x7C, 0x7C)),
+                     ("float8_e4m3fnuz", (0xFF, 0x80)), ("float8_e5m2fnuz", (0xFF, 0x80)),
+                     ("float8_e8m0fnu", (0xFF, 0xFF))):
+    if isinstance(getattr(torch, _name, None), torch.dtype):
+        FP8_NAN_BYTES[getattr(torch, _name)] = _rule
+
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".input_scale", ".input_scale_inv", ".k_scale",
+                   ".v_scale", ".q_scale", ".prob_scale")
+_CHUNK = 1 << 24  # elements per check: bounds the temporaries of a large tensor
+_SMALL = 1 << 16  # tensors up to this many elements are checked together
+
+
+def is_scale_name(name: str, scale_name: str | None = None) -> bool:
+    """Whether ``name`` is a quantization scale (must be finite and > 0)."""
+    if name.endswith(_SCALE_SUFFIXES):
+        return True
+    return bool(scale_name) and name.endswith("." + scale_name)
+
+
+def _kind(name: str, t: torch.Tensor, scale_name: str | None) -> str | None:
+    if t.dtype in FP8_NAN_BYTES:
+        return "fp8"
+    if t.dtype in _FLOATS:
+        return "scale" if is_scale_name(name, scale_name) else "float"
+    return None
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+
+
+def _chunk_ok(kind: str, x: torch.Tensor) -> bool:
+    if kind == "fp8":
+        mask, value = FP8_NAN_BYTES[x.dtype]
+        return not bool(((x.view(torch.uint8) & mask) == value).any())
+    if kind == "scale":
+        return bool((torch.isfinite(x) & (x > 0)).all())
+    return bool(torch.isfinite(x).all())
+
+
+def _tensor_ok(kind: str, t: torch.Tensor) -> bool:
+    x = _flat(t)
+    return all(_chunk_ok(kind, x[i: i + _CHUNK]) for i in range(0, x.numel(), _CHUNK))
+
+
+def _describe(kind: str, name: str, t: torch.Tensor) -> str:
+    x = _flat(t)
+    if kind == "fp8":
+        mask, value = FP8_NAN_BYTES[x.dtype]
+        n = int(((x.view(torch.uint8) & mask) == value).sum())
+        return f"{name}: {n} NaN/Inf encoding(s) in {str(t.dtype).replace('torch.', '')} data"
+    xf = x.float() if x.dtype != torch.float64 else x
+    nan, inf = int(torch.isnan(xf).sum()), int(torch.isinf(xf).sum())
+    parts = [f"{nan} NaN"] if nan else []
+    parts += [f"{inf} Inf"] if inf else []
+    if kind == "scale":
+        nonpos = int((xf <= 0).sum())
+        parts += [f"{nonpos} <= 0"] if nonpos else []
+        return f"{name}: scale must be finite and > 0, has " + ", ".join(parts)
+    return f"{name}: " + ", ".join(parts) + " value(s)"
+
+
+def value_problems(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    scale_name: str | None = None,
+    max_report: int = 20,
+) -> list[str]:
+    """One line per tensor that breaks a rule above (empty: all fine).
+
+    Small tensors of the same dtype and rule are checked together (one
+    concatenation, one reduction), so a bucket of thousands of norms and
+    scales costs a handful of operations; a group that fails is re-checked
+    tensor by tensor to name the offenders."""
+    problems: list[str] = []
+    groups: dict[tuple[str, torch.dtype, torch.device], list[tuple[str, torch.Tensor]]] = {}
+    for name, t in tensors:
+        kind = _kind(name, t, scale_name)
+        if kind is None or t.numel() == 0:
+            continue
+        if t.numel() <= _SMALL:
+            groups.setdefault((kind, t.dtype, t.device), []).append((name, t))
+        elif not _tensor_ok(kind, t):
+            problems.append(_describe(kind, name, t))
+    for (kind, _, _), items in groups.items():
+        joined = torch.cat([_flat(t) for _, t in items])
+        if _tensor_ok(kind, joined):
+            continue
+        problems += [_describe(kind, n, t) for n, t in items if not _tensor_ok(kind, t)]
+    if len(problems) > max_report:
+        problems = problems[:max_report] + [f"... ({len(problems) - max_report} more)"]
+    return problems
+
+
+def device_values_ok(name: str, t: torch.Tensor, scale_name: str | None = None) -> torch.Tensor | None:
+    """A one-element bool tensor on ``t``'s device, true iff ``t`` passes its
+    rule, computed without a host sync (the grouped CUDA send path folds it
+    into its per-bucket flag); ``None`` for tensors no rule applies to."""
+    kind = _kind(name, t, scale_name)
+    if kind is None or t.numel() == 0:
+        return None
+    x = _flat(t)
+    if kind == "fp8":
+        mask, value = FP8_NAN_BYTES[x.dtype]
+        return ((x.view(torch.uint8) & mask) != value).all().reshape(1)
+    if kind == "scale":
+        return (torch.isfinite(x) & (x > 0)).all().reshape(1)
+    return torch.isfinite(x).all().reshape(1)
+
+
+def raise_on_bad_values(items: Iterable[tuple[str, torch.Tensor]], *, scale_name: str | None = None,
+                        what: str = "refusing to send") -> None:
+    """Raise ``ValueError`` naming every tensor of ``items`` that breaks a rule."""
+    bad = value_problems(items, scale_name=scale_name)
+    if bad:
+        raise ValueError(f"{what}: " + "; ".join(bad))
