@@ -63,8 +63,8 @@ def _reference_python(session: nox.Session) -> str:
     return str(venv / "bin" / "python")
 
 
-def _pytest(session: nox.Session, rel: vllm_env.Release, venv: Path, *args: str) -> None:
-    env = vllm_env.run_env(rel, venv)
+def _pytest(session: nox.Session, rel: vllm_env.Release, venv: Path, *args: str, **extra_env: str) -> None:
+    env = vllm_env.run_env(rel, venv) | extra_env
     env[vllm_env.REFERENCE_ENV] = _reference_python(session)
     session.run(str(venv / "bin" / "python"), "-m", "pytest", *PYTEST_ARGS, *args,
                 env=env, external=True)
@@ -77,7 +77,8 @@ def matrix(session: nox.Session, vllm: str) -> None:
     rel = vllm_env.RELEASES[vllm]
     venv = _matrix_venv(vllm)
     _install(session, rel, venv)
-    _pytest(session, rel, venv, *session.posargs)
+    # the full tier also runs the 500-update fault soak (tests/test_sync_faults_soak.py)
+    _pytest(session, rel, venv, *session.posargs, FP8_OVERLAY_SOAK="1")
 
 
 @nox.session(venv_backend="none")

@@ -23,8 +23,9 @@ engines, (3) BF16 target, (4) the same BF16 proof on whichever vLLM runs this
 file (e.g. 0.19.1 with the overlay active), (5) ``vllm serve`` over HTTP,
 (6) rejected updates leave the model bitwise unchanged.
 
-Run:  PYTHONPATH=. /work/venvs/vllm-0.32.0/bin/python -m pytest tests/test_sync_e2e.py -v
-      PYTHONPATH=. /work/venvs/vllm-0.19.1/bin/python -m pytest tests/test_sync_e2e.py -v
+Run from the repository root:
+      tools/nox -s "matrix(vllm='0.32.0')" -- tests/test_sync_e2e.py
+      tools/nox -s "matrix(vllm='0.19.1')" -- tests/test_sync_e2e.py
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ stay flat: nothing a step allocates, caches or fails with may accumulate.
 Not part of the fast tier: marked ``soak`` and skipped unless
 ``FP8_OVERLAY_SOAK=1``::
 
-    FP8_OVERLAY_SOAK=1 /tmp/v032/bin/python -m pytest -m soak tests/test_sync_faults_soak.py -v
+    tools/nox -s "matrix(vllm='0.32.0')" -- -m soak tests/test_sync_faults_soak.py
+
+(the ``matrix`` sessions, the full tier, set ``FP8_OVERLAY_SOAK=1``; ``fast`` does not)
 """
 
 from __future__ import annotations

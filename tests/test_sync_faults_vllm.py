@@ -7,7 +7,7 @@ then sends crafted bytes (``harness.sync_rogue_group``), or a
 still serve, and -- unless the outcome says the model may be partially
 updated -- its parameters must be bitwise what they were.
 
-Run:  /tmp/v032/bin/python -m pytest tests/test_sync_faults_vllm.py -v
+Run from the repository root:  tools/nox -s "matrix(vllm='0.32.0')" -- tests/test_sync_faults_vllm.py
 """
 
 from __future__ import annotations
