@@ -478,14 +478,14 @@ def _drive(out: str, models: dict) -> None:
     for name, (d0, d1) in models.items():
         llm = harness.start_llm(d0, worker_extension_cls=PROBE)
         try:
-            r = {"cold": rpc(llm, "probe_digest"), "cold_tokens": harness.greedy(llm, PROMPTS, 6)}
+            r = {"cold": rpc(llm, "probe_digest"), "cold_tokens": harness.greedy(llm, PROMPTS, 6, logprobs=True)}
             r["first_reload"] = rpc(llm, "probe_reload", d0)
             r["after_first"] = rpc(llm, "probe_digest")
             rpc(llm, "probe_reload", d1)
             r["changed"] = rpc(llm, "probe_digest")
             rpc(llm, "probe_reload", d0)
             r["back"] = rpc(llm, "probe_digest")
-            r["back_tokens"] = harness.greedy(llm, PROMPTS, 6)
+            r["back_tokens"] = harness.greedy(llm, PROMPTS, 6, logprobs=True)
             sd = tiny_models.load_checkpoint(d0)
             names = sorted(k for k in sd if k.endswith("e_score_correction_bias"))
             r["bias"] = {n: rpc(llm, "probe_tensor", n) for n in names}

