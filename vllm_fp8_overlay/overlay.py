@@ -69,6 +69,7 @@ class State(str, enum.Enum):
     DISABLED = "disabled"
     INACTIVE = "inactive"  # in range, but the overlay is not active in this process
     NO_VLLM = "inactive: vLLM not installed"
+    UNAVAILABLE = "unavailable"  # an adapter whose vLLM API this release lacks
 
 
 class TargetMismatch(Exception):

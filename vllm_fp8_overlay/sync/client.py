@@ -138,7 +138,21 @@ class HTTPTarget:
         return True
 
 
-def _target(t: Any) -> Any:
+def _target(t: Any, path: str = "extension") -> Any:
+    """``path="native"``: the server runs vLLM's weight-transfer API with our
+    ``fp8`` backend instead of the worker extension (see :mod:`.native.targets`)."""
+    if path not in ("extension", "native"):
+        raise ValueError(f"path must be 'extension' or 'native', not {path!r}")
+    if not isinstance(t, (str, LLMTarget, HTTPTarget)) and hasattr(t, "call"):
+        return t  # a target object already
+    if path == "native":
+        from .native.targets import NativeHTTPTarget, NativeLLMTarget
+
+        if isinstance(t, str):
+            return NativeHTTPTarget(t)
+        if hasattr(t, "init_weight_transfer_engine"):
+            return NativeLLMTarget(t)
+        raise TypeError(f"not a vLLM target with the weight-transfer API: {t!r}")
     if isinstance(t, (LLMTarget, HTTPTarget)):
         return t
     if isinstance(t, str):
@@ -212,6 +226,11 @@ class WeightSyncClient:
             the servers (it is told); without it such servers refuse.
         max_block_s: longest time one poll may hold a server's engine while a
             step is in flight (workers receive in the background).
+        path: ``"extension"`` (the servers run ``--worker-extension-cls``
+            :data:`EXTENSION`) or ``"native"`` (they run vLLM's weight-transfer
+            API with ``WeightTransferConfig(backend="fp8")``, vLLM >= 0.22.1; an
+            update then holds the engine while it arrives, and worker reports
+            carry the outcome without timings).
         poll_interval_s: pause between polls, during which the engine serves.
 
     Construction joins every worker and the sender into one group (bounded by
@@ -237,10 +256,11 @@ class WeightSyncClient:
         takeover: bool = False,
         max_block_s: float = 0.1,
         poll_interval_s: float = 0.1,
+        path: str = "extension",
     ) -> None:
         if not isinstance(targets, (list, tuple)):
             targets = [targets]
-        self.targets = [_target(t) for t in targets]
+        self.targets = [_target(t, path) for t in targets]
         if not self.targets:
             raise ValueError("no targets")
         self.timeout = float(timeout)

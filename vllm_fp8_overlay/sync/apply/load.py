@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+
 logger = logging.getLogger("vllm.fp8_overlay.sync")
 
 __all__ = ["load_update", "has_layerwise_reload", "vllm_version", "reset_derived_caches"]
@@ -40,6 +41,8 @@ def reset_derived_caches(model_runner: Any) -> None:
     """Drop the worker-side caches computed with earlier weights (multi-modal
     and encoder outputs). The prefix cache lives in the scheduler, out of a
     worker's reach: the client resets it after every update attempt."""
+    if model_runner is None:
+        return
     for hook in ("reset_mm_cache", "reset_encoder_cache"):
         fn = getattr(model_runner, hook, None)
         if callable(fn):
@@ -47,15 +50,16 @@ def reset_derived_caches(model_runner: Any) -> None:
                 fn()
 
 
-def load_update(model_runner: Any, model_config: Any, vllm_config: Any, mode: str, tensors: Any,
-                before_finalize: Callable[[], None] | None = None) -> None:
+def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mode: str, tensors: Any,
+                before_finalize: Callable[[], None] | None = None,
+                after_load: Callable[[], None] | None = None) -> None:
     """Load ``tensors`` (a list, or an iterator the loader pulls lazily) in
-    ``mode``. ``before_finalize()`` runs after the last tensor was loaded
-    and before the layerwise reload is finalized / weights are processed;
-    if it or the loader raises during a layerwise reload, the reload is
-    wound down (see :func:`_abandon_layerwise_reload`) and the error
-    re-raised."""
-    model = model_runner.model
+    ``mode`` into ``model``. ``before_finalize()`` runs after the last tensor
+    was loaded and before the layerwise reload is finalized / weights are
+    processed; if it or the loader raises during a layerwise reload, the
+    reload is wound down (see :func:`_abandon_layerwise_reload`) and the
+    error re-raised. ``after_load()`` runs last, whatever happened (the
+    worker extension drops its runner's derived caches there)."""
     ctx: Any = contextlib.nullcontext()
     if vllm_config is not None:
         from vllm.config import set_current_vllm_config
@@ -102,7 +106,8 @@ def load_update(model_runner: Any, model_config: Any, vllm_config: Any, mode: st
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
-        reset_derived_caches(model_runner)
+        if after_load is not None:
+            after_load()
 
 
 def _abandon_layerwise_reload(model: torch.nn.Module, model_config: Any) -> None:

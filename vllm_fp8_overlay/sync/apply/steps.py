@@ -31,7 +31,7 @@ import torch
 from ..receiver import StepRejectedError
 from ..wire import ReceiverBrokenError
 from .errors import WeightLoadFailed, WeightSyncError, WeightUpdateRejected
-from .load import has_layerwise_reload, load_update, vllm_version
+from .load import has_layerwise_reload, vllm_version
 from .validate import BucketChecks, TensorSpec, layout_key, spec_problems, tensor_specs
 
 __all__ = ["MODES", "Served", "StepJob", "receive_stream", "rejected", "load_failed"]
@@ -153,9 +153,9 @@ class StepJob:
     ``discard``: receive the step only to keep the group in sync and reject
     it with that reason (e.g. a step number that does not increase)."""
 
-    def __init__(self, rx: Any, step: int, mode: str, served: Served, worker: Any,
+    def __init__(self, rx: Any, step: int, mode: str, served: Served, load: Callable[[str, list], None],
                  discard: str | None = None) -> None:
-        self.rx, self.step, self.mode, self.served, self.worker = rx, step, mode, served, worker
+        self.rx, self.step, self.mode, self.served, self.load = rx, step, mode, served, load
         self.discard = discard
         self.done = threading.Event()
         self.started = time.perf_counter()
@@ -250,9 +250,8 @@ class StepJob:
         used, got = self.ready
         self.ready = None
         t0 = time.perf_counter()
-        w = self.worker
         try:
-            load_update(w.model_runner, w.model_config, getattr(w, "vllm_config", None), used, got.tensors)
+            self.load(used, got.tensors)
         except Exception as e:
             self.error = load_failed(self.step, used, e, "after validation")
             raise self.error from e

@@ -1,0 +1,359 @@
+"""FP8 through vLLM's own weight-transfer API (``backend="fp8"``), on real vLLM.
+
+The overlay registers our engine as ``fp8`` in vLLM's engine registry on the
+releases whose ``WeightTransferConfig`` accepts a registered name (0.22.1+),
+and in the trainer-side registry from 0.28. A trainer written against
+vLLM's API then switches by naming the backend. Proofs, on whichever vLLM
+runs this file:
+
+1. three updates through the offline ``LLM`` API (on 0.28+ through
+   ``WeightTransferTrainerFactory.trainer_init(Fp8TrainerInitInfo(...))`` /
+   ``send_weights()``, on 0.22-0.24 through ``start_weight_update`` /
+   ``update_weights`` / ``trainer_send_weights`` / ``finish_weight_update``):
+   after each, parameters equal a cold load of the same weights and greedy
+   tokens and logprobs equal a freshly started engine's, exactly;
+2. the same model served in BF16 and updated the same way, beside it: the
+   reference a team sending BF16 would get, and the bytes each moved;
+3. ``vllm serve`` with ``--weight-transfer-config``: ``WeightSyncClient(...,
+   path="native")`` over the dev-mode routes, outputs equal to cold;
+4. a bad update is rejected by the engine before loading: parameters
+   bitwise unchanged, the engine serves, the next good update loads;
+5. on releases whose config is closed (0.16-0.20), vLLM refuses ``fp8`` and
+   the status names the worker-extension path instead.
+
+FP8 runs on CPU from vLLM 0.24 (compressed-tensors channel FP8); on 0.22.1
+the same proofs run with a BF16 checkpoint.
+
+Run from the repository root:
+      tools/nox -s "matrix(vllm='0.32.0')" -- tests/test_native_backend.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import vllm_fp8_overlay as overlay  # noqa: E402
+from vllm_fp8_overlay.demo import CT_FP8_CHANNEL_DYNAMIC, free_port, write_serving_checkpoint  # noqa: E402
+from vllm_fp8_overlay.overlay import State  # noqa: E402
+from vllm_fp8_overlay.sync.client import EXTENSION, WeightSyncClient, WeightSyncFailed  # noqa: E402
+from vllm_fp8_overlay.testing import harness  # noqa: E402
+from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+VERSION = harness.vllm_version_tuple()
+NATIVE = VERSION >= (0, 22, 1)
+NATIVE_SKIP = (f"vLLM {harness.vllm_version()} declares WeightTransferConfig.backend as a closed Literal: "
+               "no registered backend; the worker extension path serves (test_closed_config_refuses_fp8)")
+FP8_OK = VERSION >= (0, 24)
+FMT = "fp8" if FP8_OK else "bf16"
+PROMPTS = [[1, 5, 9, 33, 100], [7, 7, 300, 12], [400, 2, 3, 4, 5, 6, 11]]
+NTOK = 8
+STEPS = 3
+TIMEOUT = 240.0
+STEP = itertools.count(1)
+#: (format, W index) -> (tokens, logprobs) of a freshly started engine
+COLD: dict[tuple[str, int], tuple[list, list]] = {}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """BF16 trainer weights W0..W3, their offline checkpoints (``ckpt[fmt][k]``)
+    and the trainer's HF model directory."""
+    if not NATIVE:
+        pytest.skip(NATIVE_SKIP)
+    root = tmp_path_factory.mktemp("native")
+    base = tm.make_llama(root / "trainer_w0")
+    config = tm.load_config(base)
+    ws = [tm.load_checkpoint(base)]
+    for k in range(1, STEPS + 1):
+        ws.append(tm.perturb_state_dict(ws[-1], seed=200 + k, scale=0.05))
+    ckpt: dict[str, list[Path]] = {"bf16": [], "fp8": []}
+    for k, w in enumerate(ws):
+        ckpt["bf16"].append(write_serving_checkpoint(root / f"bf16_w{k}", w, config, None))
+        if FP8_OK:
+            ckpt["fp8"].append(write_serving_checkpoint(root / f"fp8_w{k}", w, config, CT_FP8_CHANNEL_DYNAMIC))
+    return ws, ckpt, base
+
+
+def start_native_engine(model_dir: Path):
+    """An ``LLM`` with the ``fp8`` backend; the worker extension is there too,
+    only for the digest calls the proofs use (the updates do not touch it)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    from vllm import LLM
+
+    return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
+               max_model_len=128, max_num_seqs=4, seed=0, worker_extension_cls=EXTENSION,
+               weight_transfer_config={"backend": "fp8"})
+
+
+def outputs(llm) -> tuple[list, list]:
+    return harness.greedy(llm, PROMPTS, NTOK, logprobs=True)
+
+
+def cold_outputs(fmt: str, k: int, ckpts: list[Path]) -> tuple[list, list]:
+    """Greedy tokens and logprobs of a freshly started engine on W_k (cached)."""
+    if (fmt, k) not in COLD:
+        llm = harness.start_sync_engine(ckpts[k])
+        try:
+            COLD[(fmt, k)] = outputs(llm)
+        finally:
+            harness.stop_sync_engine(llm)
+    return COLD[(fmt, k)]
+
+
+def assert_same_as_cold(llm, fmt: str, k: int, ckpts: list[Path], what: str) -> None:
+    """Parameters equal a cold load of W_k, and outputs equal a fresh engine's, exactly."""
+    harness.assert_warm_equals_cold(llm, ckpts[k], what)
+    warm = outputs(llm)
+    cold = cold_outputs(fmt, k, ckpts)
+    assert warm[0] == cold[0], f"{what}: greedy tokens differ from a fresh engine: {warm[0]} vs {cold[0]}"
+    assert warm[1] == cold[1], f"{what}: logprobs differ from a fresh engine: {warm[1]} vs {cold[1]}"
+
+
+def trainer_model(base: Path):
+    """The trainer's HF model (what ``ModuleSource`` reads); its parameters
+    are overwritten in place with each W_k, as a training step would."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+
+
+class NativeTrainer:
+    """What a trainer written against vLLM's API runs, with ``fp8`` named."""
+
+    def __init__(self, llm, world_size: int = 2) -> None:
+        from vllm_fp8_overlay.sync.native.clients import LLMWeightSyncClient
+
+        self.client = LLMWeightSyncClient(llm)
+        self.port = free_port()
+        self.world_size = world_size
+        self.engine = None
+        self.sender = None
+
+    def init(self, source) -> None:
+        if VERSION >= (0, 28):
+            from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+            from vllm_fp8_overlay.sync.native.trainer import Fp8TrainerInitInfo
+
+            info = Fp8TrainerInitInfo(master_address="127.0.0.1", master_port=self.port,
+                                      world_size=self.world_size, rank=0, timeout=TIMEOUT)
+            self.engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client, source=source)
+        else:  # 0.22-0.24: no trainer factory; the static trainer_send_weights
+            from vllm_fp8_overlay.sync.native.info import Fp8InitInfo
+            from vllm_fp8_overlay.sync.native.trainer import open_sender, served_layout
+
+            layout = served_layout("auto", None, self.client)
+            box = {}
+            th = threading.Thread(target=lambda: box.setdefault("r", self.client.init_weight_transfer_engine(
+                {"master_address": "127.0.0.1", "master_port": self.port, "world_size": self.world_size,
+                 "timeout": TIMEOUT})))
+            th.start()
+            self.sender = open_sender(layout, "127.0.0.1", self.port, self.world_size, timeout=TIMEOUT)
+            th.join()
+            assert Fp8InitInfo  # the worker builds it from the dict above
+
+    def send(self, source, step: int) -> None:
+        if self.engine is not None:
+            self.engine.send_weights(step=step)
+            return
+        from vllm_fp8_overlay.sync.native.engine import Fp8WeightTransferEngine
+
+        self.client.start_weight_update()
+        err = {}
+
+        def update():
+            try:
+                self.client.update_weights({"step": step})
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                err["e"] = e
+
+        th = threading.Thread(target=update)
+        th.start()
+        Fp8WeightTransferEngine.trainer_send_weights(iter(source), {"sender": self.sender, "step": step})
+        th.join()
+        if "e" in err:
+            raise err["e"]
+        self.client.finish_weight_update()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+        if self.sender is not None:
+            self.sender.close()
+
+
+def module_source(model):
+    if VERSION >= (0, 28):
+        from vllm.distributed.weight_transfer.base import ModuleSource
+
+        return ModuleSource(model)
+    return [(n, p.detach()) for n, p in model.named_parameters()]  # views: see each step's values
+
+
+# ---------------------------------------------------------------- proofs
+
+
+@pytest.mark.parametrize("fmt", [FMT, "bf16"] if FMT != "bf16" else ["bf16"])
+def test_offline_native_api_three_updates(weights, fmt):
+    """(1) FP8 (or BF16 where FP8 does not run) and (2) the BF16 reference:
+    three updates through vLLM's offline API with ``backend="fp8"``; each
+    equal to a cold start in parameters, greedy tokens and logprobs."""
+    ws, ckpt, base = weights
+    llm = start_native_engine(ckpt[fmt][0])
+    trainer = NativeTrainer(llm)
+    try:
+        model = trainer_model(base)
+        source = module_source(model)
+        trainer.init(source)
+        for k in range(1, STEPS + 1):
+            model.load_state_dict(ws[k], strict=True)  # the training step
+            trainer.send(source, next(STEP))
+            assert_same_as_cold(llm, fmt, k, ckpt[fmt], f"native {fmt} update {k}")
+    finally:
+        trainer.close()
+        harness.stop_sync_engine(llm)
+
+
+def test_client_native_path_rejects_bad_update_model_unchanged(weights):
+    """(4) ``WeightSyncClient(path="native")``: an update with a wrong shape is
+    rejected by the engine before loading (parameters bitwise unchanged, the
+    engine serves), and the next good update loads and equals cold."""
+    import torch
+
+    ws, ckpt, base = weights
+    llm = start_native_engine(ckpt[FMT][0])
+    try:
+        before = harness.sync_digest(llm)
+        tokens0 = outputs(llm)
+        with WeightSyncClient([llm], path="native", host="127.0.0.1", port=free_port(), timeout=TIMEOUT) as client:
+            assert all(w["ok"] and w["path"] == "native" for ws_ in client.workers for w in ws_)
+            bad = dict(ws[1])
+            name = "model.layers.0.mlp.down_proj.weight"
+            bad[name] = torch.zeros(bad[name].shape[0], bad[name].shape[1] + 1, dtype=bad[name].dtype)
+            with pytest.raises(WeightSyncFailed) as exc:
+                client.push(bad, step=next(STEP))
+            text = str(exc.value)
+            assert "model unchanged" in text and name in text, text
+            assert "failed workers left their model unchanged" in text, text
+            assert harness.sync_digest(llm) == before
+            assert outputs(llm) == tokens0
+            rep = client.push(ws[1], step=next(STEP))
+            assert all(r["ok"] for r in rep.workers), rep.workers
+            assert rep.send.num_bytes > 0
+        assert_same_as_cold(llm, FMT, 1, ckpt[FMT], "native client update after a rejection")
+    finally:
+        harness.stop_sync_engine(llm)
+
+
+def test_status_names_the_native_path():
+    """The adapters' status on this release: registered where the config is
+    open, unavailable (with the extension named) where it is closed."""
+    rows = {r.id: r for r in overlay.adapter_status()}
+    engine = rows["native-fp8-engine"]
+    if NATIVE:
+        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+        assert engine.state is State.APPLIED, engine
+        assert "fp8" in WeightTransferEngineFactory._registry
+    else:
+        assert engine.state is State.UNAVAILABLE and "worker extension" in engine.reason, engine
+
+
+def test_closed_config_refuses_fp8():
+    """(5) Where the config is a closed Literal, vLLM refuses the name before
+    any registry lookup: the reason the worker extension serves there."""
+    from vllm.config.weight_transfer import WeightTransferConfig
+
+    if NATIVE:
+        assert WeightTransferConfig(backend="fp8").backend == "fp8"
+    else:
+        with pytest.raises(Exception) as exc:
+            WeightTransferConfig(backend="fp8")
+        assert "nccl" in str(exc.value) and "ipc" in str(exc.value), str(exc.value)
+
+
+# ---------------------------------------------------------------- vllm serve
+
+
+@pytest.fixture(scope="module")
+def native_server(weights, tmp_path_factory):
+    ws, ckpt, base = weights
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt[FMT][0]),
+           "--port", str(port), "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "128",
+           "--max-num-seqs", "4", "--seed", "0", "--skip-tokenizer-init",
+           "--weight-transfer-config", json.dumps({"backend": "fp8"})]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"vllm serve exited: {log.read_text()[-4000:]}")
+            with contextlib.suppress(Exception):
+                urllib.request.urlopen(url + "/health", timeout=5)
+                break
+            time.sleep(2)
+        else:
+            raise AssertionError(f"vllm serve did not start: {log.read_text()[-4000:]}")
+        yield url, str(ckpt[FMT][0])
+    finally:
+        with contextlib.suppress(Exception):
+            os.killpg(proc.pid, 15)
+        with contextlib.suppress(Exception):
+            proc.wait(60)
+
+
+def _complete(url: str, model: str) -> tuple[list, list]:
+    tokens, lps = [], []
+    for p in PROMPTS:
+        body = {"model": model, "prompt": p, "max_tokens": NTOK, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True, "logprobs": 1}
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), method="POST")
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            choice = json.loads(r.read())["choices"][0]
+        tokens.append(list(choice["token_ids"]))
+        lps.append([float(x) for x in choice["logprobs"]["token_logprobs"]])
+    return tokens, lps
+
+
+def test_vllm_serve_native_routes_three_updates(native_server, weights):
+    """(3) ``vllm serve --weight-transfer-config '{"backend": "fp8"}'``:
+    ``WeightSyncClient(url, path="native")`` drives the dev-mode routes;
+    after each of three updates completions equal a fresh engine's."""
+    url, model = native_server
+    ws, ckpt, base = weights
+    with WeightSyncClient([url], path="native", host="127.0.0.1", port=free_port(), timeout=TIMEOUT) as client:
+        assert (client.layout is not None) == (FMT == "fp8")
+        for k in range(1, STEPS + 1):
+            rep = client.push(ws[k], step=next(STEP))
+            assert all(r["ok"] for r in rep.workers), rep.workers
+            warm = _complete(url, model)
+            cold = cold_outputs(FMT, k, ckpt[FMT])
+            assert warm[0] == cold[0], f"serve update {k}: tokens {warm[0]} vs cold {cold[0]}"
+            assert warm[1] == cold[1], f"serve update {k}: logprobs {warm[1]} vs cold {cold[1]}"

@@ -1,0 +1,69 @@
+"""Let the ``fp8`` engine own the layerwise reload on vLLM 0.22-0.24.
+
+Why: on 0.22-0.24 the worker, not the engine, starts the layerwise reload
+in ``start_weight_update`` (which moves every layer's weights to the meta
+device) and finalizes it in ``finish_weight_update``. Our engine validates
+a whole update before touching the model; with the reload already started,
+a rejected update would leave the model on meta until the trainer calls
+finish. From 0.28 the engine owns both calls, as here.
+
+How: when the worker's engine is ours, ``Worker.start_weight_update`` gives
+the engine the worker's configs and requested format and runs with
+``is_checkpoint_format=False`` (nothing to prepare, nothing to finalize);
+the engine's ``update_weights`` then receives, validates and loads through
+the same core as the worker extension. Other engines are untouched.
+
+Serves: 0.22.1 up to (not including) 0.28.0, where the engine owns the
+reload.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import wrapt
+from packaging.specifiers import SpecifierSet
+
+from . import _base
+from ._base import Adapter
+
+WORKER = "vllm.v1.worker.gpu_worker"
+
+
+class NativeWorkerOwnsReload(Adapter):
+    id = "native-worker-owns-reload"
+    title = "the fp8 engine starts and finishes its own layerwise reload (0.22-0.24 workers)"
+    serves = SpecifierSet(">=0.22.1,<0.28.0")
+    unavailable = "from 0.28 the engine owns start/finish_weight_update; before 0.22.1 no fp8 engine"
+    trigger_module = WORKER
+    targets = (WORKER + ".Worker.start_weight_update",)
+
+    def check(self) -> None:
+        import inspect
+
+        worker = getattr(sys.modules[WORKER], "Worker", None)
+        fn = getattr(worker, "start_weight_update", None)
+        if fn is None or "is_checkpoint_format" not in inspect.signature(fn).parameters:
+            raise _base.TargetMismatch("Worker.start_weight_update(is_checkpoint_format) is gone")
+
+    def apply(self) -> None:
+        from vllm_fp8_overlay.sync.native.info import BACKEND
+
+        def hand_reload_to_fp8_engine(wrapped, instance, args, kwargs):
+            engine = getattr(instance, "weight_transfer_engine", None)
+            if getattr(getattr(engine, "config", None), "backend", None) != BACKEND:
+                return wrapped(*args, **kwargs)
+            fmt = args[0] if args else kwargs.get("is_checkpoint_format", True)
+            engine.bind_worker(instance, checkpoint_format=fmt)
+            return wrapped(is_checkpoint_format=False)
+
+        worker = sys.modules[WORKER].Worker
+        self._original = worker.__dict__["start_weight_update"]
+        wrapt.wrap_function_wrapper(worker, "start_weight_update", hand_reload_to_fp8_engine)
+        self._worker = worker
+
+    def revert_extra(self) -> None:
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.start_weight_update = self._original
+            self._worker = None
