@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -46,6 +47,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import vllm_fp8_overlay as overlay  # noqa: E402
+from vllm_fp8_overlay import compat  # noqa: E402
 from vllm_fp8_overlay.demo import CT_FP8_CHANNEL_DYNAMIC, free_port, write_serving_checkpoint  # noqa: E402
 from vllm_fp8_overlay.overlay import State  # noqa: E402
 from vllm_fp8_overlay.sync.client import EXTENSION, WeightSyncClient, WeightSyncFailed  # noqa: E402
@@ -230,6 +232,9 @@ def test_offline_native_api_three_updates(weights, fmt):
             model.load_state_dict(ws[k], strict=True)  # the training step
             trainer.send(source, next(STEP))
             assert_same_as_cold(llm, fmt, k, ckpt[fmt], f"native {fmt} update {k}")
+        compat.check_observation(harness.vllm_version(), f"native_offline_{fmt}", {
+            "updates_equal_cold": STEPS,
+            "trainer_api": "WeightTransferTrainerFactory" if VERSION >= (0, 28) else "trainer_send_weights"})
     finally:
         trainer.close()
         harness.stop_sync_engine(llm)
@@ -262,6 +267,7 @@ def test_client_native_path_rejects_bad_update_model_unchanged(weights):
             assert all(r["ok"] for r in rep.workers), rep.workers
             assert rep.send.num_bytes > 0
         assert_same_as_cold(llm, FMT, 1, ckpt[FMT], "native client update after a rejection")
+        compat.check_observation(harness.vllm_version(), "native_rejects", {"format": FMT, "model_unchanged": True})
     finally:
         harness.stop_sync_engine(llm)
 
@@ -269,12 +275,20 @@ def test_client_native_path_rejects_bad_update_model_unchanged(weights):
 def test_status_names_the_native_path():
     """The adapters' status on this release: registered where the config is
     open, unavailable (with the extension named) where it is closed."""
+    if NATIVE:  # the adapter attaches when vLLM imports the factory
+        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
     rows = {r.id: r for r in overlay.adapter_status()}
     engine = rows["native-fp8-engine"]
     if NATIVE:
-        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
         assert engine.state is State.APPLIED, engine
+        assert "fp8" in WeightTransferEngineFactory._registry
+        overlay.deactivate()  # exact undo: vLLM's registry as shipped
+        try:
+            assert "fp8" not in WeightTransferEngineFactory._registry
+            assert {"nccl", "ipc"} <= set(WeightTransferEngineFactory._registry)
+        finally:
+            overlay.activate()
         assert "fp8" in WeightTransferEngineFactory._registry
     else:
         assert engine.state is State.UNAVAILABLE and "worker extension" in engine.reason, engine
@@ -282,8 +296,10 @@ def test_status_names_the_native_path():
 
 def test_closed_config_refuses_fp8():
     """(5) Where the config is a closed Literal, vLLM refuses the name before
-    any registry lookup: the reason the worker extension serves there."""
-    from vllm.config.weight_transfer import WeightTransferConfig
+    any registry lookup: the reason the worker extension serves there. The
+    adapters' declared range (which COMPAT.md renders) must match."""
+    WeightTransferConfig = pytest.importorskip(
+        "vllm.config.weight_transfer", reason="no weight-transfer API before vLLM 0.16").WeightTransferConfig
 
     if NATIVE:
         assert WeightTransferConfig(backend="fp8").backend == "fp8"
@@ -291,6 +307,7 @@ def test_closed_config_refuses_fp8():
         with pytest.raises(Exception) as exc:
             WeightTransferConfig(backend="fp8")
         assert "nccl" in str(exc.value) and "ipc" in str(exc.value), str(exc.value)
+
 
 
 # ---------------------------------------------------------------- vllm serve
@@ -332,11 +349,14 @@ def _complete(url: str, model: str) -> tuple[list, list]:
     tokens, lps = [], []
     for p in PROMPTS:
         body = {"model": model, "prompt": p, "max_tokens": NTOK, "temperature": 0, "ignore_eos": True,
-                "return_token_ids": True, "logprobs": 1}
+                "return_token_ids": True, "logprobs": 1, "return_tokens_as_token_ids": True}  # no tokenizer
         req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), method="POST")
         req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=120) as r:
-            choice = json.loads(r.read())["choices"][0]
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                choice = json.loads(r.read())["choices"][0]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"/v1/completions: HTTP {e.code}: {e.read()[:2000]!r}") from None
         tokens.append(list(choice["token_ids"]))
         lps.append([float(x) for x in choice["logprobs"]["token_logprobs"]])
     return tokens, lps
@@ -357,3 +377,4 @@ def test_vllm_serve_native_routes_three_updates(native_server, weights):
             cold = cold_outputs(FMT, k, ckpt[FMT])
             assert warm[0] == cold[0], f"serve update {k}: tokens {warm[0]} vs cold {cold[0]}"
             assert warm[1] == cold[1], f"serve update {k}: logprobs {warm[1]} vs cold {cold[1]}"
+    compat.check_observation(harness.vllm_version(), "native_serve", {"format": FMT, "updates_equal_cold": STEPS})

@@ -97,6 +97,7 @@ def _collect_status(import_vllm: bool) -> dict:
         "active": overlay.is_active(),
         "plugin": plugin_coverage().as_dict(),
         "patches": [r.as_dict() for r in overlay.status()],
+        "adapters": [r.as_dict() for r in overlay.adapter_status()],
     }
 
 
@@ -124,6 +125,12 @@ def _status(args) -> int:
     for r in rows:
         print(f"  {r['id']:<{width}}  {r['state']:<24} {r['reason']}")
         print(f"  {'':<{width}}  serves vLLM {r['serves']}; upstream {r['upstream']}, fixed in {r['fixed_in']}")
+    print("  vLLM's weight-transfer API, backend 'fp8' (adapters; otherwise the worker extension serves):")
+    rows = data["adapters"]
+    width = max(len(r["id"]) for r in rows)
+    for r in rows:
+        print(f"  {r['id']:<{width}}  {r['state']:<24} {r['reason']}")
+        print(f"  {'':<{width}}  serves vLLM {r['serves']}")
     return 0
 
 

@@ -276,6 +276,7 @@ def render(record: dict | None = None) -> str:
         lines += ["", "### Notes", ""]
         for v, n in notes:
             lines.append(f"- {v}: {n}")
+    lines += ["", _native_section(record, versions)]
     fork_section = _fork_section()
     if fork_section:
         lines += ["", fork_section]
@@ -283,6 +284,47 @@ def render(record: dict | None = None) -> str:
     if formats:
         lines += ["", formats]
     return "\n".join(lines) + "\n"
+
+
+def _native_section(record: dict, versions: list[str]) -> str:
+    """Which path serves ``backend="fp8"`` per release (from the adapters'
+    declarations) and what tests/test_native_backend.py verified there."""
+    from .adapters import ADAPTER_CLASSES
+
+    adapters = {cls.id: cls() for cls in ADAPTER_CLASSES}
+    lines = [
+        "## vLLM's native weight-transfer API (`backend=\"fp8\"`)",
+        "",
+        "Adapters (`vllm_fp8_overlay/adapters/`, features kept apart from the back-ports) register",
+        "our engine as `fp8` where vLLM's `WeightTransferConfig.backend` accepts a registered name;",
+        "elsewhere the worker extension (`--worker-extension-cls`) is the path. Verified columns come",
+        "from `tests/test_native_backend.py` on that release: updates through the API, each equal to a",
+        "freshly started engine in parameters, greedy tokens and logprobs.",
+        "",
+        "| vLLM | path | adapters applied | offline `LLM` API: updates == cold |"
+        " `vllm serve` routes: updates == cold | bad update rejected, model unchanged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in versions:
+        ver = Version(v)
+        applied = [a.id for a in adapters.values() if a.state_for(ver)[0].value == "applied"]
+        if "native-fp8-engine" in applied:
+            path = "native `fp8` backend" + (" (worker + trainer factory)" if "native-fp8-trainer" in applied
+                                            else " (worker; trainer calls `trainer_send_weights`)")
+        elif ver >= Version("0.16"):
+            path = "worker extension (config is a closed `Literal`)"
+        else:
+            path = "worker extension (no weight-transfer API)"
+        r = record.get(v, {})
+        offline = [f"{r[k]['updates_equal_cold']} ({k.rsplit('_', 1)[1]}, {r[k]['trainer_api']})"
+                   for k in ("native_offline_fp8", "native_offline_bf16") if k in r]
+        serve = r.get("native_serve")
+        serve_cell = f"{serve['updates_equal_cold']} ({serve['format']})" if serve else "–"
+        rej = r.get("native_rejects")
+        rej_cell = f"yes ({rej['format']})" if rej else "–"
+        adapters_cell = ", ".join(f"`{a}`" for a in applied) or "–"
+        lines.append(f"| {v} | {path} | {adapters_cell} | {'; '.join(offline) or '–'} | {serve_cell} | {rej_cell} |")
+    return "\n".join(lines)
 
 
 def _fork_diffs() -> dict[str, dict[str, str]]:

@@ -45,12 +45,27 @@ def registry_accepts_names() -> None:
         raise TargetMismatch(f"WeightTransferConfig.backend is {backend!r}: it does not accept a registered name")
 
 
-def register(factory_cls: type, name: str, module: str, cls_name: str) -> None:
-    """``factory_cls.register_engine(name, module, cls_name)`` unless already there."""
-    if name in getattr(factory_cls, "_registry", {}):
-        return
-    factory_cls.register_engine(name, module, cls_name)
+class RegistryAdapter(Adapter):
+    """Registers ``engine`` (module, class name; imported lazily by vLLM)
+    as ``fp8`` in the factory class ``factory`` of vLLM's factory module."""
 
+    trigger_module = FACTORY
+    factory = ""
+    engine: tuple[str, str] = ("", "")
 
-def unregister(factory_cls: type, name: str) -> None:
-    getattr(factory_cls, "_registry", {}).pop(name, None)
+    def check(self) -> None:
+        cls = getattr(sys.modules[FACTORY], self.factory, None)
+        if cls is None or not callable(getattr(cls, "register_engine", None)) or not hasattr(cls, "_registry"):
+            raise TargetMismatch(f"{self.factory}.register_engine / _registry are gone")
+
+    def apply(self) -> None:
+        cls = getattr(sys.modules[FACTORY], self.factory)
+        if BACKEND not in cls._registry:
+            cls.register_engine(BACKEND, *self.engine)
+        self._registered = cls
+
+    def revert_extra(self) -> None:
+        cls = getattr(self, "_registered", None)
+        if cls is not None:
+            cls._registry.pop(BACKEND, None)
+            self._registered = None

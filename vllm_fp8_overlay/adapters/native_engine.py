@@ -23,36 +23,19 @@ from __future__ import annotations
 from packaging.specifiers import SpecifierSet
 
 from . import _base
-from ._base import Adapter
+from ._base import RegistryAdapter
 
 
-class NativeFp8Engine(Adapter):
+class NativeFp8Engine(RegistryAdapter):
     id = "native-fp8-engine"
     title = "'fp8' backend in vLLM's WeightTransferEngineFactory"
     serves = SpecifierSet(">=0.22.1")
     unavailable = ("WeightTransferConfig.backend is a closed Literal['nccl', 'ipc'] before 0.22.1: "
                    "the worker extension path serves")
-    trigger_module = _base.FACTORY
+    factory = "WeightTransferEngineFactory"
+    engine = ("vllm_fp8_overlay.sync.native.engine", "Fp8WeightTransferEngine")
     targets = (_base.FACTORY + ".WeightTransferEngineFactory",)
 
     def check(self) -> None:
-        import sys
-
-        factory = sys.modules[_base.FACTORY]
-        cls = getattr(factory, "WeightTransferEngineFactory", None)
-        if cls is None or not callable(getattr(cls, "register_engine", None)) or not hasattr(cls, "_registry"):
-            raise _base.TargetMismatch("WeightTransferEngineFactory.register_engine / _registry are gone")
+        super().check()
         _base.registry_accepts_names()
-
-    def apply(self) -> None:
-        import sys
-
-        cls = sys.modules[_base.FACTORY].WeightTransferEngineFactory
-        _base.register(cls, _base.BACKEND, "vllm_fp8_overlay.sync.native.engine", "Fp8WeightTransferEngine")
-        self._registered = cls
-
-    def revert_extra(self) -> None:
-        cls = getattr(self, "_registered", None)
-        if cls is not None:
-            _base.unregister(cls, _base.BACKEND)
-            self._registered = None

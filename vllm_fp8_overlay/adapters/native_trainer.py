@@ -18,34 +18,15 @@ from __future__ import annotations
 from packaging.specifiers import SpecifierSet
 
 from . import _base
-from ._base import Adapter
+from ._base import RegistryAdapter
 
 
-class NativeFp8Trainer(Adapter):
+class NativeFp8Trainer(RegistryAdapter):
     id = "native-fp8-trainer"
     title = "'fp8' backend in vLLM's WeightTransferTrainerFactory"
     serves = SpecifierSet(">=0.28.0")
     unavailable = ("no WeightTransferTrainerFactory before 0.28: call "
                    "Fp8WeightTransferEngine.trainer_send_weights(weights, {'sender': ..., 'step': n})")
-    trigger_module = _base.FACTORY
+    factory = "WeightTransferTrainerFactory"
+    engine = ("vllm_fp8_overlay.sync.native.trainer", "Fp8TrainerWeightTransferEngine")
     targets = (_base.FACTORY + ".WeightTransferTrainerFactory",)
-
-    def check(self) -> None:
-        import sys
-
-        cls = getattr(sys.modules[_base.FACTORY], "WeightTransferTrainerFactory", None)
-        if cls is None or not callable(getattr(cls, "register_engine", None)) or not hasattr(cls, "_registry"):
-            raise _base.TargetMismatch("WeightTransferTrainerFactory.register_engine / _registry are gone")
-
-    def apply(self) -> None:
-        import sys
-
-        cls = sys.modules[_base.FACTORY].WeightTransferTrainerFactory
-        _base.register(cls, _base.BACKEND, "vllm_fp8_overlay.sync.native.trainer", "Fp8TrainerWeightTransferEngine")
-        self._registered = cls
-
-    def revert_extra(self) -> None:
-        cls = getattr(self, "_registered", None)
-        if cls is not None:
-            _base.unregister(cls, _base.BACKEND)
-            self._registered = None

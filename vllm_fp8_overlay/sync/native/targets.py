@@ -18,6 +18,7 @@ and the per-worker report carries the outcome but not the timings (vLLM's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -87,8 +88,13 @@ class _NativeTarget:
             self.client.start_weight_update()
             try:
                 self.client.update_weights(asdict(info))
-            finally:
-                self.client.finish_weight_update()
+            except Exception:
+                # 0.22-0.24 keep the update open after a failure (0.28+ closed
+                # it and would refuse): close it without hiding the reason
+                with contextlib.suppress(Exception):
+                    self.client.finish_weight_update()
+                raise
+            self.client.finish_weight_update()
         except Exception as e:
             if on_error != "return":
                 raise
