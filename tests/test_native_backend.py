@@ -163,7 +163,7 @@ class NativeTrainer:
             self.engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client, source=source)
         else:  # 0.22-0.24: no trainer factory; the static trainer_send_weights
             from vllm_fp8_overlay.sync.native.info import Fp8InitInfo
-            from vllm_fp8_overlay.sync.native.trainer import open_sender, served_layout
+            from vllm_fp8_overlay.sync.native.sending import open_sender, served_layout
 
             layout = served_layout("auto", None, self.client)
             box = {}

@@ -130,7 +130,7 @@ class Fp8WeightTransferEngine(WeightTransferEngine):
     def trainer_send_weights(iterator: Any, trainer_args: Any) -> None:
         """vLLM 0.22-0.24's trainer-side call: ``trainer_args`` is
         ``{"sender": WeightSender, "step": int}`` (see
-        :func:`vllm_fp8_overlay.sync.native.trainer.open_sender`)."""
+        :func:`vllm_fp8_overlay.sync.native.sending.open_sender`)."""
         sender = trainer_args["sender"]
         sender.send(iterator, int(trainer_args["step"]))
 

@@ -17,27 +17,26 @@ The sender quantizes each tensor into the served checkpoint's FP8 layout
 (found from the served model: ``layout="auto"``) and streams it to the
 workers, which validate the whole update before loading it.
 
-vLLM 0.22-0.24 have no trainer-side factory; :func:`open_sender` gives the
-``trainer_args`` for ``Fp8WeightTransferEngine.trainer_send_weights``.
+vLLM 0.22-0.24 have no trainer-side factory (nor this module's base
+classes); :func:`.sending.open_sender` gives the sender to put in the
+``trainer_args`` of ``Fp8WeightTransferEngine.trainer_send_weights``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import json
 import os
-import urllib.request
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
-import torch
 from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeightTransferEngine
 
 from ..sender import WeightSender
 from .info import BACKEND, Fp8InitInfo, Fp8UpdateInfo
+from .sending import materialized, open_sender, served_layout
 
-__all__ = ["Fp8TrainerInitInfo", "Fp8TrainerWeightTransferEngine", "open_sender", "served_layout"]
+__all__ = ["Fp8TrainerInitInfo", "Fp8TrainerWeightTransferEngine", "open_sender", "served_layout"]  # re-exported
 
 #: how long a failed send waits for the workers' own reason (they got an ABORT)
 _ANSWER_S = 120.0
@@ -67,27 +66,6 @@ class Fp8TrainerInitInfo(TrainerInitInfo):
     timeout: float = 300.0
     takeover: bool = False
     keep_receive_buffers: bool = False
-
-
-def served_layout(layout: Any, served_model: str | None, client: Any = None) -> Any:
-    """Resolve ``layout="auto"`` to the served checkpoint's layout."""
-    if layout != "auto":
-        return layout
-    from ...formats import detect_layout
-
-    model = served_model or _model_of(client)
-    if model is None:
-        raise ValueError("fp8 weight transfer: layout='auto' needs the served model: pass served_model= "
-                         "(its local directory) or layout=")
-    return detect_layout(model)
-
-
-def open_sender(layout: Any, master_address: str, master_port: int, world_size: int, *,
-                transport: str = "auto", bucket_bytes: int | None = None, timeout: float = 300.0,
-                group_id: str | None = None, device: Any = None) -> WeightSender:
-    """The trainer's end of the group (rank 0); blocks until the workers join."""
-    return WeightSender(layout, master_address, int(master_port), int(world_size), backend=transport,
-                        bucket_bytes=bucket_bytes, device=device, timeout=timeout, group_id=group_id)
 
 
 class Fp8TrainerWeightTransferEngine(TrainerWeightTransferEngine):
@@ -131,7 +109,7 @@ class Fp8TrainerWeightTransferEngine(TrainerWeightTransferEngine):
     def send_weights(self, step: int | None = None) -> None:
         """One update: start, send (while the workers receive), finish.
         ``step``: the trainer's step number (default: one more than the last)."""
-        items = _materialized(self.source)
+        items = materialized(self.source)
         if not self.is_sender:
             for _ in items:  # keep the other ranks' gathers in step with the sender's
                 pass
@@ -157,25 +135,3 @@ class Fp8TrainerWeightTransferEngine(TrainerWeightTransferEngine):
         if self.sender is not None:
             self.sender.close()
             self.sender = None
-
-
-def _materialized(source: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, tensor in source:
-        full = getattr(tensor, "full_tensor", None)
-        yield name, (full() if callable(full) else tensor)
-
-
-def _model_of(client: Any) -> str | None:
-    """The served model's path as the client can tell it."""
-    if client is None:
-        return None
-    model = getattr(client, "served_model", None)
-    if isinstance(model, str):
-        return model
-    base = getattr(client, "base_url", None)
-    if isinstance(base, str):  # vLLM's HTTPVLLMWeightSyncClient
-        with urllib.request.urlopen(base.rstrip("/") + "/v1/models", timeout=30) as r:
-            data = json.loads(r.read()).get("data") or [{}]
-        return data[0].get("root") or data[0].get("id")
-    return None
-
