@@ -7,11 +7,14 @@ a whole update before touching the model; with the reload already started,
 a rejected update would leave the model on meta until the trainer calls
 finish. From 0.28 the engine owns both calls, as here.
 
-How: when the worker's engine is ours, ``Worker.start_weight_update`` gives
-the engine the worker's configs and requested format and runs with
-``is_checkpoint_format=False`` (nothing to prepare, nothing to finalize);
-the engine's ``update_weights`` then receives, validates and loads through
-the same core as the worker extension. Other engines are untouched.
+How: when the worker's engine is ours, ``Worker.init_weight_transfer_engine``
+first gives the engine the worker's configs (the 0.22-0.24 engine base class
+gets only the parallel config and the model, and our engine reads the served
+checkpoint from the model config), and ``Worker.start_weight_update`` tells
+it the requested format and runs with ``is_checkpoint_format=False``
+(nothing to prepare, nothing to finalize); the engine's ``update_weights``
+then receives, validates and loads through the same core as the worker
+extension. Other engines are untouched.
 
 Serves: 0.22.1 up to (not including) 0.28.0, where the engine owns the
 reload.
@@ -36,7 +39,7 @@ class NativeWorkerOwnsReload(Adapter):
     serves = SpecifierSet(">=0.22.1,<0.28.0")
     unavailable = "from 0.28 the engine owns start/finish_weight_update; before 0.22.1 no fp8 engine"
     trigger_module = WORKER
-    targets = (WORKER + ".Worker.start_weight_update",)
+    targets = (WORKER + ".Worker.init_weight_transfer_engine", WORKER + ".Worker.start_weight_update")
 
     def check(self) -> None:
         import inspect
@@ -45,25 +48,40 @@ class NativeWorkerOwnsReload(Adapter):
         fn = getattr(worker, "start_weight_update", None)
         if fn is None or "is_checkpoint_format" not in inspect.signature(fn).parameters:
             raise _base.TargetMismatch("Worker.start_weight_update(is_checkpoint_format) is gone")
+        if not callable(getattr(worker, "init_weight_transfer_engine", None)):
+            raise _base.TargetMismatch("Worker.init_weight_transfer_engine is gone")
 
     def apply(self) -> None:
         from vllm_fp8_overlay.sync.native.info import BACKEND
 
+        def ours(worker):
+            engine = getattr(worker, "weight_transfer_engine", None)
+            return engine if getattr(getattr(engine, "config", None), "backend", None) == BACKEND else None
+
+        def bind_then_init(wrapped, instance, args, kwargs):
+            engine = ours(instance)
+            if engine is not None:
+                engine.bind_worker(instance)
+            return wrapped(*args, **kwargs)
+
         def hand_reload_to_fp8_engine(wrapped, instance, args, kwargs):
-            engine = getattr(instance, "weight_transfer_engine", None)
-            if getattr(getattr(engine, "config", None), "backend", None) != BACKEND:
+            engine = ours(instance)
+            if engine is None:
                 return wrapped(*args, **kwargs)
             fmt = args[0] if args else kwargs.get("is_checkpoint_format", True)
             engine.bind_worker(instance, checkpoint_format=fmt)
             return wrapped(is_checkpoint_format=False)
 
         worker = sys.modules[WORKER].Worker
-        self._original = worker.__dict__["start_weight_update"]
-        wrapt.wrap_function_wrapper(worker, "start_weight_update", hand_reload_to_fp8_engine)
         self._worker = worker
+        self._originals = {name: worker.__dict__[name] for name in ("init_weight_transfer_engine",
+                                                                     "start_weight_update")}
+        wrapt.wrap_function_wrapper(worker, "init_weight_transfer_engine", bind_then_init)
+        wrapt.wrap_function_wrapper(worker, "start_weight_update", hand_reload_to_fp8_engine)
 
     def revert_extra(self) -> None:
         worker = getattr(self, "_worker", None)
         if worker is not None:
-            worker.start_weight_update = self._original
+            for name, fn in self._originals.items():
+                setattr(worker, name, fn)
             self._worker = None

@@ -70,8 +70,9 @@ class Fp8WeightTransferEngine(WeightTransferEngine):
     # ---- 0.22-0.24: what the worker knows and the old base class lacks ------
 
     def bind_worker(self, worker: Any, checkpoint_format: bool = True) -> None:
-        """Called by the ``native-worker-owns-reload`` adapter at each
-        ``start_weight_update`` of vLLM 0.22-0.24."""
+        """Called by the ``native-worker-owns-reload`` adapter at
+        ``init_weight_transfer_engine`` and each ``start_weight_update`` of
+        vLLM 0.22-0.24."""
         self.sync.model_config = worker.model_config
         self.sync.vllm_config = worker.vllm_config
         self.sync.device = getattr(worker, "device", None)
@@ -83,6 +84,12 @@ class Fp8WeightTransferEngine(WeightTransferEngine):
 
     def init_transfer_engine(self, init_info: Fp8InitInfo) -> None:
         """Join the trainer's group (blocks until every rank joined)."""
+        if self.sync.model_config is None:
+            from ..apply.errors import WeightSyncError
+
+            raise WeightSyncError("the fp8 engine did not get the worker's configs: on vLLM 0.22-0.24 the overlay's "
+                                  "'native-worker-owns-reload' adapter gives them; see `python -m vllm_fp8_overlay "
+                                  "status` for why it is not applied")
         self.sync.join(init_info.master_address, init_info.master_port, init_info.world_size,
                        init_info.rank_offset, init_info.transport, init_info.timeout, init_info.checkpoint_dir,
                        init_info.keep_receive_buffers, init_info.group_id, init_info.takeover)
