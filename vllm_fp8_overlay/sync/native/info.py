@@ -58,14 +58,19 @@ class Fp8UpdateInfo:
     """One update: the trainer's step number (``None``: one more than the
     last step this worker loaded) and how to load it (``mode``: ``auto``,
     ``layerwise``, ``load_weights``, ``kernel``; see the worker extension).
-    Steps must increase unless ``allow_non_increasing``."""
+    Steps must increase unless ``allow_non_increasing``. ``update_kind``:
+    vLLM 0.24's worker reads it from every update info (``"sparse_flat"`` is
+    its sparse-patch format); ``fp8`` updates are always ``"dense"``."""
 
     step: int | None = None
     mode: str = "auto"
     allow_non_increasing: bool = False
     group_id: str | None = None
+    update_kind: str = "dense"
 
     def __post_init__(self) -> None:
+        if self.update_kind != "dense":
+            raise ValueError(f"fp8 weight transfer sends whole (dense) updates, not {self.update_kind!r}")
         if self.step is not None:
             self.step = int(self.step)
         if self.mode not in ("auto", "layerwise", "load_weights", "kernel"):
