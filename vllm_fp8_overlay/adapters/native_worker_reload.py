@@ -12,9 +12,13 @@ first gives the engine the worker's configs (the 0.22-0.24 engine base class
 gets only the parallel config and the model, and our engine reads the served
 checkpoint from the model config), and ``Worker.start_weight_update`` tells
 it the requested format and runs with ``is_checkpoint_format=False``
-(nothing to prepare, nothing to finalize); the engine's ``update_weights``
-then receives, validates and loads through the same core as the worker
-extension. Other engines are untouched.
+(nothing to prepare, nothing to finalize); ``Worker.update_weights`` hands
+the update info to the engine's own ``update_weights``, which receives,
+validates and loads through the same core as the worker extension. (The
+worker's own body would enter ``torch.device(self.device)``, which is
+``None`` on 0.22's CPU worker -- a TypeError for every backend there -- and
+dispatch on sparse-update fields that are not ours.) Other engines are
+untouched.
 
 Serves: 0.22.1 up to (not including) 0.28.0, where the engine owns the
 reload.
@@ -39,7 +43,8 @@ class NativeWorkerOwnsReload(Adapter):
     serves = SpecifierSet(">=0.22.1,<0.28.0")
     unavailable = "from 0.28 the engine owns start/finish_weight_update; before 0.22.1 no fp8 engine"
     trigger_module = WORKER
-    targets = (WORKER + ".Worker.init_weight_transfer_engine", WORKER + ".Worker.start_weight_update")
+    targets = (WORKER + ".Worker.init_weight_transfer_engine", WORKER + ".Worker.start_weight_update",
+               WORKER + ".Worker.update_weights")
 
     def check(self) -> None:
         import inspect
@@ -48,8 +53,9 @@ class NativeWorkerOwnsReload(Adapter):
         fn = getattr(worker, "start_weight_update", None)
         if fn is None or "is_checkpoint_format" not in inspect.signature(fn).parameters:
             raise _base.TargetMismatch("Worker.start_weight_update(is_checkpoint_format) is gone")
-        if not callable(getattr(worker, "init_weight_transfer_engine", None)):
-            raise _base.TargetMismatch("Worker.init_weight_transfer_engine is gone")
+        for name in ("init_weight_transfer_engine", "update_weights"):
+            if not callable(getattr(worker, name, None)):
+                raise _base.TargetMismatch(f"Worker.{name} is gone")
 
     def apply(self) -> None:
         from vllm_fp8_overlay.sync.native.info import BACKEND
@@ -72,12 +78,21 @@ class NativeWorkerOwnsReload(Adapter):
             engine.bind_worker(instance, checkpoint_format=fmt)
             return wrapped(is_checkpoint_format=False)
 
+        def update_through_engine(wrapped, instance, args, kwargs):
+            engine = ours(instance)
+            if engine is None:
+                return wrapped(*args, **kwargs)
+            if not getattr(instance, "_weight_update_active", False):
+                raise RuntimeError("start_weight_update must be called before update_weights.")
+            engine.update_weights(args[0] if args else kwargs["update_info"])
+
+        wrappers = {"init_weight_transfer_engine": bind_then_init, "start_weight_update": hand_reload_to_fp8_engine,
+                    "update_weights": update_through_engine}
         worker = sys.modules[WORKER].Worker
         self._worker = worker
-        self._originals = {name: worker.__dict__[name] for name in ("init_weight_transfer_engine",
-                                                                     "start_weight_update")}
-        wrapt.wrap_function_wrapper(worker, "init_weight_transfer_engine", bind_then_init)
-        wrapt.wrap_function_wrapper(worker, "start_weight_update", hand_reload_to_fp8_engine)
+        self._originals = {name: worker.__dict__[name] for name in wrappers}
+        for name, wrapper in wrappers.items():
+            wrapt.wrap_function_wrapper(worker, name, wrapper)
 
     def revert_extra(self) -> None:
         worker = getattr(self, "_worker", None)
