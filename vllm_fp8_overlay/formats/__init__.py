@@ -12,6 +12,7 @@ from .detect import (
     UnsupportedQuantization,
     detect_layout,
 )
+from .names import register_module_names
 from .quantize import (
     FP8_E4M3_MAX,
     QuantBackend,
@@ -36,4 +37,5 @@ __all__ = [
     "quantize_tensor",
     "quantize_weights",
     "register_backend",
+    "register_module_names",
 ]

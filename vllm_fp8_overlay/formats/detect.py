@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from . import names as _names
 
 __all__ = [
     "FP8Layout",
@@ -60,58 +61,10 @@ class UnsupportedQuantization(ValueError):
         self.found = found
 
 
-# Module names (last dotted component) that are linear projections in the
-# architectures vLLM serves.  Any component ending in ``_proj`` also counts.
-_LINEAR_NAMES = frozenset(
-    {
-        "kv_a_proj_with_mqa",
-        "dense",
-        "fc1",
-        "fc2",
-        "w1",
-        "w2",
-        "w3",
-        "wq",
-        "wk",
-        "wv",
-        "wo",
-        "query_key_value",
-        "dense_h_to_4h",
-        "dense_4h_to_h",
-        "c_attn",
-        "c_proj",
-        "c_fc",
-    }
-)
-
-# Last components that are never quantized although they are 2-D ``.weight``s.
-_NEVER_QUANTIZED = frozenset(
-    {
-        "lm_head",
-        "embed_tokens",
-        "wte",
-        "wpe",
-        "embed_in",
-        "embed_out",
-        "word_embeddings",
-        "gate",  # MoE router (mlp.gate)
-        "router",
-        "shared_expert_gate",
-        "score",
-        "classifier",
-    }
-)
-
-# vLLM fuses these checkpoint shards into one module; an ignore entry naming
-# the fused module applies to every shard.
-_FUSED_SHARDS = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
-
-_EXPERT_RE = re.compile(r"^(?P<parent>.*\.experts)\.(?P<idx>\d+)\.(?P<proj>[^.]+)$")
-
 _FP8_FORMATS_OK = {None, "e4m3", "e4m3fn", "float8_e4m3fn"}
+
+_LAYOUT_KEYS = frozenset({"method", "strategy", "block_size", "scale_name", "ignore", "targets",
+                          "activation_dynamic", "ct_format", "hidden_size", "kv_cache_scheme"})
 
 
 @dataclass(frozen=True)
@@ -166,8 +119,11 @@ class FP8Layout:
             raise ValueError(
                 f"block_size {self.block_size!r} given for strategy {self.strategy!r}"
             )
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        object.__setattr__(self, "targets", tuple(self.targets))
+        try:
+            object.__setattr__(self, "ignore", _names.check_patterns(self.ignore, "ignore", targets=False))
+            object.__setattr__(self, "targets", _names.check_patterns(self.targets, "targets", targets=True))
+        except ValueError as e:
+            raise UnsupportedQuantization(str(e)) from None
 
     # ------------------------------------------------------------------ names
     @property
@@ -182,53 +138,18 @@ class FP8Layout:
             raise ValueError(f"{weight_name!r} is not a '.weight' tensor")
         return weight_name[: -len("weight")] + self.scale_name
 
-    def _ignored(self, module: str) -> bool:
-        candidates = [module]
-        m = _EXPERT_RE.match(module)
-        if m:
-            # vLLM decides for the whole fused-experts module.
-            candidates.append(m.group("parent"))
-        parent, _, last = module.rpartition(".")
-        for fused, shards in _FUSED_SHARDS.items():
-            if last in shards:
-                candidates.append(f"{parent}.{fused}" if parent else fused)
-        for pat in self.ignore:
-            for cand in candidates:
-                if pat.startswith("re:"):
-                    if re.match(pat[3:], cand):
-                        return True
-                elif pat == cand:  # vLLM matches ignore entries exactly
-                    return True
-        return False
-
-    def _targeted(self, module: str) -> bool:
-        for t in self.targets:
-            if t in ("Linear", "LinearBase", "FusedMoE", "RoutedExperts"):
-                return True  # decided by name (see is_quantized)
-            if t.startswith("re:"):
-                if re.match(t[3:], module):
-                    return True
-            elif t == module:
-                return True
-        return False
-
     def is_quantized(self, hf_param_name: str) -> bool:
-        """True iff the checkpoint stores ``hf_param_name`` as FP8 + scale."""
-        if not hf_param_name.endswith(".weight"):
-            return False  # biases, scales, e_score_correction_bias, ...
-        module = hf_param_name[: -len(".weight")]
-        last = module.rpartition(".")[2]
-        if last == "lm_head" and self.method == "compressed-tensors":
-            # the head is an nn.Linear: llm-compressor quantizes it whenever a
-            # recipe targets it and does not ignore it (e.g. ``ignore=[]``)
-            return self._targeted(module) and not self._ignored(module)
-        if last in _NEVER_QUANTIZED or "norm" in last or "embed" in last:
-            return False
-        if not (last.endswith("_proj") or last in _LINEAR_NAMES):
-            return False
-        if not self._targeted(module):
-            return False
-        return not self._ignored(module)
+        """True iff the checkpoint stores ``hf_param_name`` as FP8 + scale,
+        decided from the name alone; raises ``ValueError`` naming the tensor
+        where the layout targets it but the name cannot decide (see
+        :mod:`.names`). :meth:`quantizes` also knows the tensor's rank."""
+        return _names.decide(self, hf_param_name)
+
+    def quantizes(self, hf_param_name: str, shape: Any = None) -> bool:
+        """:meth:`is_quantized` for a tensor of ``shape``: a module name the
+        tables do not know is decided (not quantized) for a tensor that is
+        not 2-D, and raises for a targeted 2-D one."""
+        return _names.decide(self, hf_param_name, None if shape is None else len(shape))
 
     # ---------------------------------------------------------- serialization
     def to_dict(self) -> dict[str, Any]:
@@ -249,14 +170,24 @@ class FP8Layout:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FP8Layout":
+        """Inverse of :meth:`to_dict`. An unknown key is refused, not
+        dropped: a field this version does not know may change what is
+        quantized."""
+        if not isinstance(d, Mapping):
+            raise UnsupportedQuantization(f"layout of type {type(d).__name__}")
+        unknown = sorted(set(d) - _LAYOUT_KEYS)
+        missing = sorted({"method", "strategy"} - set(d))
+        if unknown or missing:
+            raise UnsupportedQuantization(
+                f"layout with unknown field(s) {unknown} / missing {missing} (known: {sorted(_LAYOUT_KEYS)})")
         bs = d.get("block_size")
         return cls(
             method=d["method"],
             strategy=d["strategy"],
             block_size=tuple(int(b) for b in bs) if bs else None,
             scale_name=d.get("scale_name", "weight_scale"),
-            ignore=tuple(d.get("ignore") or ()),
-            targets=tuple(d.get("targets") or ("Linear",)),
+            ignore=d.get("ignore") or (),
+            targets=d.get("targets") or ("Linear",),
             activation_dynamic=bool(d.get("activation_dynamic", True)),
             ct_format=d.get("ct_format"),
             hidden_size=d.get("hidden_size"),
@@ -337,6 +268,8 @@ def _detect_hf_fp8(q: Mapping[str, Any], hidden: int | None) -> FP8Layout:
             "(online quantization; the checkpoint holds BF16 weights)"
         )
     ignore = q.get("ignored_layers") or q.get("modules_to_not_convert") or []
+    if isinstance(ignore, str) or not isinstance(ignore, (list, tuple)):
+        raise UnsupportedQuantization(f"quant_method='fp8' with ignored layers {ignore!r} (not a list)")
     block = q.get("weight_block_size")
     if block is not None:
         if not isinstance(block, (list, tuple)) or len(block) != 2:
@@ -359,6 +292,46 @@ def _detect_hf_fp8(q: Mapping[str, Any], hidden: int | None) -> FP8Layout:
 
 
 _CT_FORMATS = ("float-quantized", "naive-quantized")
+
+# compressed-tensors' QuantizationScheme / QuantizationArgs fields (0.17-0.19;
+# both models forbid extra keys, so vLLM refuses any other key too)
+_CT_GROUP_KEYS = frozenset({"targets", "weights", "input_activations", "output_activations", "format"})
+_CT_ARGS_KEYS = frozenset({"num_bits", "type", "symmetric", "group_size", "strategy", "block_structure",
+                           "dynamic", "actorder", "scale_dtype", "zp_dtype", "observer", "observer_kwargs"})
+
+
+def _check_ct_group(name: str, g: Mapping[str, Any]) -> None:
+    """Refuse what this quantizer would otherwise ignore in a weight group:
+    unknown keys (a newer scheme field may change the format), no targets
+    (vLLM would quantize nothing, we would quantize every Linear), output
+    activation quantization, act-order or group sizes on FP8 weights."""
+    unknown = sorted(set(g) - _CT_GROUP_KEYS)
+    if unknown:
+        raise UnsupportedQuantization(f"compressed-tensors group {name!r} with unknown field(s) {unknown}")
+    t = g.get("targets")
+    if isinstance(t, str) or not isinstance(t, (list, tuple)) or not t:
+        raise UnsupportedQuantization(
+            f"compressed-tensors group {name!r}: targets must be a non-empty list, got {t!r}")
+    for part in ("weights", "input_activations"):
+        args = g.get(part)
+        if args is None:
+            continue
+        if not isinstance(args, Mapping):
+            raise UnsupportedQuantization(f"compressed-tensors group {name!r}: {part} of type {type(args).__name__}")
+        unknown = sorted(set(args) - _CT_ARGS_KEYS)
+        if unknown:
+            raise UnsupportedQuantization(
+                f"compressed-tensors group {name!r}: {part} with unknown field(s) {unknown}")
+    if g.get("output_activations"):
+        raise UnsupportedQuantization(f"compressed-tensors group {name!r}: output activation quantization")
+    w = g["weights"]
+    if w.get("actorder"):
+        raise UnsupportedQuantization(
+            f"compressed-tensors group {name!r}: actorder={w['actorder']!r} (activation-ordered weights)")
+    if w.get("group_size") is not None and w.get("strategy") != "group":
+        raise UnsupportedQuantization(
+            f"compressed-tensors group {name!r}: group_size={w['group_size']!r} with strategy "
+            f"{w.get('strategy')!r}")
 
 
 def _ct_block(block: Any) -> tuple[int, int]:
@@ -411,6 +384,7 @@ def _detect_ct(q: Mapping[str, Any], hidden: int | None) -> FP8Layout:
                 f"compressed-tensors format={gfmt!r} for fp8 weights "
                 f"(group {name!r}); expected one of {list(_CT_FORMATS)}"
             )
+        _check_ct_group(name, g)
         if not w.get("symmetric", True):
             raise UnsupportedQuantization(
                 f"compressed-tensors group {name!r}: asymmetric fp8 weights"
@@ -451,7 +425,7 @@ def _detect_ct(q: Mapping[str, Any], hidden: int | None) -> FP8Layout:
                     "quantization (input_scale comes from calibration and cannot "
                     "be derived from trainer weights)"
                 )
-        targets.extend(g.get("targets") or [])
+        targets.extend(g["targets"])
     if len(strategies) != 1:
         raise UnsupportedQuantization(
             f"compressed-tensors config mixing fp8 weight strategies {sorted(strategies)}"
@@ -462,7 +436,7 @@ def _detect_ct(q: Mapping[str, Any], hidden: int | None) -> FP8Layout:
         strategy=strategy,
         block_size=block if strategy == "block" else None,
         scale_name="weight_scale",
-        ignore=tuple(q.get("ignore") or ()),
+        ignore=q.get("ignore") or (),
         targets=tuple(dict.fromkeys(targets)) or ("Linear",),
         activation_dynamic=dynamic,
         ct_format=fmt,

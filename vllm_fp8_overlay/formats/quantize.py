@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -370,16 +370,31 @@ def quantize_weights(
     into per-expert checkpoint names first.  Quantization runs on ``device``
     (default: where the tensor lives).  ``layout=None`` (BF16 target) passes
     everything through.  One tensor is processed at a time.
+
+    Nothing the layout targets is passed through unquantized: a tensor it
+    targets that cannot be quantized (wrong rank, a dtype other than
+    bf16/fp16/fp32/fp64, non-finite values) or whose treatment the names
+    cannot decide (see :mod:`.names`) raises ``ValueError`` naming it.
     """
+    if layout is not None and not isinstance(layout, FP8Layout):
+        if not isinstance(layout, Mapping):
+            raise TypeError(f"layout must be an FP8Layout, its dict or None, got {type(layout).__name__}")
+        layout = FP8Layout.from_dict(layout)
     dev = torch.device(device) if device is not None else None
     for name, t in named_tensors:
+        if isinstance(t, tuple) and hasattr(t, "weight") and hasattr(t, "scale"):  # sync.sources.Prequantized
+            if layout is None:
+                raise ValueError(f"{name}: a prequantized weight, but the target is not FP8")
+            yield name, t.weight
+            yield layout.scale_key(name), t.scale
+            continue
         if layout is None:
             yield name, t
             continue
         expanded = expand_fused_experts(name, t, layout.hidden_size)
         items = expanded if expanded is not None else ((name, t),)
         for n, x in items:
-            if not layout.is_quantized(n):
+            if not layout.quantizes(n, x.shape):
                 yield n, x
                 continue
             if x.dtype == FP8_DTYPE or not x.is_floating_point():

@@ -89,6 +89,10 @@ class GroupedSendPath:
                 name, t = item
             except (TypeError, ValueError):
                 raise TypeError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}") from None
+            if isinstance(t, tuple) and hasattr(t, "weight") and hasattr(t, "scale"):  # sources.Prequantized
+                yield name, t.weight, False  # quantized on the trainer's shards already
+                yield layout.scale_key(name), t.scale, False
+                continue
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
             m = memo.get(name)
@@ -98,7 +102,7 @@ class GroupedSendPath:
                 continue
             expanded = expand_fused_experts(name, t, layout.hidden_size)
             for n, x in expanded if expanded is not None else ((name, t),):
-                if not layout.is_quantized(n):
+                if not layout.quantizes(n, x.shape):
                     if expanded is None:
                         memo[name] = (t.shape, t.dtype, False)
                     yield n, x, False
