@@ -104,6 +104,22 @@ def assign_rank_offsets(workers_per_server: Sequence[int]) -> tuple[list[int], i
     return offsets, nxt
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the OS picks it).
+
+    The trainer hosts the group's TCPStore there; another process could take
+    the port before the store binds it, in which case the store fails with
+    "address already in use" and no peer of another group is ever accepted
+    (receivers are told the group id and refuse any other). Pass an explicit
+    port where a firewall allows only known ones."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def resolve_backend(backend: str, device: torch.device | str | int | None) -> tuple[str, torch.device]:
     """Pick ``(backend, device)``. ``auto``: NCCL for a CUDA device, gloo
     otherwise; with ``device=None`` the current CUDA device if CUDA is

@@ -1,0 +1,79 @@
+"""Sharded trainers: a real 2-process FSDP2 trainer (CPU, gloo) as the source.
+
+``sharded_stream`` walks an FSDP2 state dict (``DTensor``, ``Shard(0)``)
+tensor by tensor on every rank. What it yields, after the sender's
+quantization, must be bitwise what quantizing the unsharded weights gives,
+for the three FP8 layouts; and weights whose scales depend on their own rows
+only (channel; block when the shards are whole 128-row blocks) must be
+quantized on each rank's rows and gathered as FP8, never whole in BF16.
+
+The trainer runs under ``torch.distributed.run`` (two processes), as a
+training job would (:mod:`vllm_fp8_overlay.testing.fsdp_trainer`).
+
+Run from the repository root:
+      tools/nox -s "matrix(vllm='0.32.0')" -- tests/test_sync_sources.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_fp8_overlay.formats import FP8Layout
+from vllm_fp8_overlay.testing import tiny_models as tm
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = {
+    "compressed-tensors/channel": FP8Layout(method="compressed-tensors", strategy="channel", ignore=("lm_head",)),
+    "fp8/block": FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv",
+                           ignore=("lm_head",)),
+    "fp8/tensor": FP8Layout(method="fp8", strategy="tensor", ignore=("lm_head",)),
+}
+
+
+def run_trainer(args: list[str], out: Path, nproc: int = 2, timeout: float = 600) -> dict:
+    from vllm_fp8_overlay.sync.transport import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()),
+           "-m", "vllm_fp8_overlay.testing.fsdp_trainer", *args, "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    # 2 layers, hidden 256, intermediate 512, 4 heads / 2 KV heads of 64: k/v_proj have
+    # 128 rows, i.e. 64 per rank -- not whole 128-row blocks
+    base = tm.make_llama(root / "llama")
+    layouts = json.dumps([lay.to_dict() for lay in LAYOUTS.values()])
+    return run_trainer(["check", "--model", str(base), "--layouts", layouts], root / "out.json")
+
+
+@pytest.mark.parametrize("key", list(LAYOUTS))
+def test_sharded_stream_equals_unsharded_quantization(streamed, key):
+    """Every tensor the sender would send from the FSDP2 shards is bitwise
+    what quantize_weights gives on the full weights (names, dtypes, shapes, bits)."""
+    r = streamed[key]
+    assert r["mismatches"] == [], r["mismatches"]
+
+
+def test_row_local_scales_are_quantized_on_the_shards(streamed):
+    """Channel: all 14 linear weights quantized on each rank's rows (none
+    gathered in BF16); block: the 10 whose shards are whole 128-row blocks
+    (q/o/gate/up/down), k/v (64 rows per rank) gathered; per-tensor scales
+    (one amax over the whole tensor): all gathered."""
+    ch, bl, te = streamed["compressed-tensors/channel"], streamed["fp8/block"], streamed["fp8/tensor"]
+    unquantized = 7  # embed_tokens, lm_head, 2x2 layer norms, final norm
+    assert (ch["local_quantized"], ch["gathered"]) == (14, unquantized)
+    assert (bl["local_quantized"], bl["gathered"]) == (10, unquantized + 4)
+    assert (te["local_quantized"], te["gathered"]) == (0, unquantized + 14)
+

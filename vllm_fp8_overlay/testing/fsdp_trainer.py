@@ -1,0 +1,144 @@
+"""A real FSDP2 trainer on CPU (gloo) for the sharded-sender tests.
+
+Run with ``torch.distributed.run --nproc_per_node N -m
+vllm_fp8_overlay.testing.fsdp_trainer ...``. Every rank loads the same HF
+checkpoint, shards it with ``torch.distributed.fsdp.fully_shard`` (every
+decoder layer, then the model), and then either
+
+* ``check``: streams the sharded state dict for each layout in
+  ``--layouts`` (a JSON list of ``FP8Layout`` dicts) with
+  :func:`~vllm_fp8_overlay.sync.sources.sharded_stream` and, on rank 0,
+  compares every tensor bitwise with ``quantize_weights`` on the unsharded
+  weights; or
+* ``push``: for each ``--steps`` checkpoint, loads its weights into the
+  sharded model (as a training step would change them) and calls
+  :func:`~vllm_fp8_overlay.sync.sources.push_sharded` on every rank; rank 0
+  holds a ``WeightSyncClient`` for the ``--url`` servers.
+
+Rank 0 writes a JSON result to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _sharded_model(model_dir: str):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _load_full(model, state_dict: dict) -> None:
+    """Put full tensors into the sharded parameters (each rank keeps its rows)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if name not in state_dict:
+                continue
+            src = state_dict[name].to(p.dtype)
+            if hasattr(p, "device_mesh"):
+                p.copy_(distribute_tensor(src, p.device_mesh, p.placements))
+            else:
+                p.copy_(src)
+
+
+def _check(args, model) -> dict:
+    from vllm_fp8_overlay.formats import FP8Layout, quantize_weights
+    from vllm_fp8_overlay.sync.sources import StreamStats, sharded_stream
+    from vllm_fp8_overlay.testing import tiny_models as tm
+
+    full = tm.load_checkpoint(args.model)
+    out = {}
+    for d in json.loads(args.layouts):
+        layout = FP8Layout.from_dict(d)
+        stats = StreamStats()
+        got = list(sharded_stream(model.state_dict(), layout, stats=stats))
+        if dist.get_rank() != 0:
+            continue
+        flat = list(quantize_weights(iter(got), layout))  # what the sender sends: gathered ones quantized there
+        sharded_names = list(model.state_dict())
+        want = dict(quantize_weights(((n, full[n]) for n in sharded_names), layout))
+        got_d = dict(flat)
+
+        def bits(t):
+            return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+        bad = sorted(set(got_d) ^ set(want))
+        bad += [n for n in want if n in got_d and (got_d[n].dtype != want[n].dtype or got_d[n].shape != want[n].shape
+                                                   or not torch.equal(bits(got_d[n]), bits(want[n])))]
+        largest = max(t.numel() * t.element_size() for t in full.values())
+        out[f"{layout.method}/{layout.strategy}"] = {
+            "mismatches": bad, "local_quantized": stats.local_quantized, "gathered": stats.gathered,
+            "max_gathered_bytes": stats.max_gathered_bytes, "largest_full_bytes": largest}
+    return out
+
+
+def _push(args, model) -> dict:
+    from vllm_fp8_overlay.sync.client import WeightSyncClient
+    from vllm_fp8_overlay.sync.sources import StreamStats, push_sharded
+    from vllm_fp8_overlay.testing import tiny_models as tm
+
+    client = None
+    if dist.get_rank() == 0:
+        client = WeightSyncClient(args.url, host="127.0.0.1", timeout=args.timeout)
+    reports = []
+    try:
+        for i, ckpt in enumerate(args.steps):
+            _load_full(model, tm.load_checkpoint(ckpt))
+            stats = StreamStats()
+            rep = push_sharded(client, model.state_dict(), args.first_step + i, stats=stats)
+            reports.append({"step": args.first_step + i, "ok": rep is None or all(w.get("ok") for w in rep.workers),
+                            "local_quantized": stats.local_quantized, "gathered": stats.gathered,
+                            "max_gathered_bytes": stats.max_gathered_bytes,
+                            "num_bytes": None if rep is None else rep.send.num_bytes})
+            dist.barrier()
+    finally:
+        if client is not None:
+            client.close()
+    return {"reports": reports}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["check", "push"])
+    p.add_argument("--model", required=True, help="HF checkpoint every rank starts from")
+    p.add_argument("--layouts", default="[]")
+    p.add_argument("--url", nargs="*", default=[])
+    p.add_argument("--steps", nargs="*", default=[])
+    p.add_argument("--first-step", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    dist.init_process_group("gloo")
+    try:
+        model = _sharded_model(args.model)
+        result = _check(args, model) if args.mode == "check" else _push(args, model)
+        # peak resident memory of each rank, for the per-rank bound
+        peak = [None] * dist.get_world_size()
+        dist.all_gather_object(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        if dist.get_rank() == 0:
+            result["peak_rss_bytes_per_rank"] = peak
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
