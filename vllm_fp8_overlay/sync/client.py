@@ -11,7 +11,7 @@ and talks to every vLLM server through ``collective_rpc`` -- in-process
 
     from vllm_fp8_overlay.sync.client import attach_llm, WeightSyncClient
 
-    client = attach_llm(llm, host="127.0.0.1", port=29600)        # layout="auto"
+    client = attach_llm(llm, host="127.0.0.1")     # layout="auto", a free port
     # or: WeightSyncClient(["http://10.0.0.7:8000", "http://10.0.0.8:8000"], host=..., port=...)
     for step in range(n):
         train_one_step(model)
@@ -50,7 +50,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from .sender import SendStats, WeightSender
-from .transport import assign_rank_offsets
+from .transport import assign_rank_offsets, free_port
 
 __all__ = [
     "EXTENSION",
@@ -205,7 +205,9 @@ class WeightSyncClient:
             their checkpoint, or ``None`` for BF16), an ``FP8Layout``, its dict,
             or ``None`` (send tensors as given).
         host, port: address of the sync group's TCPStore, hosted here; must be
-            reachable from every vLLM worker.
+            reachable from every vLLM worker (see ``docs/multinode.md``).
+            ``port=None`` (default): a port that is free on ``host`` now
+            (:func:`~.transport.free_port`); the one used is ``self.port``.
         backend, bucket_bytes, device, timeout: as for ``WeightSender``.
         mode: load mode passed to the workers (``"auto"``, ``"layerwise"``,
             ``"load_weights"``, ``"kernel"``).
@@ -243,7 +245,7 @@ class WeightSyncClient:
         *,
         layout: Any = "auto",
         host: str = "127.0.0.1",
-        port: int = 29600,
+        port: int | None = None,
         backend: str = "auto",
         bucket_bytes: int | None = None,
         device: Any = None,
@@ -270,6 +272,8 @@ class WeightSyncClient:
         self.max_block_s = float(max_block_s)
         self.poll_interval_s = float(poll_interval_s)
         self.group_id = os.urandom(16).hex()
+        self.host = host
+        self.port = port = int(port) if port is not None else free_port(host)
         self._pool = cf.ThreadPoolExecutor(max_workers=max(2, len(self.targets)), thread_name_prefix="weight-sync-rpc")
         self.sender: WeightSender | None = None
         self._closed = False
@@ -280,6 +284,12 @@ class WeightSyncClient:
         workers = [len(d) for d in descs]
         if any(n == 0 for n in workers):
             raise RuntimeError("a target reported no workers")
+        for t, d in zip(self.targets, descs):
+            # each worker joins as rank offset + its local rank: they must be 0..n-1
+            ranks = sorted(int(w.get("local_rank", -1)) for w in d)
+            if ranks != list(range(len(d))):
+                raise RuntimeError(f"{t.name}: its {len(d)} workers report local ranks {ranks}, not 0..{len(d) - 1}; "
+                                   "rank offsets cannot be assigned (a data-parallel engine counts every replica)")
         layouts = [d[0].get("layout") for d in descs]
         if layout == "auto":
             for t, d in zip(self.targets, descs):
