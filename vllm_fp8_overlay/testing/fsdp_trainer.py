@@ -44,20 +44,18 @@ def _sharded_model(model_dir: str):
 
 
 def _load_full(model, state_dict: dict) -> None:
-    """Put full tensors into the sharded parameters: each rank copies its own
-    rows (FSDP2 gives rank r rows [r * ceil(n / world), ...)), no collective."""
+    """Put full tensors into the sharded parameters (each rank keeps its rows)."""
+    from torch.distributed.tensor import distribute_tensor
+
     with torch.no_grad():
         for name, p in model.state_dict().items():
             if name not in state_dict:
                 continue
             src = state_dict[name].to(p.dtype)
-            if not hasattr(p, "device_mesh"):
+            if hasattr(p, "device_mesh"):
+                p.copy_(distribute_tensor(src, p.device_mesh, p.placements))
+            else:
                 p.copy_(src)
-                continue
-            local = p.to_local()
-            per = -(-p.shape[0] // p.device_mesh.size())
-            start = per * p.device_mesh.get_local_rank()
-            local.copy_(src[start:start + local.shape[0]])
 
 
 def _check(args, model) -> dict:
