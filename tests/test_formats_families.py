@@ -23,6 +23,7 @@ import torch
 
 from vllm_fp8_overlay.formats import detect_layout, quantize_weights
 from vllm_fp8_overlay.testing import tiny_models
+from vllm_fp8_overlay.testing import family_record
 from vllm_fp8_overlay.testing.families import FAMILIES, family_state_dict, make_family
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,3 +91,4 @@ def test_quantizer_equals_llmcompressor(references, family, recipe):
         assert _same_bits(ours[name], t), (name, ours[name].dtype, t.dtype, ours[name].shape, t.shape)
         n_fp8 += t.dtype == torch.float8_e4m3fn
     assert n_fp8 > 0  # the recipe quantized something, and so did we
+    family_record.check(("offline", family, recipe), "bitwise")  # docs/families.md

@@ -22,6 +22,7 @@ from packaging.version import Version
 
 import vllm_fp8_overlay as overlay
 from vllm_fp8_overlay import compat
+from vllm_fp8_overlay.derived_state import declared_for
 from vllm_fp8_overlay.overlay import State
 
 pytestmark = pytest.mark.vllm
@@ -29,9 +30,6 @@ pytestmark = pytest.mark.vllm
 RELOAD_PKG = "vllm.model_executor.model_loader.reload"
 PROBE = "vllm_fp8_overlay.testing.reload_probe.ReloadProbe"
 PROMPTS = [[1, 17, 42, 99, 7], [1, 300, 5, 64]]
-#: releases whose CPU MoE layers come back from a reload in checkpoint layout
-#: instead of the CPU-prepacked one (an upstream CPU-backend issue)
-CPU_MOE_PREPACK_ISSUE = {Version("0.28.0"), Version("0.32.0")}
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +174,12 @@ def _rpc(llm, method, *args):
 
 
 def _reload_cycle(llm, d0, d1, version):
-    """Without overlay, with overlay, then W1 and back to W0 (with overlay)."""
-    from vllm_fp8_overlay.testing import harness
+    """Without overlay, with overlay, then W1 and back to W0 (with overlay),
+    then the derived-state refresh the weight sync runs after every load."""
+    from vllm_fp8_overlay.testing.outputs import greedy_outputs
 
     cold = _rpc(llm, "probe_digest")[0]
-    cold_tokens = harness.greedy(llm, PROMPTS, 6)
+    cold_tokens = greedy_outputs(llm, PROMPTS, 6)
     _rpc(llm, "probe_overlay", False)
     without = _rpc(llm, "probe_reload", str(d0))[0]
     after_without = _rpc(llm, "probe_digest")[0]
@@ -191,8 +190,10 @@ def _reload_cycle(llm, d0, d1, version):
     _rpc(llm, "probe_reload", str(d1))
     changed = _rpc(llm, "probe_digest")[0]
     _rpc(llm, "probe_reload", str(d0))
+    back_raw = _rpc(llm, "probe_digest")[0]
+    refreshed = _rpc(llm, "probe_refresh")[0]
     back = _rpc(llm, "probe_digest")[0]
-    back_tokens = harness.greedy(llm, PROMPTS, 6)
+    back_tokens = greedy_outputs(llm, PROMPTS, 6)
     assert changed != cold, "reloading W1 changed nothing"
     return {
         "cold": cold,
@@ -201,6 +202,8 @@ def _reload_cycle(llm, d0, d1, version):
         "after_without": after_without,
         "with": with_,
         "after_with": after_with,
+        "back_raw": back_raw,
+        "refreshed": refreshed,
         "back": back,
         "back_tokens": back_tokens,
     }
@@ -216,8 +219,10 @@ def _w0_w1(builder, root):
     return d0, d1, sd
 
 
-def _tokens(out):
-    return [list(t) for t in out]
+def _assert_outputs_equal(back, cold, what):
+    from vllm_fp8_overlay.testing.outputs import assert_outputs_equal
+
+    assert_outputs_equal(back, cold, what)
 
 
 @pytest.mark.slow
@@ -235,7 +240,8 @@ def test_llama_reload_warnings_and_warm_equals_cold(version, has_reload, engine_
     # identical weights reloaded with the overlay: bitwise the cold start
     assert r["after_with"] == r["cold"]
     assert r["back"] == r["cold"], [k for k in r["cold"] if r["cold"][k] != r["back"].get(k)]
-    assert _tokens(r["back_tokens"]) == _tokens(r["cold_tokens"])
+    _assert_outputs_equal(r["back_tokens"], r["cold_tokens"], "Llama reloaded back to W0")
+    assert r["refreshed"] == [], r["refreshed"]  # untied, dense: nothing derived goes stale
     observed = {
         "warnings_without_overlay": r["without"]["failed_to_load_warnings"],
         "warnings_with_overlay": r["with"]["failed_to_load_warnings"],
@@ -275,24 +281,25 @@ def test_moe_shared_bias_reload(version, has_reload, engine_env, tiny_model_root
         "bias_exact_without_overlay": all(r["after_without"][k] == r["cold"][k] for k in bias_keys),
         "bias_exact_with_overlay": all(r["after_with"][k] == r["cold"][k] for k in bias_keys)
         and served_bias == expected_bias,
+        "derived_refreshed": r["refreshed"],
         "warm_equals_cold": r["back"] == r["cold"],
     }
     # With the overlay (or upstream fix) every MoE layer is processed online.
     assert observed["delayed_with_overlay"] == []
     assert observed["buffered_with_overlay"] == 0
     assert observed["bias_exact_with_overlay"]
-    if version in CPU_MOE_PREPACK_ISSUE:
-        # Known upstream CPU issue, not a reload-module bug: after a reload the
-        # MoE expert weights (w13/w2) are in checkpoint layout while a cold
-        # start holds them CPU-prepacked. Recorded, and asserted to still be
-        # the case so that an upstream fix is noticed.
-        observed["note"] = "vLLM CPU: MoE experts not re-prepacked after reload (upstream, not a reload-module bug)"
-        assert not observed["warm_equals_cold"]
-        mismatched = sorted(k for k in r["cold"] if r["cold"][k] != r["back"].get(k))
-        assert mismatched and all(k.endswith(("w13_weight", "w2_weight")) for k in mismatched), mismatched
+    raw_diff = sorted(k for k in r["cold"] if r["cold"][k] != r["back_raw"].get(k))
+    if "cpu-moe-prepack" in declared_for(version):
+        # vLLM CPU 0.28+: the reload itself leaves the experts (w13/w2) in
+        # checkpoint layout while a cold start holds them prepacked; the
+        # weight sync's refresh rebuilds them. Asserted both ways, so that
+        # an upstream fix (or a refresh that stopped working) is noticed.
+        assert raw_diff and all(k.endswith(("w13_weight", "w2_weight")) for k in raw_diff), raw_diff
+        assert observed["derived_refreshed"] == ["cpu-moe-prepack"], observed["derived_refreshed"]
     else:
-        assert observed["warm_equals_cold"], [k for k in r["cold"] if r["cold"][k] != r["back"].get(k)]
-        assert _tokens(r["back_tokens"]) == _tokens(r["cold_tokens"])
+        assert raw_diff == [] and observed["derived_refreshed"] == [], (raw_diff, observed["derived_refreshed"])
+    assert observed["warm_equals_cold"], [k for k in r["cold"] if r["cold"][k] != r["back"].get(k)]
+    _assert_outputs_equal(r["back_tokens"], r["cold_tokens"], "GLM-4.5-MoE reloaded back to W0")
     compat.check_observation(str(version), "moe", observed)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from .derived_state import render_section as render_derived_section
 from .patches import PATCH_CLASSES
 
 PACKAGE = __package__ or "vllm_fp8_overlay"
@@ -277,6 +278,7 @@ def render(record: dict | None = None) -> str:
         for v, n in notes:
             lines.append(f"- {v}: {n}")
     lines += ["", _native_section(record, versions)]
+    lines += ["", render_derived_section(versions, record)]
     fork_section = _fork_section()
     if fork_section:
         lines += ["", fork_section]

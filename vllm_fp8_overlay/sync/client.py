@@ -49,6 +49,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from .aliases import tied_aliases
 from .sender import SendStats, WeightSender
 from .transport import assign_rank_offsets, free_port
 
@@ -176,6 +177,8 @@ class StepReport:
     reset_prefix_cache_s: float = 0.0
     targets: list[str] = field(default_factory=list)
     prefix_cache_reset: list[bool] = field(default_factory=list)  # per target: did the reset succeed
+    canary: dict | None = None  # sync.canary report (cost_ms, max_deviation, ...) when push ran one
+    dropped_aliases: list[str] = field(default_factory=list)  # tied aliases not sent (sync.aliases)
 
     def stage_times(self) -> dict[str, float]:
         """Slowest worker per stage, plus the trainer's quantize/transfer."""
@@ -192,7 +195,8 @@ class StepReport:
 
     def to_dict(self) -> dict:
         return {"step": self.step, "send": self.send.to_dict(), "workers": self.workers,
-                "wall_s": self.wall_s, "targets": self.targets, **self.stage_times()}
+                "wall_s": self.wall_s, "targets": self.targets, "canary": self.canary,
+                "dropped_aliases": self.dropped_aliases, **self.stage_times()}
 
 
 class WeightSyncClient:
@@ -363,7 +367,8 @@ class WeightSyncClient:
     # ------------------------------------------------------------------ API
 
     def push(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], step: int,
-             mode: str | None = None, stream: bool | None = None, allow_non_increasing: bool = False) -> StepReport:
+             mode: str | None = None, stream: bool | None = None, allow_non_increasing: bool = False,
+             canary: Any = None) -> StepReport:
         """Send one step to every worker and wait until all of them loaded it
         (``mode`` / ``stream``: this step only, default the client's).
         ``step`` must be larger than the last step the workers loaded unless
@@ -371,11 +376,15 @@ class WeightSyncClient:
 
         Raises :class:`WeightSyncFailed` if any worker rejected or failed the
         step (after all workers answered), or the sender's own error. Every
-        server's prefix cache is reset afterwards either way.
+        server's prefix cache is reset afterwards either way. ``canary``: a
+        ``sync.canary.Canary`` run after a successful load (``CanaryFailed``
+        if an engine's logprobs leave its bound; its report in ``.canary``).
         """
         if self._closed or self.sender is None:
             raise RuntimeError("client is closed")
         t0 = time.perf_counter()
+        aliases = tied_aliases(self)  # lm_head.weight of a tied model: dropped, after checking it is the embedding
+        weights = aliases.filter(weights)
         kw = {"step": int(step), "mode": mode or self.mode, "on_error": "return",
               "stream": self.stream if stream is None else stream, "max_wait_s": self.max_block_s,
               "allow_non_increasing": bool(allow_non_increasing), "group_id": self.group_id}
@@ -407,9 +416,12 @@ class WeightSyncClient:
                     + ("SOME MODELS MAY BE PARTIALLY UPDATED" if touched else "failed workers left their model unchanged"))
             raise WeightSyncFailed(head + ":\n  " + "\n  ".join(lines), flat)
         t1 = time.perf_counter()
-        return StepReport(step=int(step), send=stats, workers=flat, wall_s=t1 - t0 - reset[1],
-                          reset_prefix_cache_s=reset[1], targets=[t.name for t in self.targets],
-                          prefix_cache_reset=reset[0])
+        rep = StepReport(step=int(step), send=stats, workers=flat, wall_s=t1 - t0 - reset[1],
+                         reset_prefix_cache_s=reset[1], targets=[t.name for t in self.targets],
+                         prefix_cache_reset=reset[0], dropped_aliases=list(aliases.dropped))
+        if canary is not None:
+            rep.canary = canary.run(self, step)
+        return rep
 
     def status(self) -> list[list[dict]]:
         """``weight_sync_status()`` of every worker, per target."""

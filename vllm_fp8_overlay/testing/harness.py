@@ -658,9 +658,18 @@ def warm_cold_diff(llm: Any, model_dir: str | os.PathLike[str]) -> list[str]:
     return sorted(n for n in set(warm) | set(cold) if warm.get(n) != cold.get(n))
 
 
-def assert_warm_equals_cold(llm: Any, model_dir: str | os.PathLike[str], what: str) -> None:
+def assert_warm_equals_cold(llm: Any, model_dir: str | os.PathLike[str], what: str, *,
+                            outputs: bool = True) -> None:
+    """Every parameter and buffer equals a cold load of ``model_dir`` bitwise,
+    and (``outputs``) greedy tokens and logprobs equal, exactly, those of an
+    engine freshly started on ``model_dir`` (one start per directory, cached:
+    :mod:`.outputs`). Parameters alone can match while derived state is stale."""
     if sync_digest(llm) != sync_cold_digest(llm, model_dir):
         raise AssertionError(f"{what}: warm != cold; differing tensors: {warm_cold_diff(llm, model_dir)}")
+    if outputs:
+        from .outputs import assert_outputs_equal_cold
+
+        assert_outputs_equal_cold(llm, model_dir, what)
 
 
 # ---------------------------------------------------------------------------

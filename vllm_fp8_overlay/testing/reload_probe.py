@@ -94,6 +94,22 @@ class ReloadProbe:
         tensors.update(dict(model.named_buffers(remove_duplicate=False)))
         return tensors[name].detach().float().cpu().flatten().tolist()
 
+    def probe_refresh(self) -> list[str]:
+        """What the weight sync does after every load: rebuild the derived
+        state this release leaves stale (``sync/apply/derived.py``); ids."""
+        import contextlib
+
+        from vllm_fp8_overlay.sync.apply.derived import refresh_derived_state
+
+        cfg = getattr(self, "vllm_config", None)
+        ctx = contextlib.nullcontext()
+        if cfg is not None:
+            from vllm.config import set_current_vllm_config
+
+            ctx = set_current_vllm_config(cfg)
+        with ctx:
+            return [d["id"] for d in refresh_derived_state(self.model_runner.model, cfg)]
+
     def probe_reload(self, checkpoint_dir: str) -> dict:
         """Reload the checkpoint layerwise with vLLM's API and report what happened."""
         import importlib

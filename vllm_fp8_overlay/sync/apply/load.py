@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from .derived import refresh_derived_state
 
 logger = logging.getLogger("vllm.fp8_overlay.sync")
 
@@ -103,6 +104,7 @@ def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mod
                     process_weights_after_loading(model, model_config, device)
             else:  # pragma: no cover - validated before
                 raise ValueError(mode)
+            refresh_derived_state(model, vllm_config, reprocessed=mode != "kernel")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:

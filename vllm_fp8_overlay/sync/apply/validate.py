@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..aliases import alias_hint
 from ..values import value_problems
 
 __all__ = [
@@ -141,6 +142,7 @@ def spec_problems(
     unknown = sorted(set(got) - set(expected))
     if unknown:
         problems.append(f"{len(unknown)} unknown tensor(s) (not in {what}): {_listing(unknown, max_report)}")
+        problems += [h for h in (alias_hint(n, expected) for n in unknown[:max_report]) if h]
     if check_missing:
         missing = sorted(set(expected) - set(got))
         if missing:
