@@ -106,3 +106,35 @@ def test_client_rule_from_the_served_checkpoint_directory(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
     assert not tied_aliases(Client()).active  # a fresh client re-reads; False unties
+
+
+def test_worker_lists_aliases_and_the_client_uses_them():
+    """A remote trainer cannot read the served checkpoint: the worker's
+    description carries the alias map (small), and the client's rule comes
+    from it; the config's ``tie_word_embeddings: false`` yields no aliases."""
+    from vllm_fp8_overlay.sync.aliases import served_aliases
+
+    got = served_aliases(TIED, True)
+    assert got["lm_head.weight"] == "model.embed_tokens.weight"
+    assert all(a.endswith("lm_head.weight") for a in got)
+    assert served_aliases(UNTIED, None).get("lm_head.weight") is None  # the served model has its own head
+    assert served_aliases(TIED, False) == {}
+
+    class Client:
+        descriptions = [[{"checkpoint_dir": "/nowhere", "tied_aliases": got}]]
+
+    rule = tied_aliases(Client())
+    assert rule.source == "weight_sync_describe"
+    assert list(dict(rule.filter(_tied_state()))) == sorted(TIED, key=list(_tied_state()).index)
+    assert rule.dropped == ["lm_head.weight"]
+
+
+def test_stream_with_the_alias_but_not_its_embedding_is_refused():
+    """Dropping the head when its embedding is not in the update would lose
+    the head's new values without a word."""
+    sd = _tied_state()
+    del sd["model.embed_tokens.weight"]
+    rule = TiedAliases(TIED, True, "test")
+    for weights in (sd, iter(list(sd.items()))):
+        with pytest.raises(ValueError, match="lm_head.weight was sent without model.embed_tokens.weight"):
+            list(rule.filter(weights))

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from vllm_fp8_overlay.demo import CT_FP8_CHANNEL_DYNAMIC, free_port, write_serving_checkpoint  # noqa: E402
 from vllm_fp8_overlay.sync.aliases import TiedAliases  # noqa: E402
 from vllm_fp8_overlay.sync.client import WeightSyncClient, WeightSyncFailed  # noqa: E402
-from vllm_fp8_overlay.testing import families, harness  # noqa: E402
+from vllm_fp8_overlay.testing import families, family_record, harness  # noqa: E402
 from vllm_fp8_overlay.testing import outputs as out  # noqa: E402
 from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
 
@@ -172,3 +172,4 @@ def test_moe_update_outputs_equal_cold(name, tmp_path):
             harness.assert_warm_equals_cold(llm, ckpt, f"{name} after one update")
     finally:
         harness.stop_sync_engine(llm)
+    family_record.check(("serving", harness.vllm_version(), name, "bf16"), "equal")  # docs/families.md

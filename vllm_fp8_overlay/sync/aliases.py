@@ -17,8 +17,9 @@ model). A name is an alias when it ends in ``lm_head.weight``, the served
 checkpoint lacks it and has the embedding under the same prefix, and the
 served config does not say ``tie_word_embeddings: false``.
 
-The served names come from the worker's ``weight_sync_describe`` when it
-lists them (``tensor_names``), else from the safetensors headers of the
+The rule comes from the worker's ``weight_sync_describe``, which lists the
+served model's aliases (``tied_aliases``: alias -> served tensor, see
+:func:`served_aliases`), else from the safetensors headers of the
 served checkpoint directory when the trainer can read it (same host or a
 shared file system). Without either, nothing is dropped and the receiver's
 rejection carries the hint of :func:`alias_hint`.
@@ -36,7 +37,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEAD", "EMBEDDINGS", "alias_target", "alias_hint", "TiedAliases", "tied_aliases"]
+__all__ = ["HEAD", "EMBEDDINGS", "alias_target", "alias_hint", "served_aliases", "TiedAliases", "tied_aliases"]
 
 HEAD = "lm_head.weight"
 #: where the input embedding lives, relative to the head's prefix
@@ -56,6 +57,23 @@ def alias_target(name: str, served: Iterable[str] | set[str]) -> str | None:
         if prefix + emb in served:
             return prefix + emb
     return None
+
+
+def served_aliases(served: Iterable[str], tie_word_embeddings: bool | None = None) -> dict[str, str]:
+    """Every trainer-side name that is a tied alias of a served tensor:
+    ``{alias: served embedding}`` (empty when the config says untied). Small
+    enough for a worker to send in its description, unlike all the names."""
+    if tie_word_embeddings is False:
+        return {}
+    served = served if isinstance(served, (set, frozenset, dict)) else set(served)
+    out: dict[str, str] = {}
+    for name in served:
+        for emb in EMBEDDINGS:
+            if name == emb or name.endswith("." + emb):
+                alias = name[: len(name) - len(emb)] + HEAD
+                if alias not in served:
+                    out.setdefault(alias, name)
+    return out
 
 
 def alias_hint(name: str, served: Iterable[str] | set[str]) -> str | None:
@@ -82,19 +100,22 @@ class TiedAliases:
     """Per-client alias rule: which trainer names to drop, checked as they stream by."""
 
     def __init__(self, served_names: Iterable[str] | None, tie_word_embeddings: bool | None = None,
-                 source: str = "") -> None:
+                 source: str = "", aliases: Mapping[str, str] | None = None) -> None:
         self.served = set(served_names) if served_names is not None else None
         self.tie = tie_word_embeddings
         self.source = source
+        if aliases is None:
+            aliases = served_aliases(self.served, tie_word_embeddings) if self.served else {}
+        self.aliases = dict(aliases)  # alias -> served tensor
         self.dropped: list[str] = []  # the last filtered step's dropped aliases
         self._announced = False
 
     @property
     def active(self) -> bool:
-        return bool(self.served) and self.tie is not False
+        return bool(self.aliases)
 
     def target(self, name: str) -> str | None:
-        return alias_target(name, self.served) if self.active else None
+        return self.aliases.get(name)
 
     def filter(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
                ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -120,9 +141,13 @@ class TiedAliases:
             other = lookup.get(target) if lookup is not None else seen.get(target)
             if other is not None:
                 self._check(name, t, target, other)
-            elif lookup is None:
+            else:  # streams: checked when the embedding comes; a mapping without it: refused below
                 waiting[target] = (name, t)
             self.dropped.append(name)
+        if waiting:  # an alias whose tensor never came: dropping it would lose the head's update
+            alias, target = next((a, t) for t, (a, _) in waiting.items())
+            raise ValueError(f"{alias} was sent without {target}, which it is tied to in the served model "
+                             f"(tie_word_embeddings): send {target} (the served model has no separate head)")
         if self.dropped and not self._announced:
             self._announced = True
             logger.info("weight sync: not sending %s: tied to the embedding in the served model "
@@ -172,6 +197,10 @@ def tied_aliases(client: Any) -> TiedAliases:
         d = per_target[0] if per_target else {}
         if not isinstance(d, dict):
             continue
+        if isinstance(d.get("tied_aliases"), dict):
+            rule = TiedAliases(None, None, "weight_sync_describe", aliases=d["tied_aliases"])
+            client.__dict__["_tied_aliases"] = rule
+            return rule
         if isinstance(d.get("tensor_names"), list):
             names, source = set(d["tensor_names"]), "weight_sync_describe"
             tie = d.get("tie_word_embeddings") if isinstance(d.get("tie_word_embeddings"), bool) else None

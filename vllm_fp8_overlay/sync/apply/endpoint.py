@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..aliases import served_aliases
 from .errors import WeightLoadFailed, WeightSyncError, WeightSyncOwnershipError, WeightUpdateRejected
 from .load import load_update
 from .report import PeakMemory, model_sizes
@@ -107,6 +108,7 @@ class WorkerSync:
             "checkpoint_dir": served.dir, "layout": served.layout_full, "layout_error": served.layout_error,
             "num_tensors": len(served.specs), "local_rank": self.local_rank(), "vllm_version": vllm_version(),
             "owner": None if rx is None or rx.closed else rx.group_id,
+            "tied_aliases": served_aliases(served.specs, _tie_word_embeddings(self.model_config)),
         }
 
     # ---- group membership --------------------------------------------------
@@ -276,6 +278,16 @@ class WorkerSync:
         self.steps_loaded += 1
         self.last_error = None
         return dict(result)
+
+
+def _tie_word_embeddings(model_config: Any) -> bool | None:
+    """``tie_word_embeddings`` of the served model's config (or its text part), if it says."""
+    cfg = getattr(model_config, "hf_config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        tie = getattr(c, "tie_word_embeddings", None)
+        if isinstance(tie, bool):
+            return tie
+    return None
 
 
 def _nbytes(spec: TensorSpec) -> int:
