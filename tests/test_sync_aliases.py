@@ -138,3 +138,26 @@ def test_stream_with_the_alias_but_not_its_embedding_is_refused():
     for weights in (sd, iter(list(sd.items()))):
         with pytest.raises(ValueError, match="lm_head.weight was sent without model.embed_tokens.weight"):
             list(rule.filter(weights))
+
+
+def test_transformers5_moe_state_dict_split_into_the_checkpoint_tensors(tmp_path):
+    """transformers 5 holds a MoE layer's experts as two 3-D tensors; the
+    checkpoint (and vLLM's loader) has one 2-D weight per expert and
+    projection. ``per_expert`` (what the client applies for a BF16 target)
+    turns the first into exactly the second: same names, same bits."""
+    transformers = pytest.importorskip("transformers")
+    from packaging.version import Version
+
+    if Version(transformers.__version__).major < 5:
+        pytest.skip("transformers < 5 keeps per-expert modules")
+    from vllm_fp8_overlay.sync.aliases import per_expert
+
+    d = tm.make_qwen3_moe(tmp_path / "moe")
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
+    sd = model.state_dict()
+    assert any(n.endswith("experts.gate_up_proj") and t.ndim == 3 for n, t in sd.items())
+    got = dict(per_expert(sd))
+    want = tm.load_checkpoint(d)
+    assert sorted(got) == sorted(want)
+    for n, t in want.items():
+        assert got[n].dtype == t.dtype and got[n].shape == t.shape and torch.equal(got[n], t), n

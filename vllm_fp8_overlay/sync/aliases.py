@@ -37,7 +37,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEAD", "EMBEDDINGS", "alias_target", "alias_hint", "served_aliases", "TiedAliases", "tied_aliases"]
+__all__ = ["HEAD", "EMBEDDINGS", "alias_target", "alias_hint", "served_aliases", "TiedAliases", "tied_aliases",
+           "per_expert"]
 
 HEAD = "lm_head.weight"
 #: where the input embedding lives, relative to the head's prefix
@@ -211,3 +212,21 @@ def tied_aliases(client: Any) -> TiedAliases:
     rule = TiedAliases(names, tie, source)
     client.__dict__["_tied_aliases"] = rule
     return rule
+
+
+def per_expert(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``weights`` with transformers-5 fused expert tensors (``experts.gate_up_proj``
+    ``(E, 2I, H)``, ``experts.down_proj`` ``(E, H, I)``) split into the
+    per-expert 2-D weights checkpoints store and vLLM loads
+    (``experts.{e}.gate_proj.weight`` ...), as views. The FP8 path splits
+    them in the quantizer; this is the same for a BF16 target, so that
+    ``model.state_dict()`` of a transformers-5 MoE model can be pushed as is."""
+    from ..formats.quantize import expand_fused_experts
+
+    for name, t in (weights.items() if isinstance(weights, Mapping) else weights):
+        expanded = expand_fused_experts(name, t) if isinstance(t, torch.Tensor) else None
+        if expanded is None:
+            yield name, t
+        else:
+            yield from expanded

@@ -49,7 +49,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .aliases import tied_aliases
+from .aliases import per_expert, tied_aliases
 from .sender import SendStats, WeightSender
 from .transport import assign_rank_offsets, free_port
 
@@ -385,6 +385,8 @@ class WeightSyncClient:
         t0 = time.perf_counter()
         aliases = tied_aliases(self)  # lm_head.weight of a tied model: dropped, after checking it is the embedding
         weights = aliases.filter(weights)
+        if self.layout is None:  # BF16 target: fused experts split here (the FP8 quantizer splits them itself)
+            weights = per_expert(weights)
         kw = {"step": int(step), "mode": mode or self.mode, "on_error": "return",
               "stream": self.stream if stream is None else stream, "max_wait_s": self.max_block_s,
               "allow_non_increasing": bool(allow_non_increasing), "group_id": self.group_id}
