@@ -384,7 +384,8 @@ def _worker(rank, args, ports):
             prof = cProfile.Profile()
             dist.barrier()
             prof.enable()
-            rcv.keep_step_buffers = keep_default if rank == 1 else None
+            if rank == 1:
+                rcv.keep_step_buffers = keep_default
             (gr0 if rank == 0 else gr1)(0)
             _sync(dev)
             prof.disable()
