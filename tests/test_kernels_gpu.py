@@ -232,3 +232,63 @@ def test_fast_quotient_is_what_the_kernels_use():
     assert k["DIV"] == (K.DIV_FAST if torch.bfloat16 in K.FAST_DIV_DTYPES else K.DIV_RN)
     k32, _ = K._consts("hf", torch.float32, torch.device("cuda"), "auto")
     assert k32["DIV"] == K.DIV_RN
+
+
+def test_sender_ramp_and_cuda_receiver_reuse(monkeypatch):
+    """Ramped bucket sizes (first bucket small, doubling up to bucket_bytes)
+    and a CUDA receiver (next header posted behind each payload, seal checked
+    from its host copy, buffers and views reused once the caller dropped the
+    previous step) over several steps whose weights change in place: every
+    received tensor equals the torch reference bitwise, a held step is never
+    overwritten, and a released one lends its buffers to the next."""
+    from vllm_fp8_overlay.formats import FP8Layout
+    from vllm_fp8_overlay.formats import quantize as R
+    from vllm_fp8_overlay.sync import WeightReceiver, WeightSender, grouped, wire
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+    monkeypatch.setattr(grouped, "RAMP_FIRST_BYTES", 24 << 10)
+    layout = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv")
+    sd = {}
+    for i in range(3):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = torch.randn(256, device="cuda").bfloat16()
+        sd[p + "self_attn.q_proj.weight"] = _sample((256, 256), torch.bfloat16, "t", i)
+        for e in range(8):
+            sd[p + f"mlp.experts.{e}.gate_proj.weight"] = _sample((128, 256), torch.bfloat16, "n", 10 * i + e)
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(layout, "", 0, 0, bucket_bytes=192 << 10, transport=rec)
+    steps, refs = [], []
+    for step in range(5):
+        if step:
+            for t in sd.values():
+                t.mul_(-1.25)
+        rec.messages.clear()
+        st = snd.send(sd, step=step)
+        steps.append(list(rec.messages))
+        refs.append({n: t.cpu() for n, t in R.quantize_weights(iter(list(sd.items())), layout, backend="torch")})
+    heads = [wire.decode_header(m) for m in steps[0] if len(m) == wire.HEADER_SIZE and m[:4] == wire.MAGIC]
+    sizes = [h.payload_len for h in heads if h.kind == wire.MessageKind.BUCKET]
+    assert sizes[0] <= 24 << 10 and max(sizes) > 96 << 10 and st.num_buckets == len(sizes)
+    rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport([m for s in steps for m in s], device="cuda"))
+    assert rx._prefetch
+
+    def check(got, ref, step):
+        assert got.keys() == ref.keys()
+        for n, r in ref.items():
+            g = got[n].cpu()
+            assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                               r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"step {step}: {n}"
+
+    held = dict(rx.receive_all(expected_step=0).tensors)
+    check(held, refs[0], 0)
+    out = rx.receive_all(expected_step=1)  # step 0 still held: new buffers
+    check(dict(out.tensors), refs[1], 1)
+    check(held, refs[0], 0)
+    ptrs = sorted(t.data_ptr() for _, t in out.tensors if t.numel())
+    del held, out
+    for step in (2, 3, 4):  # dropped each time: the same buffers
+        out = rx.receive_all(expected_step=step)
+        check(dict(out.tensors), refs[step], step)
+        assert sorted(t.data_ptr() for _, t in out.tensors if t.numel()) == ptrs
+        del out
+    assert rx._hdr_ready is None and rx.transport.remaining == 0

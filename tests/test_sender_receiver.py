@@ -194,6 +194,64 @@ def test_repeated_steps_reuse_manifests_buffers_and_views():
             assert ptrs[0] == ptrs[1] == ptrs[2]
 
 
+def _steps_recorded(n):
+    rec = RecordingTransport()
+    s = WeightSender(_fp8_layout(), "", 0, 0, bucket_bytes=32 << 10, transport=rec)
+    sds = [_state_dict(20 + i) for i in range(n)]
+    for i, sd in enumerate(sds):
+        s.send(sd, step=i)
+    expected = [_digests(quantize_weights(iter(sd.items()), _fp8_layout())) for sd in sds]
+    return rec.messages, expected
+
+
+def _ptrs(step):
+    return sorted(t.data_ptr() for _, t in step.tensors if t.numel())
+
+
+def test_default_reuses_step_buffers_only_when_dropped():
+    """Default ``receive_all``: a step the caller dropped lends its buffers and
+    views to the next one; a step still referenced in any way (the list, one
+    pair, one tensor, a view derived from one) is never overwritten."""
+    msgs, expected = _steps_recorded(6)
+    r = _receiver(list(msgs))
+    assert r.keep_step_buffers is None
+    out = r.receive_all(expected_step=0)
+    assert _digests(out.tensors) == expected[0]
+    ptrs0 = _ptrs(out)
+    views0 = [t for _, t in out.tensors]
+    del out
+    out = r.receive_all(expected_step=1)  # views0 still referenced: new buffers
+    assert _digests(out.tensors) == expected[1]
+    assert not set(ptrs0) & set(_ptrs(out))
+    ptrs1 = _ptrs(out)
+    views1 = [t for _, t in out.tensors]
+    del views0, views1, out
+    out = r.receive_all(expected_step=2)  # nothing referenced: step 1's buffers and views again
+    assert _digests(out.tensors) == expected[2]
+    assert _ptrs(out) == ptrs1
+    # hold one pair, one tensor, one derived view: those buckets are left alone
+    pair = out.tensors[0]
+    held_name, held = pair[0], pair[1].clone()
+    derived = out.tensors[-1][1].view(torch.uint8)[:4]
+    derived_bytes = derived.clone()
+    del out
+    out = r.receive_all(expected_step=3)
+    assert _digests(out.tensors) == expected[3]
+    assert torch.equal(pair[1], held) and pair[0] == held_name
+    assert torch.equal(derived, derived_bytes)
+    only_tensor = out.tensors[0][1]
+    only_bytes = only_tensor.clone()
+    del out, pair, derived
+    out = r.receive_all(expected_step=4)
+    assert _digests(out.tensors) == expected[4]
+    assert torch.equal(only_tensor, only_bytes)
+    del out, only_tensor
+    out = r.receive_all(expected_step=5)
+    assert _digests(out.tensors) == expected[5]
+    r.release_buffers()
+    assert _digests(out.tensors) == expected[5]  # release drops the receiver's references only
+
+
 def test_empty_step():
     msgs, stats, _ = _record({}, step=3)
     assert stats.num_buckets == 0

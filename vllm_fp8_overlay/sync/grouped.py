@@ -31,11 +31,12 @@ _END = object()
 class _Bucket:
     """A bucket of the grouped path: wire entries, quantization and copy jobs."""
 
-    __slots__ = ("slot_idx", "entries", "qjobs", "copies", "end", "manifest_est", "event", "flag", "plan",
+    __slots__ = ("slot_idx", "cap", "entries", "qjobs", "copies", "end", "manifest_est", "event", "flag", "plan",
                  "num_tensors", "num_bytes")
 
     def __init__(self) -> None:
         self.slot_idx = 0
+        self.cap = 0  # payload bytes this bucket may fill (see _ramp)
         self.entries: list[TensorEntry] = []
         self.qjobs: dict = {}  # source dtype -> [(tensor, fp8 offset, scale offset)]
         self.copies: list = []  # [(entry, tensor)]
@@ -62,8 +63,17 @@ class _BucketPlan:
     num_bytes: int
 
 
+#: capacity of a step's first bucket; each next one doubles up to bucket_bytes
+RAMP_FIRST_BYTES = 64 << 20
+
+
 class GroupedSendPath:
-    """Mixed into :class:`~.sender.WeightSender`: the grouped CUDA path."""
+    """Mixed into :class:`~.sender.WeightSender`: the grouped CUDA path.
+
+    Bucket sizes ramp up (64 MiB, 128, 256, ... up to ``bucket_bytes``): the
+    wire starts once the first bucket is quantized, and its host loop and
+    kernels take 1/16 of a full bucket's; the large buckets that keep NCCL
+    near its peak bandwidth follow while the wire is already busy."""
 
     def _grouped_ok(self) -> bool:
         """Quantize whole buckets with the grouped Triton kernels, straight into
@@ -159,6 +169,7 @@ class GroupedSendPath:
             self.device.index if self.device.index is not None else torch.cuda.current_device())
         seen: set[str] = set()
         pending: _Bucket | None = None
+        self._ramp = 0
         cur = self._new_bucket()
         prev = self._bucket_plans
         self._bucket_plans = None
@@ -238,9 +249,9 @@ class GroupedSendPath:
             off = (cur.end + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT if cur.entries else 0
             if quant:
                 so = off + (qn + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-                fits = so + sn <= self.bucket_bytes
+                fits = so + sn <= cur.cap
             else:
-                fits = off + qn <= self.bucket_bytes
+                fits = off + qn <= cur.cap
             if cur.entries and (
                 not fits
                 or len(cur.entries) + nent > self.limits.max_tensors_per_bucket
@@ -314,6 +325,9 @@ class GroupedSendPath:
         b = _Bucket()
         b.slot_idx = self._cur
         self._cur ^= 1
+        k = getattr(self, "_ramp", 0)
+        self._ramp = k + 1
+        b.cap = self.bucket_bytes if k >= 16 else min(self.bucket_bytes, max(RAMP_FIRST_BYTES << k, ALIGNMENT))
         return b
 
     def _close_bucket(self, b: "_Bucket", pending: "_Bucket | None", stats: SendStats) -> "_Bucket":
