@@ -292,3 +292,71 @@ def test_sender_ramp_and_cuda_receiver_reuse(monkeypatch):
         assert sorted(t.data_ptr() for _, t in out.tensors if t.numel()) == ptrs
         del out
     assert rx._hdr_ready is None and rx.transport.remaining == 0
+
+
+def test_bf16_grouped_send_and_batched_value_checks_on_cuda():
+    """``layout=None`` on CUDA goes through the grouped path (one multi-tensor
+    copy per bucket, batched value checks): received bytes equal the sent
+    ones over repeated steps; a NaN, an Inf, an FP8 NaN byte or a zero scale
+    anywhere is refused naming the tensor; huge finite tensors (whose
+    squares overflow the batched norm) still go out. The receiver-side
+    batched checks find the same offenders on the device."""
+    from vllm_fp8_overlay.sync import WeightReceiver, WeightSender
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+    from vllm_fp8_overlay.sync.values import device_values_many, value_problems
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    sd = {f"model.layers.{i}.mlp.w{j}.weight": torch.randn(300, 257, device="cuda", generator=g).bfloat16()
+          for i in range(3) for j in range(4)}
+    sd["model.norm.weight"] = torch.randn(64, device="cuda", generator=g)
+    sd["model.pos"] = torch.arange(100, device="cuda")
+    sd["model.q.weight"] = torch.randn(256, 256, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    sd["model.q.weight_scale"] = torch.rand(256, 1, device="cuda", generator=g) + 0.1
+    sd["model.t.weight"] = torch.randn(64, 48, device="cuda", generator=g).bfloat16().t()  # not contiguous
+    sd["huge.a.weight"] = torch.full((70_000,), 3e38, device="cuda")
+    sd["huge.b.weight"] = torch.full((70_000,), -3e38, device="cuda")
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(None, "", 0, 0, bucket_bytes=256 << 10, transport=rec)
+    assert snd._grouped_ok()
+    for step in range(3):
+        for t in sd.values():
+            if t.is_floating_point() and t.dtype != torch.float8_e4m3fn and t.abs().max() < 1e30:
+                t.mul_(-1)
+        rec.messages.clear()
+        st = snd.send(sd, step=step)
+        assert st.num_buckets > 2
+        got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
+        assert got.keys() == sd.keys()
+        for n, t in sd.items():
+            a, b = got[n].cpu(), t.cpu().contiguous()
+            if a.dtype == torch.float8_e4m3fn:
+                a, b = a.view(torch.uint8), b.view(torch.uint8)
+            assert a.dtype == b.dtype and torch.equal(a, b), (step, n)
+    big = [(f"x.{i}.weight", torch.randn(70_000, device="cuda").bfloat16()) for i in range(3)]
+    f8 = [(f"y.{i}.weight", torch.randn(70_000, device="cuda").to(torch.float8_e4m3fn)) for i in range(3)]
+    assert value_problems(big + f8) == [] and all(bool(o.all()) for o in device_values_many(big + f8))
+    for name, poison in [("model.layers.1.mlp.w2.weight", float("nan")), ("model.layers.2.mlp.w0.weight",
+                         float("inf")), ("model.q.weight", 0x7F), ("model.q.weight", 0xFF),
+                         ("model.q.weight_scale", 0.0)]:
+        bad = {k: v.clone() for k, v in sd.items()}
+        t = bad[name]
+        (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t).view(-1)[17] = poison
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            snd.send(bad, step=10)
+        if t.dtype != torch.float8_e4m3fn or name.endswith("scale"):
+            continue
+        for pool in (big, f8):
+            items = pool + [(name, t)] if t.dtype == pool[0][1].dtype else pool
+            if t.dtype == pool[0][1].dtype:
+                assert [p.split(":")[0] for p in value_problems(items)] == [name]
+                assert not all(bool(o.all()) for o in device_values_many(items))
+    for name, poison in [("x.1.weight", float("nan")), ("x.2.weight", float("-inf"))]:
+        items = [(n, v.clone()) for n, v in big]
+        dict(items)[name][5] = poison
+        assert [p.split(":")[0] for p in value_problems(items)] == [name]
+        assert not all(bool(o.all()) for o in device_values_many(items))
+    for b in (0x7F, 0xFF):
+        items = [(n, v.clone()) for n, v in f8]
+        items[1][1].view(torch.uint8)[-2] = b
+        assert [p.split(":")[0] for p in value_problems(items)] == ["y.1.weight"]
+        assert not all(bool(o.all()) for o in device_values_many(items))

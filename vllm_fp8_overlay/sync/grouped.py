@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from . import wire
-from .values import device_values_ok, value_problems
+from .values import device_values_many, value_problems
 from .wire import ALIGNMENT, TensorEntry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,8 +79,8 @@ class GroupedSendPath:
         """Quantize whole buckets with the grouped Triton kernels, straight into
         the bucket buffer, on a side stream (CUDA + a layout + Triton)."""
         if self._grouped is None:
-            ok = self.layout is not None and self.device.type == "cuda"
-            if ok:
+            ok = self.device.type == "cuda"
+            if ok and self.layout is not None:
                 from ..kernels import triton_available
 
                 ok = triton_available()
@@ -93,6 +93,16 @@ class GroupedSendPath:
         from ..formats.quantize import FP8_DTYPE, _CT_DTYPES, _check_block_shape, expand_fused_experts
 
         layout = self.layout
+        if layout is None:  # sent as given (BF16 target): copied into the buckets
+            for item in items:
+                try:
+                    name, t = item
+                except (TypeError, ValueError):
+                    raise TypeError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}") from None
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+                yield name, (t.detach() if t.requires_grad else t), False
+            return
         memo = self._item_memo
         for item in items:
             try:
@@ -352,7 +362,7 @@ class GroupedSendPath:
             self._flags[b.slot_idx] = torch.zeros(1, dtype=torch.bool, pin_memory=True)
         side = self._side
         main = torch.cuda.current_stream(self.device)
-        recipe = "hf" if self.layout.method == "fp8" else "ct"
+        recipe = None if self.layout is None else ("hf" if self.layout.method == "fp8" else "ct")
         with torch.cuda.stream(side):
             # the buffer is free once its previous broadcast is done: NCCL's
             # wait() orders the current (side) stream after it, the host does
@@ -391,11 +401,8 @@ class GroupedSendPath:
                     )
                 checks.append(torch.isfinite(am).all().reshape(1))
             t2 = time.perf_counter()
-            for entry, x in b.copies:
-                wire.pack_into(slot.buf, entry, x, non_blocking=True)
-                ok = device_values_ok(entry.name, x, self._scale_name)
-                if ok is not None:
-                    checks.append(ok.to(self.device, non_blocking=True))
+            if b.copies:
+                self._pack_copies(slot.buf, b.copies, checks)
             stats.pack_s += time.perf_counter() - t2
             flag = self._flags[b.slot_idx]
             if checks:
@@ -407,6 +414,37 @@ class GroupedSendPath:
             b.event.record(side)
         b.flag = flag
         stats.quantize_s += time.perf_counter() - t0
+
+    def _pack_copies(self, buf: torch.Tensor, copies: list, checks: list) -> None:
+        """Copy the bucket's unquantized tensors into ``buf`` and queue their
+        value checks: one multi-tensor copy for those on this device (their
+        destination views are cached per buffer and wire entry: a model sends
+        the same entries every step), and batched checks (a BF16 step of a
+        large MoE is 18k+ tensors: per-tensor launches would cost more host
+        time than the wire takes)."""
+        cache = self._dst_cache
+        dsts, srcs, rest = [], [], []
+        for entry, x in copies:
+            if entry.nbytes == 0:
+                continue
+            if x.device != buf.device:
+                rest.append((entry, x))
+                continue
+            key = (id(buf), id(entry))
+            hit = cache.get(key)
+            if hit is None or hit[0] is not entry or hit[1] is not buf:
+                v = buf[entry.offset: entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
+                if len(cache) > 1 << 20:
+                    cache.clear()
+                hit = cache[key] = (entry, buf, v)
+            dsts.append(hit[2])
+            srcs.append(x)
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        for entry, x in rest:
+            wire.pack_into(buf, entry, x, non_blocking=True)
+        for ok in device_values_many([(e.name, x) for e, x in copies], self._scale_name):
+            checks.append(ok.to(self.device, non_blocking=True))
 
     def _dispatch_bucket(self, b: "_Bucket", last: bool, stats: SendStats) -> None:
         t0 = time.perf_counter()
@@ -425,5 +463,8 @@ class GroupedSendPath:
                     bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
                     raise ValueError(f"{name}: weight contains {bad} values; refusing to quantize")
         bad = value_problems([(e.name, x) for e, x in b.copies], scale_name=self._scale_name)
-        raise ValueError("refusing to send step: " + ("; ".join(bad) or "non-finite values in a bucket"))
+        if bad:
+            raise ValueError("refusing to send step: " + "; ".join(bad))
+        # else the batched check's false alarm (a huge finite tensor whose
+        # squares overflow): the exact checks passed, the bucket goes out
 

@@ -127,6 +127,7 @@ class WeightReceiver(ReceiveBuffers):
         self._host = torch.empty(HEADER_SIZE + SEAL_SIZE, dtype=torch.uint8,
                                  pin_memory=self._prefetch)
         self._hdr_ready = None  # event of the posted header receive, or None
+        self._man_host: torch.Tensor | None = None  # pinned manifest copy (_recv_early)
         self._broken: str | None = None
         self._busy = False
         self._closed = False
@@ -287,21 +288,52 @@ class WeightReceiver(ReceiveBuffers):
     def _recv_payload(self, h: Header, dest: torch.Tensor, check: bool) -> None:
         """Receive ``payload || seal`` into ``dest`` (``payload_len + SEAL_SIZE``
         bytes); with ``check`` verify the seal."""
+        ready = self._post_payload(h, dest)
+        if check:
+            self._check_seal(h, dest, ready)
+
+    def _post_payload(self, h: Header, dest: torch.Tensor):
         seal = dest[h.payload_len:]
         try:
             wire.clear_seal(seal)
             self.transport.broadcast(dest)
-            if self._prefetch:
-                seal_ready = self._post_next_header(seal)
+            return self._post_next_header(seal) if self._prefetch else None
         except BaseException as e:
             raise _Fatal(e) from None
-        if not check:
-            return
-        if self._prefetch:
-            seal_ready.synchronize()
-            wire.check_seal(self._host[HEADER_SIZE:].numpy().tobytes(), h)
+
+    def _check_seal(self, h: Header, dest: torch.Tensor, ready) -> None:
+        if ready is None:
+            wire.check_payload_seal(dest[h.payload_len:], h)
         else:
-            wire.check_payload_seal(seal, h)
+            ready.synchronize()
+            wire.check_seal(self._host[HEADER_SIZE:].numpy().tobytes(), h)
+
+    def _recv_early(self, h: Header, fresh: bool) -> tuple[bytes, tuple]:
+        """CUDA: post manifest, payload and the next header at once, then read
+        the manifest while the payload is on the wire (instead of a host round
+        trip between them). Only for a payload within the bucket size agreed at
+        the handshake (a buffer this receiver accepted to hold) and without a
+        caller's manifest check (whose contract is to run before the payload
+        is allocated); the manifest is validated before anything of the
+        payload is handed out, and an invalid one breaks the stream as before."""
+        try:
+            self._man = self._grow(self._man, max(h.manifest_len, 4096))
+            man = self._man[: h.manifest_len]
+            man.zero_()
+            self.transport.broadcast(man)
+            if self._man_host is None or self._man_host.numel() < h.manifest_len:
+                self._man_host = None
+                self._man_host = torch.empty(max(h.manifest_len, 1 << 20), dtype=torch.uint8, pin_memory=True)
+            host = self._man_host[: h.manifest_len]
+            host.copy_(man, non_blocking=True)
+            man_ready = torch.cuda.Event()
+            man_ready.record()
+            dest, kept = self._payload_buffer(h, fresh)
+        except BaseException as e:
+            raise _Fatal(e) from None
+        ready = self._post_payload(h, dest)
+        man_ready.synchronize()
+        return host.numpy().tobytes(), (dest, kept, ready)
 
     def _post_next_header(self, seal: torch.Tensor):
         """Post the receive of the next message's header right behind a
@@ -338,10 +370,15 @@ class WeightReceiver(ReceiveBuffers):
         try:
             while True:
                 h = self._recv_header()
-                raw = self._recv_manifest(h)
+                pre = None
+                if (self._prefetch and h.kind == MessageKind.BUCKET and check_manifest is None and not st.problems
+                        and h.payload_len <= self.bucket_bytes):
+                    raw, pre = self._recv_early(h, fresh)
+                else:
+                    raw = self._recv_manifest(h)
                 st.check_step(h) if st.step is not None else None
                 if h.kind == MessageKind.BUCKET:
-                    bucket = self._bucket(st, h, raw, fresh, check_manifest, check_payload)
+                    bucket = self._bucket(st, h, raw, fresh, check_manifest, check_payload, pre)
                     if bucket is not None:
                         yield bucket
                     elif reject_early:
@@ -368,7 +405,7 @@ class WeightReceiver(ReceiveBuffers):
                 self._after_failure()
 
     def _bucket(self, st: _StepState, h: Header, raw: bytes, fresh: bool, check_manifest: ManifestCheck | None,
-                check_payload: PayloadCheck | None) -> Bucket | None:
+                check_payload: PayloadCheck | None, pre: tuple | None = None) -> Bucket | None:
         """Validate a BUCKET message and receive its payload. A manifest that
         fails validation is fatal (the payload's size is then a bare claim:
         no buffer is allocated for it and no receive posted). Otherwise the
@@ -394,11 +431,16 @@ class WeightReceiver(ReceiveBuffers):
         except Exception as e:  # whatever happens, the payload transfer must be consumed
             error = e
         to_scratch = error is not None or bool(problems) or bool(st.problems)
-        try:
-            dest, kept = (self._scratch_for(h), None) if to_scratch else self._payload_buffer(h, fresh)
-        except BaseException as e:  # no buffer: the payload cannot be consumed
-            raise _Fatal(e) from None
-        self._recv_payload(h, dest, check=not to_scratch)
+        if pre is not None:  # already received (_recv_early): not handed out if anything is wrong
+            dest, kept, ready = pre
+            if not to_scratch:
+                self._check_seal(h, dest, ready)
+        else:
+            try:
+                dest, kept = (self._scratch_for(h), None) if to_scratch else self._payload_buffer(h, fresh)
+            except BaseException as e:  # no buffer: the payload cannot be consumed
+                raise _Fatal(e) from None
+            self._recv_payload(h, dest, check=not to_scratch)
         if error is not None:
             raise error
         if problems or st.problems:
