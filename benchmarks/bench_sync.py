@@ -375,6 +375,32 @@ def _worker(rank, args, ports):
 
         keep_default = rcv.keep_step_buffers if rank == 1 else None
         r["c_keep_s"], r["c_keep_runs"] = timed(gk0, gk1)
+        if args.study:
+            # side by side in this run: the receiver without posting the payload
+            # before reading the manifest, the sender without the bucket ramp
+            from vllm_fp8_overlay.sync import grouped as G
+
+            ramp0 = G.RAMP_FIRST_BYTES
+            for vname, early, ramp, keep in (("c_noearly", False, True, keep_default if rank == 1 else None),
+                                             ("c_noramp", True, False, keep_default if rank == 1 else None),
+                                             ("c_keep_noearly", False, True, True)):
+                def v0(_, ramp=ramp):
+                    step[0] += 1
+                    G.RAMP_FIRST_BYTES = ramp0 if ramp else 1 << 50
+                    snd.send(weights, step=step[0])
+
+                def v1(i, early=early, keep=keep):
+                    rcv._early = early and rcv._prefetch
+                    rcv.keep_step_buffers = keep
+                    got.pop("v", None)
+                    got["v"] = recv(i)
+
+                r[vname + "_s"], _ = timed(v0, v1)
+            G.RAMP_FIRST_BYTES = ramp0
+            if rank == 1:
+                got.pop("v", None)
+                rcv._early = rcv._prefetch
+                rcv.keep_step_buffers = True
         if args.profile:
             # one more c iteration (library defaults) under cProfile on both ranks: where the host time goes
             import cProfile
@@ -540,6 +566,11 @@ def report(res, args):
                      f"{ms('c_grouped_s')} | {ms('validate_s')} | {ms('load_s')} | {1e3 * tot:.1f} | "
                      f"{ms('a_bf16_raw_s')} | {ms('a_bf16_sender_s')} | {c / a:.2f} | {tot / a:.2f} | "
                      f"{r['a_ws_over_a']:.2f} |")
+    if args.study:
+        lines += ["", "Study (same run, ms): " + "; ".join(
+            f"{k}: c {1e3 * res[k]['c_grouped_s']:.1f}, " + ", ".join(
+                f"{v} {1e3 * res[k][v + '_s']:.1f}" for v in ("c_noearly", "c_noramp", "c_keep_noearly"))
+            for k in args.models)]
     lines += ["", f"bucket {args.bucket_mb or 'sender default'} MiB, TORCH_NCCL_HIGH_PRIORITY={int(args.nccl_high_priority)}",
               "", f"Medians of {args.iters} iterations after {0 if args.cpu_smoke else 1} warm-up; grouped == per-tensor bytes: "
               + ", ".join(f"{k}: {res[k]['c_grouped_equals_per_tensor']}" for k in args.models)
@@ -559,6 +590,8 @@ def main(argv=None):
                     help="WeightSender bucket size (default: the sender's, 1 GiB on CUDA, 256 MiB on CPU)")
     ap.add_argument("--nccl-high-priority", action="store_true", help="TORCH_NCCL_HIGH_PRIORITY=1 for the group")
     ap.add_argument("--quick", action="store_true", help="only a, a_ws, c and the fp8 broadcast")
+    ap.add_argument("--study", action="store_true",
+                    help="also time c without the receiver's early payload post and without the bucket ramp")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one c iteration (defaults) per rank (profile_<model>_rank<r>.txt in --out)")
     args = ap.parse_args(argv)

@@ -127,6 +127,7 @@ class WeightReceiver(ReceiveBuffers):
         self._host = torch.empty(HEADER_SIZE + SEAL_SIZE, dtype=torch.uint8,
                                  pin_memory=self._prefetch)
         self._hdr_ready = None  # event of the posted header receive, or None
+        self._early = self._prefetch  # manifest read while the payload arrives (_recv_early)
         self._man_host: torch.Tensor | None = None  # pinned manifest copy (_recv_early)
         self._broken: str | None = None
         self._busy = False
@@ -371,7 +372,7 @@ class WeightReceiver(ReceiveBuffers):
             while True:
                 h = self._recv_header()
                 pre = None
-                if (self._prefetch and h.kind == MessageKind.BUCKET and check_manifest is None and not st.problems
+                if (self._early and h.kind == MessageKind.BUCKET and check_manifest is None and not st.problems
                         and h.payload_len <= self.bucket_bytes):
                     raw, pre = self._recv_early(h, fresh)
                 else:
