@@ -361,3 +361,46 @@ def test_bf16_grouped_send_and_batched_value_checks_on_cuda():
         items[1][1].view(torch.uint8)[-2] = b
         assert [p.split(":")[0] for p in value_problems(items)] == ["y.1.weight"]
         assert not all(bool(o.all()) for o in device_values_many(items))
+
+
+def test_cuda_receiver_early_path_rejects_bad_messages():
+    """On CUDA the receiver posts manifest, payload and next header together
+    and validates the manifest while the payload arrives: a corrupted
+    manifest still breaks the stream with a clear error before anything is
+    handed out, a short payload fails its seal, and a peer of another wire
+    version is refused by its header."""
+    from vllm_fp8_overlay.sync import ChecksumError, WeightReceiver, WeightSender, wire
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(None, "", 0, 0, bucket_bytes=64 << 10, transport=rec)
+    sd = {f"w{i}.weight": torch.randn(64, 96, device="cuda").bfloat16() for i in range(8)}
+    snd.send(sd, step=1)
+    msgs = list(rec.messages)
+    heads = [i for i, m in enumerate(msgs) if len(m) == wire.HEADER_SIZE and m[:4] == wire.MAGIC]
+    k = heads[1]  # the second bucket: header, manifest, payload
+
+    def rx(stream):
+        return WeightReceiver("", 0, 0, 0, transport=ReplayTransport(stream, device="cuda"))
+
+    ok = dict(rx(list(msgs)).receive_all(expected_step=1).tensors)
+    assert all(torch.equal(ok[n], t) for n, t in sd.items())
+    bad = list(msgs)
+    bad[k + 1] = bad[k + 1][:-2] + b"}}"  # manifest bytes no longer match the header's crc
+    r = rx(bad)
+    with pytest.raises(ChecksumError, match="manifest"):
+        r.receive_all(expected_step=1)
+    assert r.broken
+    short = list(msgs)
+    short[k + 2] = short[k + 2][: len(short[k + 2]) // 2]  # half a payload: the seal is missing
+    r = rx(short)
+    with pytest.raises(ChecksumError, match="seal"):
+        r.receive_all(expected_step=1)
+    other = list(msgs)
+    h = wire.decode_header(other[heads[0]])
+    import dataclasses
+
+    other[heads[0]] = wire.encode_header(dataclasses.replace(h, version=wire.PROTOCOL_VERSION + 1))
+    r = rx(other)
+    with pytest.raises(wire.VersionMismatchError):
+        r.receive_all(expected_step=1)

@@ -50,7 +50,7 @@ def _ref_sum(views: list) -> int:
 class _Kept:
     """A bucket buffer of the last step and the views handed out over it."""
 
-    __slots__ = ("buf", "alone", "key", "views", "added", "refs")
+    __slots__ = ("buf", "alone", "key", "views", "added", "refs", "ready")
 
     def __init__(self, buf: torch.Tensor) -> None:
         self.buf = buf
@@ -59,6 +59,7 @@ class _Kept:
         self.views: list | None = None
         self.added = 0  # storage users the views add (views and their dtype bases)
         self.refs = 0  # _ref_sum(views) while only this record holds them
+        self.ready = False  # found free at the start of the current step (_check_kept)
 
     def free(self) -> bool:
         """Nothing outside the receiver references this buffer."""
@@ -79,6 +80,16 @@ class ReceiveBuffers:
         # buffers this receiver keeps (a view list is valid while its buffer is)
         self._views: dict[int, dict[int, tuple[tuple, list]]] = {}
         self._summaries: dict[int, tuple[tuple, frozenset[str], int]] = {}
+
+    def _check_kept(self) -> None:
+        """Decide, at the start of a step (while the first header is on its
+        way), which kept buffers the step may reuse, so that the per-view
+        reference counting is not on the wire's path between a header and its
+        payload. Nothing can take a new reference meanwhile without holding
+        one already (the views are reachable only through counted objects)."""
+        for rec in self._auto:
+            if rec is not None:
+                rec.ready = rec.free()
 
     def _release(self) -> None:
         self._buf = None
@@ -109,9 +120,10 @@ class ReceiveBuffers:
             while len(self._auto) <= i:
                 self._auto.append(None)
             rec = self._auto[i]
-            if rec is None or rec.buf.numel() < n or not rec.free():
+            if rec is None or rec.buf.numel() < n or not rec.ready:
                 rec = None  # a referenced buffer stays with whoever references it
                 rec = self._auto[i] = _Kept(self._alloc(n))
+            rec.ready = False  # one bucket per index and step
             return rec.buf[:n], rec.buf
         if fresh and not self.keep_step_buffers:
             return self._alloc(n), None
