@@ -471,3 +471,23 @@ def test_gloo_one_sender_two_receivers_three_steps():
         assert nb == expected[step][1]
     assert sorted((r, s) for r, s, _, _ in results) == sorted((r, s) for r in (1, 2) for s in steps)
     assert all(p.exitcode == 0 for p in procs)
+
+
+def test_peekable_take_keeps_order_and_end():
+    """The sender's look-ahead iterator hands out a bucket's worth of items at
+    once (layout replay) and keeps order with peeked and pushed-back items
+    and at the end of the stream."""
+    from vllm_fp8_overlay.sync.grouped import _END
+    from vllm_fp8_overlay.sync.sendstate import SendStats, _Peekable
+
+    p = _Peekable(iter(range(10)), SendStats(step=0))
+    assert p.take(3) == [0, 1, 2]
+    assert p.peek() == 3 and p.take(2) == [3, 4]
+    got = p.take(3)
+    p.push_back(got)
+    assert p.take(4) == [5, 6, 7, 8]
+    assert p.take(5) == [9] and p.peek() is _END and p.take(2) == []
+    p.push_back([8, 9])
+    assert p.take(5) == [8, 9] and p.next() is _END
+    q = _Peekable(iter(range(3)), SendStats(step=0))
+    assert q.take(3) == [0, 1, 2] and q.peek() is _END and q.take(1) == [] and q.next() is _END

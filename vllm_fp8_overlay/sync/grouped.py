@@ -31,12 +31,13 @@ _END = object()
 class _Bucket:
     """A bucket of the grouped path: wire entries, quantization and copy jobs."""
 
-    __slots__ = ("slot_idx", "cap", "entries", "qjobs", "copies", "end", "manifest_est", "event", "flag", "plan",
+    __slots__ = ("slot_idx", "cap", "token", "entries", "qjobs", "copies", "end", "manifest_est", "event", "flag", "plan",
                  "num_tensors", "num_bytes")
 
     def __init__(self) -> None:
         self.slot_idx = 0
         self.cap = 0  # payload bytes this bucket may fill (see _ramp)
+        self.token = None  # identity of its layout (_BucketPlan.token), for the launch cache
         self.entries: list[TensorEntry] = []
         self.qjobs: dict = {}  # source dtype -> [(tensor, fp8 offset, scale offset)]
         self.copies: list = []  # [(entry, tensor)]
@@ -61,6 +62,10 @@ class _BucketPlan:
     manifest_est: int
     num_tensors: int
     num_bytes: int
+    #: stands for the layout (items, offsets, shapes) in launch-cache keys: a
+    #: replayed bucket keys its launch by this and its sources' addresses
+    #: instead of hashing every source's shape, stride and offsets again
+    token: object = None
 
 
 #: capacity of a step's first bucket; each next one doubles up to bucket_bytes
@@ -306,12 +311,14 @@ class GroupedSendPath:
         """Fill ``cur`` with the layout of an earlier step's bucket if the next
         items are the same (name, shape, dtype, quantized or not, device) as
         that bucket's, in order; otherwise put the items back and return False."""
-        got = []
-        for name, shape, dtype, quant, xdev, _, _, _, _ in plan.items:
-            item = it.next()
-            got.append(item)
-            if (item is _END or item[0] != name or item[2] is not quant or item[1].dtype is not dtype
-                    or item[1].shape != shape or item[1].get_device() != xdev):
+        got = it.take(len(plan.items))
+        if len(got) != len(plan.items):
+            it.push_back(got)
+            return False
+        for item, (name, shape, dtype, quant, xdev, _, _, _, _) in zip(got, plan.items):
+            x = item[1]
+            if (item[0] != name or item[2] is not quant or x.dtype is not dtype or x.shape != shape
+                    or x.get_device() != xdev):
                 it.push_back(got)
                 return False
         qjobs = cur.qjobs
@@ -324,6 +331,7 @@ class GroupedSendPath:
             else:
                 cur.copies.append((entry, x))
         cur.entries = plan.entries
+        cur.token = plan.token
         cur.end = plan.end
         cur.manifest_est = plan.manifest_est
         cur.plan = plan.items
@@ -344,8 +352,10 @@ class GroupedSendPath:
         """Launch bucket ``b``'s quantization, then put the previous bucket on
         the wire; returns ``b`` (now pending)."""
         if self._step_plans is not None:
+            if b.token is None:
+                b.token = object()
             self._step_plans.append(_BucketPlan(b.plan, b.entries, b.end, b.manifest_est, b.num_tensors,
-                                                b.num_bytes))
+                                                b.num_bytes, b.token))
         self._launch_bucket(b, stats)
         if pending is not None:
             self._dispatch_bucket(pending, False, stats)
@@ -383,7 +393,12 @@ class GroupedSendPath:
                     # sources at the same addresses, shapes and bucket offsets
                     # as in an earlier step: reuse the prepared launch (no
                     # per-tensor host work, no table upload)
-                    lkey = (key, tuple([(j[0].data_ptr(), j[0].shape, j[0].stride(), j[1], j[2]) for j in jobs]))
+                    lkey = None
+                    if b.token is not None and all([j[0].is_contiguous() for j in jobs]):
+                        # shapes, strides and offsets follow from the layout
+                        lkey = (key, b.token, tuple([j[0].data_ptr() for j in jobs]))
+                    if lkey is None:
+                        lkey = (key, tuple([(j[0].data_ptr(), j[0].shape, j[0].stride(), j[1], j[2]) for j in jobs]))
                     lc = self._launch_cache
                     prep = lc.get(lkey, False)
                     if prep is False:
