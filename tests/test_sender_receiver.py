@@ -248,6 +248,7 @@ def test_default_reuses_step_buffers_only_when_dropped():
     del out, only_tensor
     out = r.receive_all(expected_step=5)
     assert _digests(out.tensors) == expected[5]
+    assert len(r._auto) == len(out.manifests)
     r.release_buffers()
     assert _digests(out.tensors) == expected[5]  # release drops the receiver's references only
 
@@ -471,6 +472,29 @@ def test_gloo_one_sender_two_receivers_three_steps():
         assert nb == expected[step][1]
     assert sorted((r, s) for r, s, _, _ in results) == sorted((r, s) for r in (1, 2) for s in steps)
     assert all(p.exitcode == 0 for p in procs)
+
+
+def test_default_reuse_holds_only_the_last_steps_buffers():
+    """After a step with fewer buckets than the one before, the receiver
+    holds only the buffers of the last step (the memory the docs state)."""
+    rec = RecordingTransport()
+    s = WeightSender(None, "", 0, 0, bucket_bytes=8 << 10, transport=rec)
+    big = {f"w{i}": torch.randn(1000) for i in range(12)}
+    small = {f"w{i}": torch.randn(1000) for i in range(3)}
+    s.send(big, step=1)
+    s.send(small, step=2)
+    s.send(small, step=3)
+    r = _receiver(rec.messages)
+    out = r.receive_all(expected_step=1)
+    n_big = len(out.manifests)
+    del out
+    assert len(r._auto) == n_big
+    out = r.receive_all(expected_step=2)
+    assert len(out.manifests) < n_big and len(r._auto) == len(out.manifests)
+    assert _digests(out.tensors) == _digests(small.items())
+    del out
+    out = r.receive_all(expected_step=3)
+    assert _digests(out.tensors) == _digests(small.items())
 
 
 def test_peekable_take_keeps_order_and_end():

@@ -340,6 +340,8 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
                 if st.problems:
                     raise StepRejectedError(summary.step, st.problems)
                 self.last_step = summary.step
+                if fresh and len(self._auto) > st.next_index:
+                    del self._auto[st.next_index:]  # buffers of a longer earlier step: not this step's
                 ok = True
                 return summary
         except _Fatal as f:
