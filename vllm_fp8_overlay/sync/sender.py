@@ -217,6 +217,7 @@ class WeightSender(GroupedSendPath):
         finally:
             for s in self._slots:
                 s.buf = None
+            self._dst_cache.clear()  # its views hold the bucket buffers
             self.transport.close()
 
     def __enter__(self) -> "WeightSender":
