@@ -2,7 +2,8 @@
 
 One command, no torchrun: spawns 2 processes itself (rank 0 = trainer on
 cuda:0, rank 1 = receiver on cuda:1), builds synthetic bf16 weights on the GPU
-for a 7B-shaped dense model and a MoE-shaped model, and times per model
+for a 7B-shaped dense model, a 10B MoE and the Qwen3-30B-A3B shape (``MODELS``),
+and times per model
 
   a      BF16 broadcast of the whole model (raw NCCL, 256 MiB messages)
   a_ws   BF16 through WeightSender/WeightReceiver (layout=None)
@@ -20,6 +21,9 @@ for a 7B-shaped dense model and a MoE-shaped model, and times per model
 
 each end to end: from a barrier until the receiver holds every tensor
 (``receive_all``, ready for the loader) and both sides are synchronized.
+Per model also the phases of an update, each alone: quantize (the sender's
+prepared kernels), wire (raw FP8 broadcast), validate (the receiver's value
+sentinels) and load (a ``_foreach_copy_`` stand-in for the loader).
 Also: device-copy bandwidth, quantization-kernel bandwidth (the prepared grouped launch the
 sender runs, and a one-shot ``quantize_grouped()`` call with its host-side planning), fp8 broadcast.
 
