@@ -34,9 +34,15 @@ from .wire import SEAL_SIZE, BucketManifest, Header, tensors_from_buffer
 __all__: list[str] = []
 
 
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _use_count(t: torch.Tensor) -> int:
-    """Tensors (and storage objects) that share ``t``'s storage."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    """Tensors (and storage objects) that share ``t``'s storage (-1 where
+    this torch cannot tell: then no buffer is ever found free)."""
+    if _USE_COUNT is None:
+        return -1
+    return _USE_COUNT(t.untyped_storage()._cdata)
 
 
 def _ref_sum(views: list) -> int:
@@ -63,7 +69,8 @@ class _Kept:
 
     def free(self) -> bool:
         """Nothing outside the receiver references this buffer."""
-        if _use_count(self.buf) != self.alone + self.added:
+        n = _use_count(self.buf)
+        if n < 0 or n != self.alone + self.added:
             return False
         return self.views is None or _ref_sum(self.views) == self.refs
 
