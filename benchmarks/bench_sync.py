@@ -2,7 +2,8 @@
 
 One command, no torchrun: spawns 2 processes itself (rank 0 = trainer on
 cuda:0, rank 1 = receiver on cuda:1), builds synthetic bf16 weights on the GPU
-for a 7B-shaped dense model and a MoE-shaped model, and times per model
+for a 7B-shaped dense model, a 10B MoE and the Qwen3-30B-A3B shape (``MODELS``),
+and times per model
 
   a      BF16 broadcast of the whole model (raw NCCL, 256 MiB messages)
   a_ws   BF16 through WeightSender/WeightReceiver (layout=None)
@@ -20,6 +21,9 @@ for a 7B-shaped dense model and a MoE-shaped model, and times per model
 
 each end to end: from a barrier until the receiver holds every tensor
 (``receive_all``, ready for the loader) and both sides are synchronized.
+Per model also the phases of an update, each alone: quantize (the sender's
+prepared kernels), wire (raw FP8 broadcast), validate (the receiver's value
+sentinels) and load (a ``_foreach_copy_`` stand-in for the loader).
 Also: device-copy bandwidth, quantization-kernel bandwidth (the prepared grouped launch the
 sender runs, and a one-shot ``quantize_grouped()`` call with its host-side planning), fp8 broadcast.
 
@@ -60,9 +64,19 @@ BUCKET = 256 << 20
 
 
 # ------------------------------------------------------------------ models
+#: named models of the default run: dense 7B (Llama-8B-shaped block, 32 layers), a 10B MoE
+#: (16 layers) and the Qwen3-30B-A3B shape (48 layers of the same MoE block: 128 experts,
+#: hidden 2048, expert intermediate 768; 18,768 tensors)
+MODELS = ("dense", "moe", "qwen3-30b-a3b")
+#: models whose slow columns (b, c_pt, per-tensor kernel timings) are skipped: minutes per run
+SLOW_SKIPPED = ("qwen3-30b-a3b",)
+
+
 def model_specs(kind: str, smoke: bool, moe_layers: int):
     """[(name, shape)] of a synthetic checkpoint."""
     out = []
+    if kind == "qwen3-30b-a3b":
+        kind, moe_layers = "moe", (2 if smoke else 48)
     if kind == "dense":
         L, H, I, KV = (2, 256, 384, 128) if smoke else (32, 4096, 14336, 1024)
         for i in range(L):
@@ -186,6 +200,30 @@ def _ev_time(fn, dev, iters, warmup=1):
     return statistics.median(ts)
 
 
+def _receiver_phases(tensors, dev, iters):
+    """Seconds of what a worker does with a received step, median of ``iters``:
+    validate (the receiver's value sentinels over every tensor, as the vLLM
+    worker runs them before loading) and load (GPU stand-in: one
+    ``_foreach_copy_`` of every tensor into preallocated destinations, the
+    bytes a loader's ``param.copy_`` calls move)."""
+    from vllm_fp8_overlay.sync.values import value_problems
+
+    validate = _ev_time(lambda: value_problems(tensors, scale_name=LAYOUT.scale_name), dev, iters)
+    srcs = [t for _, t in tensors]
+    dests = [torch.empty_like(t) for t in srcs]
+
+    def load():
+        try:
+            torch._foreach_copy_(dests, srcs)
+        except (RuntimeError, NotImplementedError):  # a dtype without a fused copy
+            for d, x in zip(dests, srcs):
+                d.copy_(x)
+
+    ld = _ev_time(load, dev, iters)
+    del dests
+    return [validate, ld]
+
+
 def worker(rank, args, ports, q):
     try:
         res = _worker(rank, args, ports)
@@ -218,6 +256,7 @@ def _worker(rank, args, ports):
     for kind in args.models:
         specs = model_specs(kind, smoke, args.moe_layers)
         r = {}
+        slow = not args.quick and kind not in SLOW_SKIPPED
         if rank == 0:
             flat, weights = build_weights(specs, dev)
             r["params"] = flat.numel()
@@ -289,9 +328,9 @@ def _worker(rank, args, ports):
             step[0] += 1
             snd_raw.send(naive_items(weights), step=step[0])
 
-        if not args.quick:
+        if slow:
             r["b_naive_s"], _ = timed(nv0, recv)
-        if rank == 0 and not args.quick:
+        if rank == 0 and slow:
             _sync(dev)
             r["naive_quant_only_s"] = _ev_time(lambda: naive_items(weights), dev, iters)
 
@@ -309,7 +348,7 @@ def _worker(rank, args, ports):
         def pt1(i):
             got["pt"] = recv(i)
 
-        if not args.quick:
+        if slow:
             r["c_per_tensor_s"], _ = timed(pt0, pt1)
         else:
             got["pt"] = {}
@@ -323,6 +362,7 @@ def _worker(rank, args, ports):
             r.setdefault("c_stats", []).append(st.to_dict())
 
         def gr1(i):
+            got.pop("gr", None)  # a loader is done with the previous step before the next one arrives
             got["gr"] = recv(i)
 
         r["c_grouped_s"], r["c_runs"] = timed(gr0, gr1)
@@ -334,11 +374,39 @@ def _worker(rank, args, ports):
 
         def gk1(i):
             rcv.keep_step_buffers = True
+            got.pop("keep", None)
             got["keep"] = recv(i)
 
+        keep_default = rcv.keep_step_buffers if rank == 1 else None
         r["c_keep_s"], r["c_keep_runs"] = timed(gk0, gk1)
+        if args.study:
+            # side by side in this run: the receiver without posting the payload
+            # before reading the manifest, the sender without the bucket ramp
+            from vllm_fp8_overlay.sync import grouped as G
+
+            ramp0 = G.RAMP_FIRST_BYTES
+            for vname, early, ramp, keep in (("c_noearly", False, True, keep_default if rank == 1 else None),
+                                             ("c_noramp", True, False, keep_default if rank == 1 else None),
+                                             ("c_keep_noearly", False, True, True)):
+                def v0(_, ramp=ramp):
+                    step[0] += 1
+                    G.RAMP_FIRST_BYTES = ramp0 if ramp else 1 << 50
+                    snd.send(weights, step=step[0])
+
+                def v1(i, early=early, keep=keep):
+                    rcv._early = early and rcv._prefetch
+                    rcv.keep_step_buffers = keep
+                    got.pop("v", None)
+                    got["v"] = recv(i)
+
+                r[vname + "_s"], _ = timed(v0, v1)
+            G.RAMP_FIRST_BYTES = ramp0
+            if rank == 1:
+                got.pop("v", None)
+                rcv._early = rcv._prefetch
+                rcv.keep_step_buffers = True
         if args.profile:
-            # one more c_keep iteration under cProfile on both ranks: where the host time goes
+            # one more c iteration (library defaults) under cProfile on both ranks: where the host time goes
             import cProfile
             import io
             import pstats
@@ -346,7 +414,9 @@ def _worker(rank, args, ports):
             prof = cProfile.Profile()
             dist.barrier()
             prof.enable()
-            (gk0 if rank == 0 else gk1)(0)
+            if rank == 1:
+                rcv.keep_step_buffers = keep_default
+            (gr0 if rank == 0 else gr1)(0)
             _sync(dev)
             prof.disable()
             dist.barrier()
@@ -373,12 +443,16 @@ def _worker(rank, args, ports):
                 torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
                             b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]) for k in a)
             flag = torch.tensor([1 if same else 0, sum(t.numel() * t.element_size() for t in a.values())])
+            phases = _receiver_phases(list(got["gr"]), dev, iters)
             got.clear()
         else:
             flag = torch.zeros(2, dtype=torch.int64)
         dist.broadcast(flag, src=1)
-        r["c_grouped_equals_per_tensor"] = bool(flag[0]) if not args.quick else None
+        r["c_grouped_equals_per_tensor"] = bool(flag[0]) if slow else None
         r["fp8_step_bytes"] = int(flag[1])
+        ph = torch.tensor(phases if rank == 1 else [0.0, 0.0], dtype=torch.float64)
+        dist.broadcast(ph, src=1)
+        r["validate_s"], r["load_s"] = float(ph[0]), float(ph[1])
 
         # fp8-only broadcast of the step's bytes (raw), for reference
         fp8_n = int(flag[1])
@@ -399,7 +473,7 @@ def _worker(rank, args, ports):
             n_sc = sum(-(-t.shape[0] // 128) * -(-t.shape[1] // 128) for t in qt)
             moved = n_el * 2 + n_el + n_sc * 4
             r["quant_bytes_moved"] = moved
-            if dev.type == "cuda" and not args.quick:
+            if dev.type == "cuda":
                 from vllm_fp8_overlay.kernels.triton_fp8 import quantize_grouped
 
                 out = torch.empty(n_el + n_sc * 4 + 64 * 2 * len(qt) + (1 << 20), dtype=torch.uint8, device=dev)
@@ -414,18 +488,21 @@ def _worker(rank, args, ports):
                 def kgrp():
                     quantize_grouped(qt, "hf", "block", (128, 128), out=out, q_offsets=qo, s_offsets=so)
 
-                r["quant_grouped_s"] = _ev_time(kgrp, dev, max(iters, 5))
+                if slow:
+                    r["quant_grouped_s"] = _ev_time(kgrp, dev, max(iters, 5))
                 # the launch the sender runs: planned once, then only the kernels
                 from vllm_fp8_overlay.kernels.triton_fp8 import prepare_grouped
 
                 prep = prepare_grouped(qt, "hf", "block", (128, 128), qo, so)
                 r["quant_prepared_s"] = _ev_time(lambda: prep(qt, out), dev, max(iters, 5))
                 r["quant_prepared_GBps"] = moved / r["quant_prepared_s"] / 1e9
-                del out
-                r["quant_per_tensor_s"] = _ev_time(lambda: [Q.quantize_tensor(t, LAYOUT) for t in qt], dev, iters)
-                r["quant_torch_backend_s"] = _ev_time(
-                    lambda: [Q.quantize_tensor(t, LAYOUT, backend="torch") for t in qt], dev, iters)
-                r["quant_grouped_GBps"] = moved / r["quant_grouped_s"] / 1e9
+                del out, prep
+                if slow:
+                    r["quant_per_tensor_s"] = _ev_time(lambda: [Q.quantize_tensor(t, LAYOUT) for t in qt], dev,
+                                                       iters)
+                    r["quant_torch_backend_s"] = _ev_time(
+                        lambda: [Q.quantize_tensor(t, LAYOUT, backend="torch") for t in qt], dev, iters)
+                    r["quant_grouped_GBps"] = moved / r["quant_grouped_s"] / 1e9
         if rank == 0:
             snd_raw._closed = True  # shares the transport with snd
             snd.close()
@@ -464,6 +541,7 @@ def report(res, args):
         a, b, c = r["a_bf16_raw_s"], r.get("b_naive_s", float("nan")), r["c_grouped_s"]
         r["c_over_a"], r["b_over_c"] = c / a, b / c
         gbps = r.get("quant_prepared_GBps", float("nan"))
+        r.setdefault("c_grouped_equals_per_tensor", None)
         r["quant_pct_of_copy"] = 100 * gbps / copy
         ms = lambda k: f"{1e3 * r[k]:.1f}" if k in r else "-"  # noqa: E731
         lines.append(
@@ -474,6 +552,29 @@ def report(res, args):
             f"{ms('fp8_raw_bcast_s')} | "
             f"{ms('naive_quant_only_s')} | {ms('quant_torch_backend_s')} |"
         )
+    lines += ["", "Per model, one run: quantize = the sender's prepared grouped kernels over every weight (CUDA "
+              "events, alone); wire = raw broadcast of the step's FP8 bytes; receive = c (end to end: quantize, "
+              "wire and receive overlapped, until the receiver holds the step); validate = the receiver's value "
+              "sentinels over the step; load = GPU stand-in (`_foreach_copy_` of every tensor into preallocated "
+              "destinations); total = receive + validate + load.", "",
+              "| model | tensors | quantize ms | wire ms | receive (c) ms | validate ms | load ms | total ms | "
+              "a: bf16 ms | a_ws ms | c/a | total/a | a_ws/a |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in args.models:
+        r = res[kind]
+        a, c = r["a_bf16_raw_s"], r["c_grouped_s"]
+        tot = c + r.get("validate_s", 0.0) + r.get("load_s", 0.0)
+        r["total_s"], r["total_over_a"], r["a_ws_over_a"] = tot, tot / a, r["a_bf16_sender_s"] / a
+        ms = lambda k: f"{1e3 * r[k]:.1f}" if k in r else "-"  # noqa: E731
+        lines.append(f"| {kind} | {r['tensors']} | {ms('quant_prepared_s')} | {ms('fp8_raw_bcast_s')} | "
+                     f"{ms('c_grouped_s')} | {ms('validate_s')} | {ms('load_s')} | {1e3 * tot:.1f} | "
+                     f"{ms('a_bf16_raw_s')} | {ms('a_bf16_sender_s')} | {c / a:.2f} | {tot / a:.2f} | "
+                     f"{r['a_ws_over_a']:.2f} |")
+    if args.study:
+        lines += ["", "Study (same run, ms): " + "; ".join(
+            f"{k}: c {1e3 * res[k]['c_grouped_s']:.1f}, " + ", ".join(
+                f"{v} {1e3 * res[k][v + '_s']:.1f}" for v in ("c_noearly", "c_noramp", "c_keep_noearly"))
+            for k in args.models)]
     lines += ["", f"bucket {args.bucket_mb or 'sender default'} MiB, TORCH_NCCL_HIGH_PRIORITY={int(args.nccl_high_priority)}",
               "", f"Medians of {args.iters} iterations after {0 if args.cpu_smoke else 1} warm-up; grouped == per-tensor bytes: "
               + ", ".join(f"{k}: {res[k]['c_grouped_equals_per_tensor']}" for k in args.models)
@@ -488,13 +589,15 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--checksum", default="auto", help="the sender's payload checksum for c (auto, sum64, crc32, none)")
     ap.add_argument("--moe-layers", type=int, default=16)
-    ap.add_argument("--models", nargs="+", default=["dense", "moe"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--bucket-mb", type=int, default=0,
                     help="WeightSender bucket size (default: the sender's, 1 GiB on CUDA, 256 MiB on CPU)")
     ap.add_argument("--nccl-high-priority", action="store_true", help="TORCH_NCCL_HIGH_PRIORITY=1 for the group")
     ap.add_argument("--quick", action="store_true", help="only a, a_ws, c and the fp8 broadcast")
+    ap.add_argument("--study", action="store_true",
+                    help="also time c without the receiver's early payload post and without the bucket ramp")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile one c_keep iteration per rank (profile_<model>_rank<r>.txt in --out)")
+                    help="also profile one c iteration (defaults) per rank (profile_<model>_rank<r>.txt in --out)")
     args = ap.parse_args(argv)
     if not args.cpu_smoke and torch.cuda.device_count() < 2:
         sys.exit("needs 2 CUDA devices (or --cpu-smoke)")

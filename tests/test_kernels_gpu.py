@@ -232,3 +232,175 @@ def test_fast_quotient_is_what_the_kernels_use():
     assert k["DIV"] == (K.DIV_FAST if torch.bfloat16 in K.FAST_DIV_DTYPES else K.DIV_RN)
     k32, _ = K._consts("hf", torch.float32, torch.device("cuda"), "auto")
     assert k32["DIV"] == K.DIV_RN
+
+
+def test_sender_ramp_and_cuda_receiver_reuse(monkeypatch):
+    """Ramped bucket sizes (first bucket small, doubling up to bucket_bytes)
+    and a CUDA receiver (next header posted behind each payload, seal checked
+    from its host copy, buffers and views reused once the caller dropped the
+    previous step) over several steps whose weights change in place: every
+    received tensor equals the torch reference bitwise, a held step is never
+    overwritten, and a released one lends its buffers to the next."""
+    from vllm_fp8_overlay.formats import FP8Layout
+    from vllm_fp8_overlay.formats import quantize as R
+    from vllm_fp8_overlay.sync import WeightReceiver, WeightSender, grouped, wire
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+    monkeypatch.setattr(grouped, "RAMP_FIRST_BYTES", 24 << 10)
+    layout = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv")
+    sd = {}
+    for i in range(3):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = torch.randn(256, device="cuda").bfloat16()
+        sd[p + "self_attn.q_proj.weight"] = _sample((256, 256), torch.bfloat16, "t", i)
+        for e in range(8):
+            sd[p + f"mlp.experts.{e}.gate_proj.weight"] = _sample((128, 256), torch.bfloat16, "n", 10 * i + e)
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(layout, "", 0, 0, bucket_bytes=192 << 10, transport=rec)
+    steps, refs = [], []
+    for step in range(5):
+        if step:
+            for t in sd.values():
+                t.mul_(-1.25)
+        rec.messages.clear()
+        st = snd.send(sd, step=step)
+        steps.append(list(rec.messages))
+        refs.append({n: t.cpu() for n, t in R.quantize_weights(iter(list(sd.items())), layout, backend="torch")})
+    heads = [wire.decode_header(m) for m in steps[0] if len(m) == wire.HEADER_SIZE and m[:4] == wire.MAGIC]
+    sizes = [h.payload_len for h in heads if h.kind == wire.MessageKind.BUCKET]
+    assert sizes[0] <= 24 << 10 and max(sizes) > 96 << 10 and st.num_buckets == len(sizes)
+    rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport([m for s in steps for m in s], device="cuda"))
+    assert rx._prefetch
+
+    def check(got, ref, step):
+        assert got.keys() == ref.keys()
+        for n, r in ref.items():
+            g = got[n].cpu()
+            assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                               r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"step {step}: {n}"
+
+    held = dict(rx.receive_all(expected_step=0).tensors)
+    check(held, refs[0], 0)
+    out = rx.receive_all(expected_step=1)  # step 0 still held: new buffers
+    check(dict(out.tensors), refs[1], 1)
+    check(held, refs[0], 0)
+    ptrs = sorted(t.data_ptr() for _, t in out.tensors if t.numel())
+    del held, out
+    for step in (2, 3, 4):  # dropped each time: the same buffers
+        out = rx.receive_all(expected_step=step)
+        check(dict(out.tensors), refs[step], step)
+        assert sorted(t.data_ptr() for _, t in out.tensors if t.numel()) == ptrs
+        del out
+    assert rx._hdr_ready is None and rx.transport.remaining == 0
+
+
+def test_bf16_grouped_send_and_batched_value_checks_on_cuda():
+    """``layout=None`` on CUDA goes through the grouped path (one multi-tensor
+    copy per bucket, batched value checks): received bytes equal the sent
+    ones over repeated steps; a NaN, an Inf, an FP8 NaN byte or a zero scale
+    anywhere is refused naming the tensor; huge finite tensors (whose
+    squares overflow the batched norm) still go out. The receiver-side
+    batched checks find the same offenders on the device."""
+    from vllm_fp8_overlay.sync import WeightReceiver, WeightSender
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+    from vllm_fp8_overlay.sync.values import device_values_many, value_problems
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    sd = {f"model.layers.{i}.mlp.w{j}.weight": torch.randn(300, 257, device="cuda", generator=g).bfloat16()
+          for i in range(3) for j in range(4)}
+    sd["model.norm.weight"] = torch.randn(64, device="cuda", generator=g)
+    sd["model.pos"] = torch.arange(100, device="cuda")
+    sd["model.q.weight"] = torch.randn(256, 256, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    sd["model.q.weight_scale"] = torch.rand(256, 1, device="cuda", generator=g) + 0.1
+    sd["model.t.weight"] = torch.randn(64, 48, device="cuda", generator=g).bfloat16().t()  # not contiguous
+    sd["huge.a.weight"] = torch.full((70_000,), 3e38, device="cuda")
+    sd["huge.b.weight"] = torch.full((70_000,), -3e38, device="cuda")
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(None, "", 0, 0, bucket_bytes=256 << 10, transport=rec)
+    assert snd._grouped_ok()
+    for step in range(3):
+        for n, t in sd.items():
+            if (t.is_floating_point() and t.dtype != torch.float8_e4m3fn and not n.endswith("scale")
+                    and t.abs().max() < 1e30):
+                t.mul_(-1)
+        rec.messages.clear()
+        st = snd.send(sd, step=step)
+        assert st.num_buckets > 2
+        got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
+        assert got.keys() == sd.keys()
+        for n, t in sd.items():
+            a, b = got[n].cpu(), t.cpu().contiguous()
+            if a.dtype == torch.float8_e4m3fn:
+                a, b = a.view(torch.uint8), b.view(torch.uint8)
+            assert a.dtype == b.dtype and torch.equal(a, b), (step, n)
+    big = [(f"x.{i}.weight", torch.randn(70_000, device="cuda").bfloat16()) for i in range(3)]
+    f8 = [(f"y.{i}.weight", torch.randn(70_000, device="cuda").to(torch.float8_e4m3fn)) for i in range(3)]
+    assert value_problems(big + f8) == [] and all(bool(o.all()) for o in device_values_many(big + f8))
+    for name, poison in [("model.layers.1.mlp.w2.weight", float("nan")), ("model.layers.2.mlp.w0.weight",
+                         float("inf")), ("model.q.weight", 0x7F), ("model.q.weight", 0xFF),
+                         ("model.q.weight_scale", 0.0)]:
+        bad = {k: v.clone() for k, v in sd.items()}
+        t = bad[name]
+        (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t).view(-1)[17] = poison
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            snd.send(bad, step=10)
+        if t.dtype != torch.float8_e4m3fn or name.endswith("scale"):
+            continue
+        for pool in (big, f8):
+            items = pool + [(name, t)] if t.dtype == pool[0][1].dtype else pool
+            if t.dtype == pool[0][1].dtype:
+                assert [p.split(":")[0] for p in value_problems(items)] == [name]
+                assert not all(bool(o.all()) for o in device_values_many(items))
+    for name, poison in [("x.1.weight", float("nan")), ("x.2.weight", float("-inf"))]:
+        items = [(n, v.clone()) for n, v in big]
+        dict(items)[name][5] = poison
+        assert [p.split(":")[0] for p in value_problems(items)] == [name]
+        assert not all(bool(o.all()) for o in device_values_many(items))
+    for b in (0x7F, 0xFF):
+        items = [(n, v.clone()) for n, v in f8]
+        items[1][1].view(torch.uint8)[-2] = b
+        assert [p.split(":")[0] for p in value_problems(items)] == ["y.1.weight"]
+        assert not all(bool(o.all()) for o in device_values_many(items))
+
+
+def test_cuda_receiver_early_path_rejects_bad_messages():
+    """On CUDA the receiver posts manifest, payload and next header together
+    and validates the manifest while the payload arrives: a corrupted
+    manifest still breaks the stream with a clear error before anything is
+    handed out, a short payload fails its seal, and a peer of another wire
+    version is refused by its header."""
+    from vllm_fp8_overlay.sync import ChecksumError, WeightReceiver, WeightSender, wire
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(None, "", 0, 0, bucket_bytes=64 << 10, transport=rec)
+    sd = {f"w{i}.weight": torch.randn(64, 96, device="cuda").bfloat16() for i in range(8)}
+    snd.send(sd, step=1)
+    msgs = list(rec.messages)
+    heads = [i for i, m in enumerate(msgs) if len(m) == wire.HEADER_SIZE and m[:4] == wire.MAGIC]
+    k = heads[1]  # the second bucket: header, manifest, payload
+
+    def rx(stream):
+        return WeightReceiver("", 0, 0, 0, transport=ReplayTransport(stream, device="cuda"))
+
+    ok = dict(rx(list(msgs)).receive_all(expected_step=1).tensors)
+    assert all(torch.equal(ok[n], t) for n, t in sd.items())
+    bad = list(msgs)
+    bad[k + 1] = bad[k + 1][:-2] + b"}}"  # manifest bytes no longer match the header's crc
+    r = rx(bad)
+    with pytest.raises(ChecksumError, match="manifest"):
+        r.receive_all(expected_step=1)
+    assert r.broken
+    short = list(msgs)
+    short[k + 2] = short[k + 2][: len(short[k + 2]) // 2]  # half a payload: the seal is missing
+    r = rx(short)
+    with pytest.raises(ChecksumError, match="seal"):
+        r.receive_all(expected_step=1)
+    other = list(msgs)
+    h = wire.decode_header(other[heads[0]])
+    import dataclasses
+
+    other[heads[0]] = wire.encode_header(dataclasses.replace(h, version=wire.PROTOCOL_VERSION + 1))
+    r = rx(other)
+    with pytest.raises(wire.VersionMismatchError):
+        r.receive_all(expected_step=1)

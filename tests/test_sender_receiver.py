@@ -194,6 +194,65 @@ def test_repeated_steps_reuse_manifests_buffers_and_views():
             assert ptrs[0] == ptrs[1] == ptrs[2]
 
 
+def _steps_recorded(n):
+    rec = RecordingTransport()
+    s = WeightSender(_fp8_layout(), "", 0, 0, bucket_bytes=32 << 10, transport=rec)
+    sds = [_state_dict(20 + i) for i in range(n)]
+    for i, sd in enumerate(sds):
+        s.send(sd, step=i)
+    expected = [_digests(quantize_weights(iter(sd.items()), _fp8_layout())) for sd in sds]
+    return rec.messages, expected
+
+
+def _ptrs(step):
+    return sorted(t.data_ptr() for _, t in step.tensors if t.numel())
+
+
+def test_default_reuses_step_buffers_only_when_dropped():
+    """Default ``receive_all``: a step the caller dropped lends its buffers and
+    views to the next one; a step still referenced in any way (the list, one
+    pair, one tensor, a view derived from one) is never overwritten."""
+    msgs, expected = _steps_recorded(6)
+    r = _receiver(list(msgs))
+    assert r.keep_step_buffers is None
+    out = r.receive_all(expected_step=0)
+    assert _digests(out.tensors) == expected[0]
+    ptrs0 = _ptrs(out)
+    views0 = [t for _, t in out.tensors]
+    del out
+    out = r.receive_all(expected_step=1)  # views0 still referenced: new buffers
+    assert _digests(out.tensors) == expected[1]
+    assert not set(ptrs0) & set(_ptrs(out))
+    ptrs1 = _ptrs(out)
+    views1 = [t for _, t in out.tensors]
+    del views0, views1, out
+    out = r.receive_all(expected_step=2)  # nothing referenced: step 1's buffers and views again
+    assert _digests(out.tensors) == expected[2]
+    assert _ptrs(out) == ptrs1
+    # hold one pair, one tensor, one derived view: those buckets are left alone
+    pair = out.tensors[0]
+    held_name, held = pair[0], pair[1].clone()
+    derived = out.tensors[-1][1].view(torch.uint8)[:4]
+    derived_bytes = derived.clone()
+    del out
+    out = r.receive_all(expected_step=3)
+    assert _digests(out.tensors) == expected[3]
+    assert torch.equal(pair[1], held) and pair[0] == held_name
+    assert torch.equal(derived, derived_bytes)
+    only_tensor = out.tensors[0][1]
+    only_bytes = only_tensor.clone()
+    del out, pair, derived
+    out = r.receive_all(expected_step=4)
+    assert _digests(out.tensors) == expected[4]
+    assert torch.equal(only_tensor, only_bytes)
+    del out, only_tensor
+    out = r.receive_all(expected_step=5)
+    assert _digests(out.tensors) == expected[5]
+    assert len(r._auto) == len(out.manifests)
+    r.release_buffers()
+    assert _digests(out.tensors) == expected[5]  # release drops the receiver's references only
+
+
 def test_empty_step():
     msgs, stats, _ = _record({}, step=3)
     assert stats.num_buckets == 0
@@ -413,3 +472,46 @@ def test_gloo_one_sender_two_receivers_three_steps():
         assert nb == expected[step][1]
     assert sorted((r, s) for r, s, _, _ in results) == sorted((r, s) for r in (1, 2) for s in steps)
     assert all(p.exitcode == 0 for p in procs)
+
+
+def test_default_reuse_holds_only_the_last_steps_buffers():
+    """After a step with fewer buckets than the one before, the receiver
+    holds only the buffers of the last step (the memory the docs state)."""
+    rec = RecordingTransport()
+    s = WeightSender(None, "", 0, 0, bucket_bytes=8 << 10, transport=rec)
+    big = {f"w{i}": torch.randn(1000) for i in range(12)}
+    small = {f"w{i}": torch.randn(1000) for i in range(3)}
+    s.send(big, step=1)
+    s.send(small, step=2)
+    s.send(small, step=3)
+    r = _receiver(rec.messages)
+    out = r.receive_all(expected_step=1)
+    n_big = len(out.manifests)
+    del out
+    assert len(r._auto) == n_big
+    out = r.receive_all(expected_step=2)
+    assert len(out.manifests) < n_big and len(r._auto) == len(out.manifests)
+    assert _digests(out.tensors) == _digests(small.items())
+    del out
+    out = r.receive_all(expected_step=3)
+    assert _digests(out.tensors) == _digests(small.items())
+
+
+def test_peekable_take_keeps_order_and_end():
+    """The sender's look-ahead iterator hands out a bucket's worth of items at
+    once (layout replay) and keeps order with peeked and pushed-back items
+    and at the end of the stream."""
+    from vllm_fp8_overlay.sync.grouped import _END
+    from vllm_fp8_overlay.sync.sendstate import SendStats, _Peekable
+
+    p = _Peekable(iter(range(10)), SendStats(step=0))
+    assert p.take(3) == [0, 1, 2]
+    assert p.peek() == 3 and p.take(2) == [3, 4]
+    got = p.take(3)
+    p.push_back(got)
+    assert p.take(4) == [5, 6, 7, 8]
+    assert p.take(5) == [9] and p.peek() is _END and p.take(2) == []
+    p.push_back([8, 9])
+    assert p.take(5) == [8, 9] and p.next() is _END
+    q = _Peekable(iter(range(3)), SendStats(step=0))
+    assert q.take(3) == [0, 1, 2] and q.peek() is _END and q.take(1) == [] and q.next() is _END

@@ -301,6 +301,32 @@ def test_f6_zero_element_tensor_with_huge_dims_rejected():
     assert wire.tensors_from_buffer(torch.zeros(0, dtype=torch.uint8), m)[0][1].shape == (0, 4, 4)
 
 
+def test_value_sentinels_batched_over_large_tensors():
+    """Tensors above the small-tensor size are checked together by
+    multi-tensor reductions (float: L2 norm; e4m3fn: byte maxima); every
+    offender is still named, and clean groups pass."""
+    from vllm_fp8_overlay.sync.values import device_values_many
+
+    n = 70_000  # above the small-tensor size
+    clean = [(f"l.{i}.weight", torch.randn(n).bfloat16()) for i in range(5)]
+    fp8 = [(f"q.{i}.weight", torch.randn(n).clamp(-400, 400).to(torch.float8_e4m3fn)) for i in range(4)]
+    assert value_problems(clean + fp8) == []
+    assert all(bool(ok.all()) for ok in device_values_many(clean + fp8))
+    bad = [clean[0], (clean[1][0], clean[1][1].clone()), (clean[2][0], clean[2][1].clone()), fp8[0],
+           (fp8[1][0], fp8[1][1].clone()), (fp8[2][0], fp8[2][1].clone()),
+           ("huge.weight", torch.full((n,), 3e38, dtype=torch.float32))]  # finite, but its squares overflow
+    bad[1][1][123] = float("nan")
+    bad[2][1][-1] = float("-inf")
+    bad[4][1].view(torch.uint8)[7] = 0x7F
+    bad[5][1].view(torch.uint8)[n - 3] = 0xFF
+    got = value_problems(bad)
+    assert [p.split(":")[0] for p in got] == [bad[1][0], bad[2][0], bad[4][0], bad[5][0]], got
+    assert not all(bool(ok.all()) for ok in device_values_many(bad[1:2]  + bad[3:4] + [bad[0]]))
+    assert not all(bool(ok.all()) for ok in device_values_many(bad[4:5] + bad[3:4]))
+    huge = [bad[-1], ("huge2.weight", bad[-1][1].clone())]
+    assert value_problems(huge) == []  # the batch overflows; the exact check clears them
+
+
 def test_f8_value_sentinels_both_sides():
     """NaN/Inf/<=0 scales, FP8 NaN bytes (0x7F, 0xFF), non-finite unquantized
     tensors: the sender refuses them; the receiver rejects them naming the

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from . import wire
-from .values import device_values_ok, value_problems
+from .values import device_values_many, value_problems
 from .wire import ALIGNMENT, TensorEntry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,11 +31,13 @@ _END = object()
 class _Bucket:
     """A bucket of the grouped path: wire entries, quantization and copy jobs."""
 
-    __slots__ = ("slot_idx", "entries", "qjobs", "copies", "end", "manifest_est", "event", "flag", "plan",
+    __slots__ = ("slot_idx", "cap", "token", "entries", "qjobs", "copies", "end", "manifest_est", "event", "flag", "plan",
                  "num_tensors", "num_bytes")
 
     def __init__(self) -> None:
         self.slot_idx = 0
+        self.cap = 0  # payload bytes this bucket may fill (see _ramp)
+        self.token = None  # identity of its layout (_BucketPlan.token), for the launch cache
         self.entries: list[TensorEntry] = []
         self.qjobs: dict = {}  # source dtype -> [(tensor, fp8 offset, scale offset)]
         self.copies: list = []  # [(entry, tensor)]
@@ -60,17 +62,30 @@ class _BucketPlan:
     manifest_est: int
     num_tensors: int
     num_bytes: int
+    #: stands for the layout (items, offsets, shapes) in launch-cache keys: a
+    #: replayed bucket keys its launch by this and its sources' addresses
+    #: instead of hashing every source's shape, stride and offsets again
+    token: object = None
+
+
+#: capacity of a step's first bucket; each next one doubles up to bucket_bytes
+RAMP_FIRST_BYTES = 64 << 20
 
 
 class GroupedSendPath:
-    """Mixed into :class:`~.sender.WeightSender`: the grouped CUDA path."""
+    """Mixed into :class:`~.sender.WeightSender`: the grouped CUDA path.
+
+    Bucket sizes ramp up (64 MiB, 128, 256, ... up to ``bucket_bytes``): the
+    wire starts once the first bucket is quantized, and its host loop and
+    kernels take 1/16 of a full bucket's; the large buckets that keep NCCL
+    near its peak bandwidth follow while the wire is already busy."""
 
     def _grouped_ok(self) -> bool:
         """Quantize whole buckets with the grouped Triton kernels, straight into
         the bucket buffer, on a side stream (CUDA + a layout + Triton)."""
         if self._grouped is None:
-            ok = self.layout is not None and self.device.type == "cuda"
-            if ok:
+            ok = self.device.type == "cuda"
+            if ok and self.layout is not None:
                 from ..kernels import triton_available
 
                 ok = triton_available()
@@ -83,6 +98,16 @@ class GroupedSendPath:
         from ..formats.quantize import FP8_DTYPE, _CT_DTYPES, _check_block_shape, expand_fused_experts
 
         layout = self.layout
+        if layout is None:  # sent as given (BF16 target): copied into the buckets
+            for item in items:
+                try:
+                    name, t = item
+                except (TypeError, ValueError):
+                    raise TypeError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}") from None
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+                yield name, (t.detach() if t.requires_grad else t), False
+            return
         memo = self._item_memo
         for item in items:
             try:
@@ -159,6 +184,7 @@ class GroupedSendPath:
             self.device.index if self.device.index is not None else torch.cuda.current_device())
         seen: set[str] = set()
         pending: _Bucket | None = None
+        self._ramp = 0
         cur = self._new_bucket()
         prev = self._bucket_plans
         self._bucket_plans = None
@@ -238,9 +264,9 @@ class GroupedSendPath:
             off = (cur.end + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT if cur.entries else 0
             if quant:
                 so = off + (qn + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-                fits = so + sn <= self.bucket_bytes
+                fits = so + sn <= cur.cap
             else:
-                fits = off + qn <= self.bucket_bytes
+                fits = off + qn <= cur.cap
             if cur.entries and (
                 not fits
                 or len(cur.entries) + nent > self.limits.max_tensors_per_bucket
@@ -285,12 +311,14 @@ class GroupedSendPath:
         """Fill ``cur`` with the layout of an earlier step's bucket if the next
         items are the same (name, shape, dtype, quantized or not, device) as
         that bucket's, in order; otherwise put the items back and return False."""
-        got = []
-        for name, shape, dtype, quant, xdev, _, _, _, _ in plan.items:
-            item = it.next()
-            got.append(item)
-            if (item is _END or item[0] != name or item[2] is not quant or item[1].dtype is not dtype
-                    or item[1].shape != shape or item[1].get_device() != xdev):
+        got = it.take(len(plan.items))
+        if len(got) != len(plan.items):
+            it.push_back(got)
+            return False
+        for item, (name, shape, dtype, quant, xdev, _, _, _, _) in zip(got, plan.items):
+            x = item[1]
+            if (item[0] != name or item[2] is not quant or x.dtype is not dtype or x.shape != shape
+                    or x.get_device() != xdev):
                 it.push_back(got)
                 return False
         qjobs = cur.qjobs
@@ -303,6 +331,7 @@ class GroupedSendPath:
             else:
                 cur.copies.append((entry, x))
         cur.entries = plan.entries
+        cur.token = plan.token
         cur.end = plan.end
         cur.manifest_est = plan.manifest_est
         cur.plan = plan.items
@@ -314,14 +343,19 @@ class GroupedSendPath:
         b = _Bucket()
         b.slot_idx = self._cur
         self._cur ^= 1
+        k = getattr(self, "_ramp", 0)
+        self._ramp = k + 1
+        b.cap = self.bucket_bytes if k >= 16 else min(self.bucket_bytes, max(RAMP_FIRST_BYTES << k, ALIGNMENT))
         return b
 
     def _close_bucket(self, b: "_Bucket", pending: "_Bucket | None", stats: SendStats) -> "_Bucket":
         """Launch bucket ``b``'s quantization, then put the previous bucket on
         the wire; returns ``b`` (now pending)."""
         if self._step_plans is not None:
+            if b.token is None:
+                b.token = object()
             self._step_plans.append(_BucketPlan(b.plan, b.entries, b.end, b.manifest_est, b.num_tensors,
-                                                b.num_bytes))
+                                                b.num_bytes, b.token))
         self._launch_bucket(b, stats)
         if pending is not None:
             self._dispatch_bucket(pending, False, stats)
@@ -338,7 +372,7 @@ class GroupedSendPath:
             self._flags[b.slot_idx] = torch.zeros(1, dtype=torch.bool, pin_memory=True)
         side = self._side
         main = torch.cuda.current_stream(self.device)
-        recipe = "hf" if self.layout.method == "fp8" else "ct"
+        recipe = None if self.layout is None else ("hf" if self.layout.method == "fp8" else "ct")
         with torch.cuda.stream(side):
             # the buffer is free once its previous broadcast is done: NCCL's
             # wait() orders the current (side) stream after it, the host does
@@ -359,7 +393,12 @@ class GroupedSendPath:
                     # sources at the same addresses, shapes and bucket offsets
                     # as in an earlier step: reuse the prepared launch (no
                     # per-tensor host work, no table upload)
-                    lkey = (key, tuple([(j[0].data_ptr(), j[0].shape, j[0].stride(), j[1], j[2]) for j in jobs]))
+                    lkey = None
+                    if b.token is not None and all([j[0].is_contiguous() for j in jobs]):
+                        # shapes, strides and offsets follow from the layout
+                        lkey = (key, b.token, tuple([j[0].data_ptr() for j in jobs]))
+                    if lkey is None:
+                        lkey = (key, tuple([(j[0].data_ptr(), j[0].shape, j[0].stride(), j[1], j[2]) for j in jobs]))
                     lc = self._launch_cache
                     prep = lc.get(lkey, False)
                     if prep is False:
@@ -377,11 +416,8 @@ class GroupedSendPath:
                     )
                 checks.append(torch.isfinite(am).all().reshape(1))
             t2 = time.perf_counter()
-            for entry, x in b.copies:
-                wire.pack_into(slot.buf, entry, x, non_blocking=True)
-                ok = device_values_ok(entry.name, x, self._scale_name)
-                if ok is not None:
-                    checks.append(ok.to(self.device, non_blocking=True))
+            if b.copies:
+                self._pack_copies(slot.buf, b.copies, checks)
             stats.pack_s += time.perf_counter() - t2
             flag = self._flags[b.slot_idx]
             if checks:
@@ -393,6 +429,37 @@ class GroupedSendPath:
             b.event.record(side)
         b.flag = flag
         stats.quantize_s += time.perf_counter() - t0
+
+    def _pack_copies(self, buf: torch.Tensor, copies: list, checks: list) -> None:
+        """Copy the bucket's unquantized tensors into ``buf`` and queue their
+        value checks: one multi-tensor copy for those on this device (their
+        destination views are cached per buffer and wire entry: a model sends
+        the same entries every step), and batched checks (a BF16 step of a
+        large MoE is 18k+ tensors: per-tensor launches would cost more host
+        time than the wire takes)."""
+        cache = self._dst_cache
+        dsts, srcs, rest = [], [], []
+        for entry, x in copies:
+            if entry.nbytes == 0:
+                continue
+            if x.device != buf.device:
+                rest.append((entry, x))
+                continue
+            key = (id(buf), id(entry))
+            hit = cache.get(key)
+            if hit is None or hit[0] is not entry or hit[1] is not buf:
+                v = buf[entry.offset: entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
+                if len(cache) > 1 << 20:
+                    cache.clear()
+                hit = cache[key] = (entry, buf, v)
+            dsts.append(hit[2])
+            srcs.append(x)
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        for entry, x in rest:
+            wire.pack_into(buf, entry, x, non_blocking=True)
+        for ok in device_values_many([(e.name, x) for e, x in copies], self._scale_name):
+            checks.append(ok.to(self.device, non_blocking=True))
 
     def _dispatch_bucket(self, b: "_Bucket", last: bool, stats: SendStats) -> None:
         t0 = time.perf_counter()
@@ -411,5 +478,8 @@ class GroupedSendPath:
                     bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
                     raise ValueError(f"{name}: weight contains {bad} values; refusing to quantize")
         bad = value_problems([(e.name, x) for e, x in b.copies], scale_name=self._scale_name)
-        raise ValueError("refusing to send step: " + ("; ".join(bad) or "non-finite values in a bucket"))
+        if bad:
+            raise ValueError("refusing to send step: " + "; ".join(bad))
+        # else the batched check's false alarm (a huge finite tensor whose
+        # squares overflow): the exact checks passed, the bucket goes out
 

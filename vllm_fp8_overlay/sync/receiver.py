@@ -29,6 +29,8 @@ from typing import Iterator
 import torch
 
 from . import wire
+from .recvbuffers import ReceiveBuffers
+from .recvpost import PostedReceives
 from .received import Bucket, ManifestCheck, OnBucket, PayloadCheck, ReceivedStep, StepRejectedError, _Fatal, _StepState
 from .transport import DEFAULT_TIMEOUT_S, BroadcastGroup, Transport, TransportError
 from .wire import (
@@ -52,7 +54,7 @@ __all__ = ["WeightReceiver", "Bucket", "ReceivedStep", "OnBucket", "StepRejected
 logger = logging.getLogger(__name__)
 
 
-class WeightReceiver:
+class WeightReceiver(ReceiveBuffers, PostedReceives):
     """One receiving rank of the weight-sync group.
 
     Args:
@@ -68,11 +70,16 @@ class WeightReceiver:
             seal is always verified).
         require_checksum: reject buckets that carry no payload checksum.
         transport: inject a ready transport (tests / tools).
-        keep_step_buffers: ``receive_all`` keeps its per-bucket buffers (and the
-            tensor views over them) for the next step instead of allocating
-            new ones: no allocation and no view building after the first
-            step, but the step's memory stays resident between steps and the
-            tensors a ``receive_all`` returned are overwritten by the next one.
+        keep_step_buffers: what ``receive_all`` does with its per-bucket
+            buffers and the tensor views over them (:mod:`.recvbuffers`).
+            ``None`` (default): keeps them for the next step and reuses each
+            one that nothing outside the receiver references any more (no
+            allocation and no view building once a loader has dropped the
+            previous step; a step still referenced is never overwritten);
+            the last step's memory stays resident between steps
+            (:meth:`release_buffers` frees it). ``True``: reuses them
+            unconditionally (the tensors a ``receive_all`` returned are
+            overwritten by the next one). ``False``: new buffers every step.
         group_id: refuse a group whose id is not this one (the id the trainer
             passed to this worker when it asked it to join).
 
@@ -94,7 +101,7 @@ class WeightReceiver:
         require_checksum: bool = False,
         group_name: str = "weights",
         transport: Transport | None = None,
-        keep_step_buffers: bool = False,
+        keep_step_buffers: bool | None = None,
         group_id: str | None = None,
     ) -> None:
         if transport is None:
@@ -110,17 +117,19 @@ class WeightReceiver:
         self.group_id = getattr(transport, "group_id", None)
         self.verify_checksum = verify_checksum
         self.require_checksum = require_checksum
-        self.keep_step_buffers = bool(keep_step_buffers)
+        self.keep_step_buffers = None if keep_step_buffers is None else bool(keep_step_buffers)
         self._hdr = torch.zeros(HEADER_SIZE, dtype=torch.uint8, device=self.device)
         self._man: torch.Tensor | None = None
-        self._buf: torch.Tensor | None = None  # streaming buffer (iter_buckets / receive_step)
-        self._scratch: torch.Tensor | None = None  # payloads nobody will read (drains, rejected buckets)
-        self._step_bufs: list[torch.Tensor] = []
+        self._init_buffers()
         self.manifest_cache = wire.ManifestCache()
-        # id(buffer) -> {id(manifest entries): (entries, views)}; only for
-        # buffers this receiver keeps (a view list is valid while its buffer is)
-        self._views: dict[int, dict[int, tuple[tuple, list]]] = {}
-        self._summaries: dict[int, tuple[tuple, frozenset[str], int]] = {}
+        # CUDA: the next header's receive is posted right behind each payload
+        # (see _post_next_header); host copies of seal and header land here
+        self._prefetch = self.device.type == "cuda"
+        self._host = torch.empty(HEADER_SIZE + SEAL_SIZE, dtype=torch.uint8,
+                                 pin_memory=self._prefetch)
+        self._hdr_ready = None  # event of the posted header receive, or None
+        self._early = self._prefetch  # manifest read while the payload arrives (_recv_early)
+        self._man_host: torch.Tensor | None = None  # pinned manifest copy (_recv_early)
         self._broken: str | None = None
         self._busy = False
         self._closed = False
@@ -208,12 +217,8 @@ class WeightReceiver:
 
     def release_buffers(self) -> None:
         """Free the reused buffers (they are reallocated on demand)."""
-        self._buf = None
         self._man = None
-        self._scratch = None
-        self._step_bufs = []
-        self._views.clear()
-        self._summaries.clear()
+        self._release()
 
     def close(self) -> None:
         """Tear the group down and drop every buffer and cache. Idempotent."""
@@ -232,9 +237,6 @@ class WeightReceiver:
 
     # ------------------------------------------------------------ internals
 
-    def _alloc(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-
     def _break(self, why: BaseException | str) -> None:
         """The position in the stream is unknown: never post another receive
         on this group. Closing it makes a trainer blocked on this rank fail at
@@ -243,6 +245,7 @@ class WeightReceiver:
             self._broken = why if isinstance(why, str) else f"{type(why).__name__}: {why}"
             logger.error("weight sync: receiver rank %s is out of sync and leaves the group: %s",
                          getattr(self.transport, "rank", "?"), self._broken)
+        self._hdr_ready = None
         self._after_failure()
         try:
             self.transport.close()
@@ -254,17 +257,17 @@ class WeightReceiver:
         self.release_buffers()
         self.manifest_cache.clear()
 
-    def _grow(self, buf: torch.Tensor | None, n: int) -> torch.Tensor:
-        if buf is None or buf.numel() < n:
-            buf = None  # drop the old buffer before growing
-            buf = self._alloc(n)
-        return buf
-
     def _recv_header(self) -> Header:
         try:
-            self._hdr.zero_()  # a short transfer must not leave an old valid header behind
-            self.transport.broadcast(self._hdr)
-            h = wire.decode_header(self._hdr.cpu().numpy().tobytes(), self.limits)
+            if self._hdr_ready is not None:  # posted behind the previous payload
+                ready, self._hdr_ready = self._hdr_ready, None
+                ready.synchronize()
+                raw = self._host[:HEADER_SIZE].numpy().tobytes()
+            else:
+                self._hdr.zero_()  # a short transfer must not leave an old valid header behind
+                self.transport.broadcast(self._hdr)
+                raw = self._hdr.cpu().numpy().tobytes()
+            h = wire.decode_header(raw, self.limits)
             cap = max(self.bucket_bytes, self.limits.max_tensor_bytes)
             if h.payload_len > cap:  # more than any payload this receiver agreed to take
                 raise LimitExceededError(f"bucket {h.index} of step {h.step} announces {h.payload_len} payload bytes; "
@@ -287,66 +290,9 @@ class WeightReceiver:
     def _recv_payload(self, h: Header, dest: torch.Tensor, check: bool) -> None:
         """Receive ``payload || seal`` into ``dest`` (``payload_len + SEAL_SIZE``
         bytes); with ``check`` verify the seal."""
-        seal = dest[h.payload_len:]
-        try:
-            wire.clear_seal(seal)
-            self.transport.broadcast(dest)
-        except BaseException as e:
-            raise _Fatal(e) from None
+        ready = self._post_payload(h, dest)
         if check:
-            wire.check_payload_seal(seal, h)
-
-    def _scratch_for(self, h: Header) -> torch.Tensor:
-        self._scratch = self._grow(self._scratch, h.payload_len + SEAL_SIZE)
-        return self._scratch[: h.payload_len + SEAL_SIZE]
-
-    def _payload_buffer(self, h: Header, fresh: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(transfer view, kept buffer it lies in or None)`` for a bucket."""
-        n = h.payload_len + SEAL_SIZE
-        if fresh and not self.keep_step_buffers:
-            return self._alloc(n), None
-        if fresh:
-            i = h.index
-            while len(self._step_bufs) <= i:
-                self._step_bufs.append(self._alloc(0))
-            if self._step_bufs[i].numel() < n:
-                self._views.pop(id(self._step_bufs[i]), None)
-                self._step_bufs[i] = self._alloc(0)
-                self._step_bufs[i] = self._alloc(n)
-            kept = self._step_bufs[i]
-        else:
-            if self._buf is None or self._buf.numel() < n:
-                if self._buf is not None:
-                    self._views.pop(id(self._buf), None)
-                self._buf = self._grow(None if self._buf is None else self._buf, n)
-            kept = self._buf
-        return kept[:n], kept
-
-    def _tensor_views(self, payload: torch.Tensor, kept: torch.Tensor | None,
-                      manifest: BucketManifest) -> list[tuple[str, torch.Tensor]]:
-        if kept is None:
-            return wire.tensors_from_buffer(payload, manifest)
-        per_buf = self._views.setdefault(id(kept), {})
-        hit = per_buf.get(id(manifest.tensors))
-        if hit is not None and hit[0] is manifest.tensors:
-            return list(hit[1])
-        views = wire.tensors_from_buffer(payload, manifest)
-        if len(per_buf) >= 4096:
-            per_buf.clear()
-        per_buf[id(manifest.tensors)] = (manifest.tensors, views)
-        return list(views)
-
-    def _summary(self, manifest: BucketManifest) -> tuple[frozenset[str], int]:
-        """Names and byte count of a manifest (memoized for cached manifests)."""
-        hit = self._summaries.get(id(manifest.tensors))
-        if hit is not None and hit[0] is manifest.tensors:
-            return hit[1], hit[2]
-        names = frozenset(e.name for e in manifest.tensors)
-        nbytes = sum(e.nbytes for e in manifest.tensors)
-        if len(self._summaries) >= 4096:
-            self._summaries.clear()
-        self._summaries[id(manifest.tensors)] = (manifest.tensors, names, nbytes)
-        return names, nbytes
+            self._check_seal(h, dest, ready)
 
     def _check_usable(self) -> None:
         if self._closed and self._broken is None:
@@ -363,12 +309,24 @@ class WeightReceiver:
         st = _StepState(expected_step)
         ok = False
         try:
+            if fresh and self.keep_step_buffers is None and self._auto:
+                if self._prefetch:  # the first header's receive goes out before the check
+                    try:
+                        self._post_header()
+                    except BaseException as e:
+                        raise _Fatal(e) from None
+                self._check_kept()
             while True:
                 h = self._recv_header()
-                raw = self._recv_manifest(h)
+                pre = None
+                if (self._early and h.kind == MessageKind.BUCKET and check_manifest is None and not st.problems
+                        and h.payload_len <= self.bucket_bytes):
+                    raw, pre = self._recv_early(h, fresh)
+                else:
+                    raw = self._recv_manifest(h)
                 st.check_step(h) if st.step is not None else None
                 if h.kind == MessageKind.BUCKET:
-                    bucket = self._bucket(st, h, raw, fresh, check_manifest, check_payload)
+                    bucket = self._bucket(st, h, raw, fresh, check_manifest, check_payload, pre)
                     if bucket is not None:
                         yield bucket
                     elif reject_early:
@@ -382,6 +340,8 @@ class WeightReceiver:
                 if st.problems:
                     raise StepRejectedError(summary.step, st.problems)
                 self.last_step = summary.step
+                if fresh and len(self._auto) > st.next_index:
+                    del self._auto[st.next_index:]  # buffers of a longer earlier step: not this step's
                 ok = True
                 return summary
         except _Fatal as f:
@@ -395,7 +355,7 @@ class WeightReceiver:
                 self._after_failure()
 
     def _bucket(self, st: _StepState, h: Header, raw: bytes, fresh: bool, check_manifest: ManifestCheck | None,
-                check_payload: PayloadCheck | None) -> Bucket | None:
+                check_payload: PayloadCheck | None, pre: tuple | None = None) -> Bucket | None:
         """Validate a BUCKET message and receive its payload. A manifest that
         fails validation is fatal (the payload's size is then a bare claim:
         no buffer is allocated for it and no receive posted). Otherwise the
@@ -421,11 +381,16 @@ class WeightReceiver:
         except Exception as e:  # whatever happens, the payload transfer must be consumed
             error = e
         to_scratch = error is not None or bool(problems) or bool(st.problems)
-        try:
-            dest, kept = (self._scratch_for(h), None) if to_scratch else self._payload_buffer(h, fresh)
-        except BaseException as e:  # no buffer: the payload cannot be consumed
-            raise _Fatal(e) from None
-        self._recv_payload(h, dest, check=not to_scratch)
+        if pre is not None:  # already received (_recv_early): not handed out if anything is wrong
+            dest, kept, ready = pre
+            if not to_scratch:
+                self._check_seal(h, dest, ready)
+        else:
+            try:
+                dest, kept = (self._scratch_for(h), None) if to_scratch else self._payload_buffer(h, fresh)
+            except BaseException as e:  # no buffer: the payload cannot be consumed
+                raise _Fatal(e) from None
+            self._recv_payload(h, dest, check=not to_scratch)
         if error is not None:
             raise error
         if problems or st.problems:
@@ -444,7 +409,8 @@ class WeightReceiver:
                                     f"got 0x{got:08x}, header says 0x{h.payload_checksum:08x}")
         names, nbytes = self._summary(manifest)
         st.account(names, nbytes, len(manifest.tensors), manifest.last)
-        bucket = Bucket(manifest=manifest, tensors=self._tensor_views(payload, kept, manifest), payload=payload)
+        bucket = Bucket(manifest=manifest, tensors=self._tensor_views(payload, kept, manifest, h.index),
+                        payload=payload)
         if check_payload is not None:
             bad = list(check_payload(bucket))
             if bad:

@@ -150,6 +150,7 @@ class WeightSender(GroupedSendPath):
         self._ent_cache: dict = {}  # (name, offset) -> TensorEntry
         self._man_cache: dict = {}  # tuple(id(entry)) -> (entries, manifest bytes)
         self._launch_cache: dict = {}  # bucket job key -> prepared grouped launch
+        self._dst_cache: dict = {}  # (id(bucket buffer), id(entry)) -> (entry, buffer, destination view)
         # the buckets of the last completed step (grouped path): a step whose
         # items arrive with the same names, shapes, dtypes and devices reuses
         # their layout bucket by bucket without per-item bookkeeping
@@ -216,6 +217,7 @@ class WeightSender(GroupedSendPath):
         finally:
             for s in self._slots:
                 s.buf = None
+            self._dst_cache.clear()  # its views hold the bucket buffers
             self.transport.close()
 
     def __enter__(self) -> "WeightSender":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from itertools import islice
 from typing import Any, Iterator
 
 import torch
@@ -92,6 +93,31 @@ class _Peekable:
             head, self._head = self._head, None
             return head
         return self._pull()
+
+    def take(self, n: int) -> list:
+        """The next ``n`` items (fewer at the end, never the end marker), one
+        timing for all: the replay of a bucket layout pulls a bucket at once."""
+        out: list = []
+        back = self._back
+        while back and len(out) < n:
+            if back[-1] is _END:
+                return out
+            out.append(back.pop())
+        if len(out) < n and self._has_head:
+            if self._head is _END:
+                return out
+            out.append(self._head)
+            self._has_head = False
+            self._head = None
+        if len(out) < n:
+            t0 = time.perf_counter()
+            want = n - len(out)
+            got = list(islice(self._it, want))
+            self._stats.quantize_s += time.perf_counter() - t0
+            out += got
+            if len(got) < want:  # the iterator is exhausted: remember the end
+                self._head, self._has_head = _END, True
+        return out
 
     def push_back(self, items: list) -> None:
         """Make ``items`` the next ones returned, in order."""

@@ -25,7 +25,8 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["FP8_NAN_BYTES", "is_scale_name", "value_problems", "device_values_ok", "raise_on_bad_values"]
+__all__ = ["FP8_NAN_BYTES", "is_scale_name", "value_problems", "device_values_ok", "device_values_many",
+           "raise_on_bad_values"]
 
 #: per FP8 dtype, (mask, value): a byte ``b`` encodes NaN/Inf iff ``b & mask == value``
 FP8_NAN_BYTES: dict[torch.dtype, tuple[int, int]] = {}
@@ -106,22 +107,74 @@ def value_problems(
     tensor by tensor to name the offenders."""
     problems: list[str] = []
     groups: dict[tuple[str, torch.dtype, torch.device], list[tuple[str, torch.Tensor]]] = {}
+    large: dict[tuple[str, torch.dtype, torch.device], list[tuple[str, torch.Tensor]]] = {}
     for name, t in tensors:
         kind = _kind(name, t, scale_name)
         if kind is None or t.numel() == 0:
             continue
-        if t.numel() <= _SMALL:
-            groups.setdefault((kind, t.dtype, t.device), []).append((name, t))
-        elif not _tensor_ok(kind, t):
-            problems.append(_describe(kind, name, t))
+        (groups if t.numel() <= _SMALL else large).setdefault((kind, t.dtype, t.device), []).append((name, t))
     for (kind, _, _), items in groups.items():
         joined = torch.cat([_flat(t) for _, t in items])
         if _tensor_ok(kind, joined):
             continue
         problems += [_describe(kind, n, t) for n, t in items if not _tensor_ok(kind, t)]
+    for (kind, _, _), items in large.items():
+        ok = _many_ok(kind, [t for _, t in items])
+        if ok is None or not bool(ok.all()):
+            problems += [_describe(kind, n, t) for n, t in items if not _tensor_ok(kind, t)]
     if len(problems) > max_report:
         problems = problems[:max_report] + [f"... ({len(problems) - max_report} more)"]
     return problems
+
+
+def _many_ok(kind: str, ts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One-element bool tensor, true only if every tensor of ``ts`` (one kind
+    and dtype) passes its rule, from multi-tensor reductions (a few launches
+    for thousands of tensors, no host sync); ``None`` where no such
+    formulation exists (checked tensor by tensor then).
+
+    * floats: the L2 norm of a tensor is finite iff every element is (a sum of
+      squares turns any NaN or Inf into NaN or Inf; an overflow to Inf of a
+      finite but huge tensor only sends it to the exact check);
+    * ``float8_e4m3fn``: its NaN encodings are the bytes 0x7F and 0xFF, the
+      largest values of the tensor's bytes read as int8 and as uint8."""
+    try:
+        if kind == "float":
+            norms = torch._foreach_norm(ts, 2)
+            return torch.isfinite(torch.stack(norms)).all().reshape(1)
+        if kind == "fp8" and FP8_NAN_BYTES.get(ts[0].dtype) == (0x7F, 0x7F):
+            hi = torch.stack(torch._foreach_max([t.view(torch.uint8) for t in ts]))
+            lo = torch.stack(torch._foreach_max([t.view(torch.int8) for t in ts]))
+            return ((hi != 0xFF).all() & (lo != 0x7F).all()).reshape(1)
+    except (RuntimeError, NotImplementedError, TypeError):  # an op this build lacks for the dtype
+        return None
+    return None
+
+
+def device_values_many(items: list[tuple[str, torch.Tensor]], scale_name: str | None = None) -> list[torch.Tensor]:
+    """One-element bool tensors whose conjunction is true iff every tensor of
+    ``items`` passes its rule, computed without a host sync (the grouped CUDA
+    send path folds them into its per-bucket flag): batched per kind and
+    dtype (:func:`_many_ok`), tensor by tensor where no batch applies."""
+    out: list[torch.Tensor] = []
+    groups: dict[tuple[str, torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for name, t in items:
+        kind = _kind(name, t, scale_name)
+        if kind is None or t.numel() == 0:
+            continue
+        groups.setdefault((kind, t.dtype, t.device), []).append(t)
+    for (kind, _, _), ts in groups.items():
+        ok = _many_ok(kind, ts) if len(ts) > 1 else None
+        if ok is None:
+            out += [device_values_ok("", t) if kind != "scale" else _scale_ok(t) for t in ts]
+        else:
+            out.append(ok)
+    return out
+
+
+def _scale_ok(t: torch.Tensor) -> torch.Tensor:
+    x = _flat(t)
+    return (torch.isfinite(x) & (x > 0)).all().reshape(1)
 
 
 def device_values_ok(name: str, t: torch.Tensor, scale_name: str | None = None) -> torch.Tensor | None:

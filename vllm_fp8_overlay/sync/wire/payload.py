@@ -34,16 +34,29 @@ def tensors_from_buffer(buf: torch.Tensor, manifest: BucketManifest) -> list[tup
         raise ManifestError(f"buffer holds {buf.numel()} bytes, payload is {manifest.payload_len}")
     if buf.storage_offset() % ALIGNMENT:
         raise ValueError("payload buffer must start at an aligned storage offset")
-    typed: dict[torch.dtype, torch.Tensor] = {}
+    typed: dict[torch.dtype, tuple[torch.Tensor, int]] = {}
+    strides = _STRIDES
     out = []
     for e in manifest.tensors:
-        base = typed.get(e.dtype)
-        if base is None:
-            isz = e.dtype.itemsize
-            base = typed[e.dtype] = buf[: buf.numel() // isz * isz].view(e.dtype)
-        off = base.storage_offset() + e.offset // e.dtype.itemsize
-        out.append((e.name, base.as_strided(e.shape, _contiguous_strides(e.shape), off)))
+        dt = e.dtype
+        hit = typed.get(dt)
+        if hit is None:
+            isz = dt.itemsize
+            b = buf[: buf.numel() // isz * isz].view(dt)
+            hit = typed[dt] = (b, b.storage_offset())
+        base, boff = hit
+        st = strides.get(e.shape)
+        if st is None:
+            st = _contiguous_strides(e.shape)
+            if len(strides) < 4096:
+                strides[e.shape] = st
+        out.append((e.name, base.as_strided(e.shape, st, boff + e.offset // dt.itemsize)))
     return out
+
+
+#: contiguous strides per shape: a model has few distinct shapes, and this
+#: loop runs once per received tensor (18k+ for a large MoE)
+_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {}
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
