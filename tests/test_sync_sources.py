@@ -77,3 +77,14 @@ def test_row_local_scales_are_quantized_on_the_shards(streamed):
     assert (bl["local_quantized"], bl["gathered"]) == (10, unquantized + 4)
     assert (te["local_quantized"], te["gathered"]) == (0, unquantized + 14)
 
+
+def test_gathers_go_in_windows(streamed):
+    """The whole tiny model fits one window: one collective per step, not one
+    or two per tensor; a 1-byte window gathers tensor by tensor and gives the
+    same bytes (checked in ``mismatches``, prefix ``window=1``)."""
+    for key in LAYOUTS:
+        r = streamed[key]
+        n = r["local_quantized"] + r["gathered"]
+        assert r["collectives"] == 1, (key, r)
+        assert r["collectives_window_1"] == n, (key, r)
+

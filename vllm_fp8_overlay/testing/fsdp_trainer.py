@@ -70,6 +70,8 @@ def _check(args, model) -> dict:
         layout = FP8Layout.from_dict(d)
         stats = StreamStats()
         got = list(sharded_stream(model.state_dict(), layout, stats=stats))
+        one_by_one = StreamStats()  # a window of 1 byte: one gather per tensor, same bytes
+        single = list(sharded_stream(model.state_dict(), layout, stats=one_by_one, window_bytes=1))
         if dist.get_rank() != 0:
             continue
         flat = list(quantize_weights(iter(got), layout))  # what the sender sends: gathered ones quantized there
@@ -81,12 +83,15 @@ def _check(args, model) -> dict:
             return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
         bad = sorted(set(got_d) ^ set(want))
+        single_d = dict(quantize_weights(iter(single), layout))
+        bad += [f"window=1: {n}" for n in want if n not in single_d or not torch.equal(bits(single_d[n]), bits(want[n]))]
         bad += [n for n in want if n in got_d and (got_d[n].dtype != want[n].dtype or got_d[n].shape != want[n].shape
                                                    or not torch.equal(bits(got_d[n]), bits(want[n])))]
         largest = max(t.numel() * t.element_size() for t in full.values())
         out[f"{layout.method}/{layout.strategy}"] = {
             "mismatches": bad, "local_quantized": stats.local_quantized, "gathered": stats.gathered,
-            "max_gathered_bytes": stats.max_gathered_bytes, "largest_full_bytes": largest}
+            "max_gathered_bytes": stats.max_gathered_bytes, "largest_full_bytes": largest,
+            "collectives": stats.collectives, "collectives_window_1": one_by_one.collectives}
     return out
 
 
