@@ -21,15 +21,9 @@ Not part of the fast tier: marked ``soak`` and skipped unless
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -43,13 +37,13 @@ from vllm_fp8_overlay.sync.client import WeightSyncClient, attach_servers  # noq
 from vllm_fp8_overlay.testing import families, harness  # noqa: E402
 from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
 from vllm_fp8_overlay.testing.canary_faults import FAULT_EXTENSION  # noqa: E402
+from vllm_fp8_overlay.testing.serve import vllm_serve  # noqa: E402
 
 pytestmark = [
     pytest.mark.soak, pytest.mark.vllm, pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("FP8_OVERLAY_SOAK") != "1", reason="soak test: set FP8_OVERLAY_SOAK=1"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 PUSHES = int(os.environ.get("FP8_OVERLAY_CANARY_PUSHES", "25"))
 FP8_OK = harness.vllm_version_tuple() >= (0, 24)
 PROMPTS = [[1, 5, 9, 33, 100], [7, 7, 300, 12], [400, 2, 3, 4, 5, 6, 11]]
@@ -125,40 +119,9 @@ def server(tmp_path):
     """``vllm serve`` (dev mode, the canary fault extension) on the tiny Llama."""
     fmt = "fp8" if FP8_OK else "bf16"
     src, served, w0 = _checkpoints(tmp_path, "llama", fmt)
-    port = free_port()
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(served),
-           "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init", "--dtype", "bfloat16",
-           "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "4", "--seed", "0",
-           "--worker-extension-cls", FAULT_EXTENSION]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            with contextlib.suppress(Exception):
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after 600s:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
+    with vllm_serve(served, tmp_path / "server.log", args=["--worker-extension-cls", FAULT_EXTENSION],
+                    start_timeout=600) as url:
         yield url, fmt, src, w0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
 
 
 def test_canary_over_http(server):
