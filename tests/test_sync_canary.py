@@ -205,15 +205,16 @@ def canary_engine(tmp_path_factory):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     from vllm import LLM
 
-    llm = LLM(model=str(served), skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
-              max_model_len=128, max_num_seqs=4, seed=0, worker_extension_cls=FAULT_EXTENSION)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(src)).float().eval()
-    client = WeightSyncClient([llm], host="127.0.0.1", port=free_port(), timeout=240)
-    try:
-        yield llm, client, ref, w0, fmt
-    finally:
-        client.close()
-        harness.stop_sync_engine(llm)
+    with harness.worker_class_restored():  # the fault extension must not stay injected in this process
+        llm = LLM(model=str(served), skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
+                  max_model_len=128, max_num_seqs=4, seed=0, worker_extension_cls=FAULT_EXTENSION)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(src)).float().eval()
+        client = WeightSyncClient([llm], host="127.0.0.1", port=free_port(), timeout=240)
+        try:
+            yield llm, client, ref, w0, fmt
+        finally:
+            client.close()
+            harness.stop_sync_engine(llm)
 
 
 def _trainer_holds(ref, w):

@@ -617,6 +617,31 @@ def model_dir_of(llm: Any) -> Path:
 # ---------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def worker_class_restored() -> Iterator[None]:
+    """Give vLLM's CPU worker class back its own bases when the block ends.
+
+    vLLM injects ``worker_extension_cls`` into the worker class itself
+    (``__bases__ += (extension,)``) in the process that runs the worker.
+    Where that is the test process (in-process engines; 0.19 keeps an engine
+    in-process once its cached environment says so), a later engine with a
+    different extension class that shares attribute names trips vLLM's
+    conflict check ("already has an attribute _ws"). Wrap the life of an
+    engine with an unusual extension in this block (end it after the engine
+    is shut down)."""
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+    except ImportError:
+        yield
+        return
+    bases = CPUWorker.__bases__
+    try:
+        yield
+    finally:
+        if CPUWorker.__bases__ != bases:
+            CPUWorker.__bases__ = bases
+
+
 def start_sync_engine(model_dir: str | os.PathLike[str]) -> Any:
     """A real ``vllm.LLM`` with the weight-sync worker extension; its engine
     core and worker run in subprocesses, as in a deployment."""
