@@ -220,12 +220,7 @@ def main(argv=None):
         sys.exit(res)
     res["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     res["torch"] = torch.__version__
-    md = report(res, args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
-    (out / "results.md").write_text(md + "\n")
-    print(md)
+    B.write_results(res, report(res, args), args.out)
     return res
 
 

@@ -622,13 +622,17 @@ def main(argv=None):
     res["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     res["torch"] = torch.__version__
     res["triton"] = getattr(sys.modules.get("triton"), "__version__", "-")
-    md = report(res, args)
-    out = Path(args.out)
+    write_results(res, report(res, args), args.out)
+    return res
+
+
+def write_results(res: dict, md: str, out_dir: str) -> None:
+    """``results.json`` and ``results.md`` under ``out_dir``, and the table on stdout."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     (out / "results.md").write_text(md + "\n")
     print(md)
-    return res
 
 
 if __name__ == "__main__":
