@@ -115,9 +115,30 @@ def _run(rank: int, args, ports) -> dict:
             r[f"sharded_weights_GiB_rank{rank}"] = base / GiB
         step = [0]
 
+        def stream_only(i):
+            if rank < 2:
+                for _ in sharded_stream(dts, B.LAYOUT):
+                    pass
+
+        r["stream_s"], r["stream_runs"] = timed(stream_only)
+
         def sharded(i):
             step[0] += 1
-            if rank == 0:
+            if rank == 0 and i == 1 and args.profile:
+                import cProfile
+                import io
+                import pstats
+
+                prof = cProfile.Profile()
+                prof.enable()
+                snd.send(sharded_stream(dts, B.LAYOUT), step=step[0])
+                torch.cuda.synchronize(dev)
+                prof.disable()
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / f"profile_rank0_{kind}.txt").write_text(buf.getvalue())
+            elif rank == 0:
                 snd.send(sharded_stream(dts, B.LAYOUT), step=step[0])
             elif rank == 1:
                 for _ in sharded_stream(dts, B.LAYOUT):
@@ -187,6 +208,8 @@ def report(res: dict, args) -> str:
                      f"{f('sharded_peak_extra_GiB_rank0')} | {f('sharded_weights_GiB_rank1')} / "
                      f"{f('sharded_peak_extra_GiB_rank1')} | "
                      + " ".join(f"{1e3 * t:.0f}" for t in r["sharded_runs"]) + " |")
+        lines.append(f"| {kind} | sharded stream only (gathers + quantization, nothing sent) | "
+                     f"{1e3 * r['stream_s']:.1f} | - | - | " + " ".join(f"{1e3 * t:.0f}" for t in r["stream_runs"]) + " |")
         lines.append(f"| {kind} | single rank | {1e3 * r['single_s']:.1f} | {f('single_weights_GiB_rank0')} / "
                      f"{f('single_peak_extra_GiB_rank0')} | - | " + " ".join(f"{1e3 * t:.0f}" for t in r["single_runs"])
                      + " |")
@@ -201,6 +224,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--moe-layers", type=int, default=16)
     ap.add_argument("--models", nargs="+", default=["dense", "moe"], choices=["dense", "moe"])
+    ap.add_argument("--profile", action="store_true", help="cProfile rank 0's second sharded step (tottime, top 40)")
     args = ap.parse_args(argv)
     if torch.cuda.device_count() < 2:
         sys.exit("needs 2 CUDA devices")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 
 import pytest
 
@@ -41,6 +42,7 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
+from vllm_fp8_overlay.load_shortcuts import DECLARED  # noqa: E402
 from vllm_fp8_overlay.demo import CT_FP8_CHANNEL_DYNAMIC, free_port, write_serving_checkpoint  # noqa: E402
 from vllm_fp8_overlay.sync.aliases import TiedAliases  # noqa: E402
 from vllm_fp8_overlay.sync.client import WeightSyncClient, WeightSyncFailed  # noqa: E402
@@ -53,6 +55,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 VERSION = harness.vllm_version_tuple()
 FULL = os.environ.get("FP8_OVERLAY_SOAK") == "1"
 FP8_OK = VERSION >= (0, 24)
+DIRECT = next(d for d in DECLARED if d.id == "direct-expert-writes").applies_to(harness.vllm_version())
 FORMATS = {"bf16": None, "fp8": CT_FP8_CHANNEL_DYNAMIC}
 TIMEOUT = 240.0
 STEP = itertools.count(1)
@@ -169,6 +172,9 @@ def test_moe_update_outputs_equal_cold(name, tmp_path):
         with client_for(llm) as client:
             rep = client.push(w1, step=next(STEP))
             assert rep.workers[0]["ok"] and rep.dropped_aliases == []
+            # routed experts go straight into the fused parameters where that shortcut is declared
+            routed = sum(1 for n in w1 if re.search(r"\.experts\.\d+\.", n))
+            assert rep.workers[0]["direct_expert_tensors"] == (routed if DIRECT else 0), rep.workers[0]
             harness.assert_warm_equals_cold(llm, ckpt, f"{name} after one update")
     finally:
         harness.stop_sync_engine(llm)

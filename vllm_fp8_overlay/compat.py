@@ -24,6 +24,7 @@ from pathlib import Path
 from packaging.version import Version
 
 from .derived_state import render_section as render_derived_section
+from .load_shortcuts import render_section as render_shortcuts_section
 from .patches import PATCH_CLASSES
 
 PACKAGE = __package__ or "vllm_fp8_overlay"
@@ -279,6 +280,7 @@ def render(record: dict | None = None) -> str:
             lines.append(f"- {v}: {n}")
     lines += ["", _native_section(record, versions)]
     lines += ["", render_derived_section(versions, record)]
+    lines += ["", render_shortcuts_section(versions)]
     fork_section = _fork_section()
     if fork_section:
         lines += ["", fork_section]

@@ -18,7 +18,11 @@ trainer rank in the same order (gathers are collectives):
   by the sender, as for a plain state dict.
 
 Gathers go in windows (``window_bytes`` of full tensors, 256 MiB by
-default): one collective per window, not one or two per tensor. Memory:
+default): one collective per window, not one or two per tensor. On CUDA
+with Triton, the shards a window quantizes are quantized together by the
+grouped kernels straight into the window's gather buffer (a few launches
+and one finiteness flag per window, which every rank sees after the
+gather), instead of one quantization and one host sync per weight. Memory:
 each rank holds, besides its shards, one window of full tensors (twice that
 while a window is cut out of the gathered buffer; a tensor larger than the
 window alone), and rank 0 the sender's buckets (two of ``bucket_bytes``). :func:`push_sharded` is the call every trainer
@@ -44,6 +48,14 @@ class Prequantized(NamedTuple):
 
 #: default gather window: bytes of gathered (full) tensors one collective brings
 WINDOW_BYTES = 256 << 20
+#: every part of a window starts on this boundary (the grouped kernels' fast path)
+_ALIGN = 16
+#: bytes at the head of each rank's window: its "all shards finite" flag
+_HEAD = _ALIGN
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
 
 
 class StreamStats:
@@ -80,24 +92,22 @@ def _local_rows_ok(t: Any, multiple: int) -> bool:
     return all(n % multiple == 0 for n in _rows_per_rank(t.shape[0], t.device_mesh.size()))
 
 
-class _Part(NamedTuple):
-    """One tensor to gather by rows: this rank's rows and every rank's row count."""
+class _Part:
+    """One tensor to gather by rows: this rank's rows (``None``: written into
+    the buffer by the window's grouped quantization), every rank's row count,
+    and the bytes every rank reserves for it (sized once: a MoE step has
+    thousands of parts)."""
 
-    local: torch.Tensor
-    rows: list[int]  # per rank
-    rest: tuple[int, ...]  # shape after the first dimension
-    dtype: torch.dtype
+    __slots__ = ("local", "rows", "rest", "dtype", "row_bytes", "slot")
 
-    @property
-    def row_bytes(self) -> int:
-        n = 1
-        for d in self.rest:
+    def __init__(self, local: torch.Tensor | None, rows: list[int], rest: tuple[int, ...],
+                 dtype: torch.dtype) -> None:
+        self.local, self.rows, self.rest, self.dtype = local, rows, rest, dtype
+        n = dtype.itemsize
+        for d in rest:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def slot(self) -> int:  # bytes every rank reserves for it
-        return max(self.rows) * self.row_bytes
+        self.row_bytes = n
+        self.slot = _aligned(max(rows) * n)
 
 
 class _Window:
@@ -106,16 +116,59 @@ class _Window:
     6256 weights; per-tensor gathers made a sharded step 270x slower than an
     unsharded one). Every rank packs its rows of each part at the part's
     offset (slots sized for the largest share), gathers, and cuts each
-    part's full tensor out of the ranks' slots."""
+    part's full tensor out of the ranks' slots.
 
-    def __init__(self, group: Any, device: torch.device) -> None:
-        self.group, self.device = group, device
-        self.entries: list[tuple[str, str, list[_Part]]] = []  # (name, "raw" | "q", parts)
-        self.nbytes = 0
+    Entries: ``raw`` (gathered in their own dtype), ``q`` (quantized here
+    already: FP8 and scale parts) and ``g`` (a BF16 shard the window
+    quantizes itself, with every other ``g`` entry, by the grouped kernels,
+    into its FP8 and scale slots)."""
 
-    def add(self, name: str, kind: str, parts: list[_Part]) -> None:
-        self.entries.append((name, kind, parts))
+    def __init__(self, group: Any, device: torch.device, layout: Any = None) -> None:
+        self.group, self.device, self.layout = group, device, layout
+        self.entries: list[tuple[str, str, list[_Part], torch.Tensor | None]] = []
+        self.nbytes = _HEAD
+
+    def add(self, name: str, kind: str, parts: list[_Part], source: torch.Tensor | None = None) -> None:
+        self.entries.append((name, kind, parts, source))
         self.nbytes += sum(p.slot for p in parts)
+
+    def _quantize_into(self, buf: torch.Tensor, me: int) -> torch.Tensor | None:
+        """Grouped quantization of this rank's ``g`` shards into ``buf``; the
+        returned flag (on the device) is 1 iff every one was finite."""
+        from ..kernels.triton_fp8 import quantize_grouped
+
+        jobs: dict[torch.dtype, tuple[list, list, list]] = {}
+        off = _HEAD
+        for _, kind, parts, src in self.entries:
+            if kind == "g" and parts[0].rows[me]:
+                srcs, qo, so = jobs.setdefault(src.dtype, ([], [], []))
+                srcs.append(src)
+                qo.append(off)
+                so.append(off + parts[0].slot)
+            off += sum(p.slot for p in parts)
+        if not jobs:
+            return None
+        lay = self.layout
+        recipe = "hf" if lay.method == "fp8" else "ct"
+        flags = []
+        for srcs, qo, so in jobs.values():
+            _, _, am = quantize_grouped(srcs, recipe, lay.strategy, lay.block_size, out=buf, q_offsets=qo,
+                                        s_offsets=so, amax="any", views=False)
+            flags.append(torch.isfinite(am).all().reshape(1))
+        return torch.cat(flags).all() if len(flags) > 1 else flags[0][0]
+
+    def _nonfinite(self, ranks: torch.Tensor, me: int) -> None:
+        """Every rank raises the same error when any rank's shards were not
+        finite (a rank that raised alone would leave the others in the next
+        gather)."""
+        bad = [r for r, flag in enumerate(ranks[:, 0].tolist()) if not flag]
+        if not bad:
+            return
+        mine = [name for name, kind, parts, src in self.entries
+                if kind == "g" and me in bad and parts[0].rows[me] and not bool(torch.isfinite(src).all())]
+        names = [name for name, kind, _, _ in self.entries if kind == "g"]
+        raise ValueError(f"trainer rank(s) {bad} hold non-finite values in weights to quantize "
+                         f"({', '.join(mine) or f'one of {names[0]} .. {names[-1]}'}); refusing to quantize")
 
     def gather(self, stats: StreamStats) -> list[tuple[str, Any]]:
         import torch.distributed as dist
@@ -123,11 +176,16 @@ class _Window:
         world = dist.get_world_size(self.group)
         me = dist.get_rank(self.group)
         buf = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
-        off = 0
-        for _, _, parts in self.entries:
+        ok = self._quantize_into(buf, me)
+        if ok is not None:
+            buf[0].copy_(ok)
+        else:
+            buf[0] = 1
+        off = _HEAD
+        for _, _, parts, _ in self.entries:
             for p in parts:
                 n = p.rows[me] * p.row_bytes
-                if n:
+                if n and p.local is not None:
                     buf[off:off + n].copy_(p.local.contiguous().view(-1).view(torch.uint8))
                 off += p.slot
         out = torch.empty(world * self.nbytes, dtype=torch.uint8, device=self.device)
@@ -139,9 +197,10 @@ class _Window:
         stats.collectives += 1
         stats._seen(out.numel())
         ranks = out.view(world, self.nbytes)
+        self._nonfinite(ranks, me)
         done: list[tuple[str, Any]] = []
-        off = 0
-        for name, kind, parts in self.entries:
+        off = _HEAD
+        for name, kind, parts, _ in self.entries:
             full = []
             for p in parts:
                 pieces = [ranks[r, off:off + p.rows[r] * p.row_bytes] for r in range(world) if p.rows[r]]
@@ -150,8 +209,27 @@ class _Window:
                 off += p.slot
             done.append((name, full[0]) if kind == "raw" else (name, Prequantized(full[0], full[1])))
         del out, ranks  # the cut tensors are copies: only they stay while the sender takes them
-        self.entries, self.nbytes = [], 0
+        self.entries, self.nbytes = [], _HEAD
         return done
+
+
+def _grouped_here(device: torch.device, layout: Any) -> bool:
+    """Quantize a window's shards with the grouped kernels (CUDA + Triton)."""
+    if device.type != "cuda" or layout is None:
+        return False
+    from ..kernels import triton_available
+
+    return triton_available()
+
+
+def _scale_part(layout: Any, rows: list[int], cols: int, dtype: torch.dtype) -> _Part:
+    """The scale slots of a weight quantized per channel or per 128-row block."""
+    hf = layout.method == "fp8"
+    cd = torch.float32 if hf else dtype
+    if layout.strategy == "channel":
+        return _Part(None, rows, (1,), cd)
+    bn, bk = (int(x) for x in layout.block_size)
+    return _Part(None, [n // bn for n in rows], (-(-cols // bk),), cd)
 
 
 def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layout: Any, *,
@@ -197,7 +275,7 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
         if window is None or window.group is not group:
             if window is not None and window.entries:
                 yield from window.gather(stats)
-            window = _Window(group, local.device)
+            window = _Window(group, local.device, layout)
         local_ok = (layout is not None and t.ndim == 2 and min(rows) > 0
                     and expand_fused_experts(name, t, layout.hidden_size) is None
                     and layout.quantizes(name, t.shape) and t.dtype.is_floating_point)
@@ -205,7 +283,11 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
             local_ok = _local_rows_ok(t, int(layout.block_size[0])) and t.shape[1] % int(layout.block_size[1]) == 0
         elif local_ok and layout.strategy != "channel":
             local_ok = False
-        if local_ok:
+        if local_ok and _grouped_here(local.device, layout):
+            window.add(name, "g", [_Part(None, rows, tuple(t.shape[1:]), torch.float8_e4m3fn),
+                                   _scale_part(layout, rows, t.shape[1], t.dtype)], local.detach())
+            stats.local_quantized += 1
+        elif local_ok:
             q, sc = quantize_tensor(local.detach(), layout, name=name)
             div = 1 if layout.strategy == "channel" else int(layout.block_size[0])
             window.add(name, "q", [_Part(q, rows, tuple(q.shape[1:]), q.dtype),

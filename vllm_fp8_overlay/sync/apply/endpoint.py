@@ -229,9 +229,10 @@ class WorkerSync:
                     "cause": getattr(err, "cause", None), "model_touched": isinstance(err, WeightLoadFailed)}
         raise err
 
-    def load(self, mode: str, tensors: Any, before_finalize: Any = None) -> None:
-        load_update(self.model(), self.model_config, self.vllm_config, mode, tensors, before_finalize,
-                    self.after_load)
+    def load(self, mode: str, tensors: Any, before_finalize: Any = None) -> dict:
+        served = self.served
+        return load_update(self.model(), self.model_config, self.vllm_config, mode, tensors, before_finalize,
+                    self.after_load, served_specs=served.specs if served is not None else None)
 
     def checked_receiver(self, step: int, group_id: str | None) -> Any:
         rx = self.receiver

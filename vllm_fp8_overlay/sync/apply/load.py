@@ -5,7 +5,10 @@ reload, from 0.16: each layer is re-processed as at a cold start),
 ``load_weights`` (plain ``load_weights`` + ``process_weights_after_loading``,
 unquantized models on older vLLM) and ``kernel`` (``param.copy_`` of
 tensors already in vLLM's kernel format). A load that stops half-way winds
-the reload down so the next step starts clean.
+the reload down so the next step starts clean. In ``layerwise`` mode the
+experts of qualifying fused-MoE layers are written straight into their
+parameters instead of going through vLLM's per-tensor loader
+(:mod:`.experts`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .derived import refresh_derived_state
+from .experts import leave_out_of_reload, plan_direct_expert_writes
 
 logger = logging.getLogger("vllm.fp8_overlay.sync")
 
@@ -53,14 +57,18 @@ def reset_derived_caches(model_runner: Any) -> None:
 
 def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mode: str, tensors: Any,
                 before_finalize: Callable[[], None] | None = None,
-                after_load: Callable[[], None] | None = None) -> None:
+                after_load: Callable[[], None] | None = None, served_specs: dict | None = None) -> dict:
     """Load ``tensors`` (a list, or an iterator the loader pulls lazily) in
     ``mode`` into ``model``. ``before_finalize()`` runs after the last tensor
     was loaded and before the layerwise reload is finalized / weights are
     processed; if it or the loader raises during a layerwise reload, the
     reload is wound down (see :func:`_abandon_layerwise_reload`) and the
     error re-raised. ``after_load()`` runs last, whatever happened (the
-    worker extension drops its runner's derived caches there)."""
+    worker extension drops its runner's derived caches there).
+    ``served_specs`` (the served checkpoint's ``name -> spec``) lets the
+    layerwise mode plan direct expert writes (:mod:`.experts`). Returns
+    ``{"direct_expert_tensors": n}`` (0: every tensor went through vLLM's loader)."""
+    info = {"direct_expert_tensors": 0}
     ctx: Any = contextlib.nullcontext()
     if vllm_config is not None:
         from vllm.config import set_current_vllm_config
@@ -84,12 +92,17 @@ def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mod
                     initialize_layerwise_reload,
                 )
 
+                experts = plan_direct_expert_writes(model, vllm_config, served_specs)
                 with torch.device(device):
                     initialize_layerwise_reload(model)
                     try:
-                        model.load_weights(iter(tensors))
+                        model.load_weights(experts.others(tensors) if experts else iter(tensors))
                         if before_finalize is not None:
                             before_finalize()
+                        if experts:
+                            experts.check_complete()
+                            leave_out_of_reload(experts)
+                            info["direct_expert_tensors"] = len(experts.targets)
                     except BaseException:
                         _abandon_layerwise_reload(model, model_config)
                         raise
@@ -107,6 +120,7 @@ def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mod
             refresh_derived_state(model, vllm_config, reprocessed=mode != "kernel")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return info
     finally:
         if after_load is not None:
             after_load()

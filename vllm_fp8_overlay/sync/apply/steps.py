@@ -251,7 +251,7 @@ class StepJob:
         self.ready = None
         t0 = time.perf_counter()
         try:
-            self.load(used, got.tensors)
+            loaded = self.load(used, got.tensors) or {}
         except Exception as e:
             self.error = load_failed(self.step, used, e, "after validation")
             raise self.error from e
@@ -261,7 +261,7 @@ class StepJob:
             "num_bytes": int(got.summary.num_bytes), "num_buckets": len(got.manifests),
             "max_bucket_bytes": max((int(m.payload_len) for m in got.manifests), default=0),
             "receive_s": self.times.get("receive_s", 0.0), "validate_s": self.times.get("validate_s", 0.0),
-            "load_s": t1 - t0, "total_s": t1 - self.started,
+            "load_s": t1 - t0, "total_s": t1 - self.started, **loaded,
         }
         return self.result
 
@@ -358,7 +358,7 @@ def receive_stream(rx: Any, step: int, mode: str, served: Served, load: Callable
 
     tgen = tensors()
     try:
-        load(used, tgen, before_finalize=finished)
+        loaded = load(used, tgen, before_finalize=finished) or {}
     except Exception as e:
         with contextlib.suppress(Exception):
             tgen.close()
@@ -375,6 +375,6 @@ def receive_stream(rx: Any, step: int, mode: str, served: Served, load: Callable
         "max_bucket_bytes": stats["max_bucket"],
         "straddling_layers": sum(len(b) > 1 for b in layer_buckets.values()),
         "receive_s": timer["receive"], "validate_s": timer["validate"],
-        "load_s": max(0.0, total - timer["receive"] - timer["validate"]), "total_s": total,
+        "load_s": max(0.0, total - timer["receive"] - timer["validate"]), "total_s": total, **loaded,
     }
 
