@@ -172,9 +172,11 @@ def test_moe_update_outputs_equal_cold(name, tmp_path):
         with client_for(llm) as client:
             rep = client.push(w1, step=next(STEP))
             assert rep.workers[0]["ok"] and rep.dropped_aliases == []
-            # routed experts go straight into the fused parameters where that shortcut is declared
+            # routed experts go straight into the fused parameters where that shortcut is declared;
+            # GLM-4.5's experts layer also holds the router's correction bias, so vLLM's loader keeps it
             routed = sum(1 for n in w1 if re.search(r"\.experts\.\d+\.", n))
-            assert rep.workers[0]["direct_expert_tensors"] == (routed if DIRECT else 0), rep.workers[0]
+            want = routed if DIRECT and name == "qwen3-moe" else 0
+            assert rep.workers[0]["direct_expert_tensors"] == want, rep.workers[0]
             harness.assert_warm_equals_cold(llm, ckpt, f"{name} after one update")
     finally:
         harness.stop_sync_engine(llm)

@@ -42,7 +42,8 @@ DECLARED: tuple[Shortcut, ...] = (
         releases=">=0.28",
         platform="cpu",
         applies="unquantized (BF16) fused-MoE layers without tensor or expert parallelism, gated activation, "
-                "unpadded `w13_weight` [E, 2I, H] / `w2_weight` [E, H, I], per-expert checkpoint tensors",
+                "unpadded `w13_weight` [E, 2I, H] / `w2_weight` [E, H, I] and no other parameter (GLM-4.5's "
+                "experts also hold the router's correction bias: loader), per-expert checkpoint tensors",
         does="copies each expert tensor into its slot of `w13_weight` / `w2_weight` (the parameter objects vLLM "
              "keeps) instead of one weight-loader call per tensor inside the layerwise reload; the experts' "
              "prepack then runs once per layer (`cpu-moe-prepack`)",

@@ -87,11 +87,6 @@ def _rows_per_rank(rows: int, world: int) -> list[int]:
     return [max(0, min(per, rows - r * per)) for r in range(world)]
 
 
-def _local_rows_ok(t: Any, multiple: int) -> bool:
-    """Every rank's share of rows is a whole number of ``multiple`` rows."""
-    return all(n % multiple == 0 for n in _rows_per_rank(t.shape[0], t.device_mesh.size()))
-
-
 class _Part:
     """One tensor to gather by rows: this rank's rows (``None``: written into
     the buffer by the window's grouped quantization), every rank's row count,
@@ -198,19 +193,87 @@ class _Window:
         stats._seen(out.numel())
         ranks = out.view(world, self.nbytes)
         self._nonfinite(ranks, me)
-        done: list[tuple[str, Any]] = []
-        off = _HEAD
-        for name, kind, parts, _ in self.entries:
-            full = []
-            for p in parts:
-                pieces = [ranks[r, off:off + p.rows[r] * p.row_bytes] for r in range(world) if p.rows[r]]
-                flat = torch.cat(pieces) if len(pieces) != 1 else pieces[0].clone()
-                full.append(flat.view(p.dtype).view(sum(p.rows), *p.rest))
-                off += p.slot
-            done.append((name, full[0]) if kind == "raw" else (name, Prequantized(full[0], full[1])))
+        done = self._cut(ranks, world)
         del out, ranks  # the cut tensors are copies: only they stay while the sender takes them
         self.entries, self.nbytes = [], _HEAD
         return done
+
+    def _cut(self, ranks: torch.Tensor, world: int) -> list[tuple[str, Any]]:
+        """Every part's full tensor, out of the ranks' slots: all of the
+        window's copies in one multi-tensor copy into one buffer (a 10B MoE
+        window holds thousands of parts; a copy each was most of a sharded
+        step's host time)."""
+        starts, end = [], 0
+        for _, _, parts, _ in self.entries:
+            for p in parts:
+                starts.append(end)
+                end += _aligned(sum(p.rows) * p.row_bytes)
+        full = torch.empty(max(end, 1), dtype=torch.uint8, device=ranks.device)
+        dsts, srcs = [], []
+        done: list[tuple[str, Any]] = []
+        off, i = _HEAD, 0
+        for name, kind, parts, _ in self.entries:
+            got = []
+            for p in parts:
+                at = starts[i]
+                i += 1
+                n0 = p.rows[0] * p.row_bytes
+                if p.rows.count(p.rows[0]) == world:  # even split: the ranks' slices as one 2-D copy
+                    o = at + world * n0
+                    if n0:
+                        dsts.append(full[at:o].view(world, n0))
+                        srcs.append(ranks[:, off:off + n0])
+                else:
+                    o = at
+                    for r in range(world):
+                        n = p.rows[r] * p.row_bytes
+                        if n:
+                            dsts.append(full[o:o + n])
+                            srcs.append(ranks[r, off:off + n])
+                            o += n
+                got.append(full[at:o].view(p.dtype).view(sum(p.rows), *p.rest))
+                off += p.slot
+            done.append((name, got[0]) if kind == "raw" else (name, Prequantized(got[0], got[1])))
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        return done
+
+
+_HOW: dict[tuple, str] = {}
+
+
+def _how(name: str, shape: tuple[int, ...], dtype: torch.dtype, rows: list[int], layout: Any,
+         device: torch.device) -> str:
+    """How one row-sharded weight travels: ``g`` (quantized on its rows by the
+    window's grouped kernels), ``q`` (quantized on its rows here, one by
+    one: no CUDA/Triton), or ``raw`` (gathered in its own dtype; the sender
+    quantizes it if the layout does). Remembered per name, shape, split and
+    layout: the same weights come every step."""
+    try:
+        key = (name, shape, dtype, tuple(rows), layout, device)
+        hit = _HOW.get(key)
+    except TypeError:  # an unhashable layout: decide every time
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    from ..formats.quantize import expand_fused_experts
+
+    ok = (layout is not None and len(shape) == 2 and min(rows) > 0 and dtype.is_floating_point
+          and expand_fused_experts(name, torch.empty(shape, dtype=dtype, device="meta"), layout.hidden_size) is None
+          and layout.quantizes(name, shape))
+    if ok and layout.strategy == "block":
+        bn, bk = (int(x) for x in layout.block_size)
+        ok = all(n % bn == 0 for n in rows) and shape[1] % bk == 0
+    elif ok and layout.strategy != "channel":
+        ok = False
+    how = "raw"
+    if ok:
+        how = "g" if _grouped_here(device, layout) else "q"
+    if key is not None:
+        if len(_HOW) > 1 << 20:
+            _HOW.clear()
+        _HOW[key] = how
+    return how
 
 
 def _grouped_here(device: torch.device, layout: Any) -> bool:
@@ -242,13 +305,13 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
     windows of about ``window_bytes`` of full tensors (one collective each);
     other ``DTensor`` placements one at a time (``full_tensor``)."""
     from ..formats import FP8Layout, quantize_tensor
-    from ..formats.quantize import expand_fused_experts
 
     if isinstance(layout, Mapping):
         layout = FP8Layout.from_dict(layout)
     stats = stats if stats is not None else StreamStats()
     items = weights.items() if isinstance(weights, Mapping) else weights
     window: _Window | None = None
+    meshes: dict[int, tuple[int, Any, int]] = {}  # id(mesh) -> (size, group, this rank's index)
     for name, t in items:
         if not hasattr(t, "full_tensor"):
             if window is not None and window.entries:
@@ -265,36 +328,34 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
             yield name, full
             del full
             continue
-        world = t.device_mesh.size()
-        group = t.device_mesh.get_group()
+        mesh = t.device_mesh
+        m = meshes.get(id(mesh))
+        if m is None:
+            m = meshes[id(mesh)] = (mesh.size(), mesh.get_group(), mesh.get_local_rank())
+        world, group, me = m
         local = t.to_local()
-        rows = _rows_per_rank(t.shape[0], world)
-        if local.shape[0] != rows[t.device_mesh.get_local_rank()]:
-            raise ValueError(f"{name}: this rank holds {local.shape[0]} rows of {t.shape[0]}, not the "
-                             f"{rows[t.device_mesh.get_local_rank()]} an even Shard(0) split gives")
+        shape = tuple(t.shape)
+        rows = _rows_per_rank(shape[0], world)
+        if local.shape[0] != rows[me]:
+            raise ValueError(f"{name}: this rank holds {local.shape[0]} rows of {shape[0]}, not the "
+                             f"{rows[me]} an even Shard(0) split gives")
         if window is None or window.group is not group:
             if window is not None and window.entries:
                 yield from window.gather(stats)
             window = _Window(group, local.device, layout)
-        local_ok = (layout is not None and t.ndim == 2 and min(rows) > 0
-                    and expand_fused_experts(name, t, layout.hidden_size) is None
-                    and layout.quantizes(name, t.shape) and t.dtype.is_floating_point)
-        if local_ok and layout.strategy == "block":
-            local_ok = _local_rows_ok(t, int(layout.block_size[0])) and t.shape[1] % int(layout.block_size[1]) == 0
-        elif local_ok and layout.strategy != "channel":
-            local_ok = False
-        if local_ok and _grouped_here(local.device, layout):
-            window.add(name, "g", [_Part(None, rows, tuple(t.shape[1:]), torch.float8_e4m3fn),
-                                   _scale_part(layout, rows, t.shape[1], t.dtype)], local.detach())
+        how = _how(name, shape, t.dtype, rows, layout, local.device)
+        if how == "g":
+            window.add(name, "g", [_Part(None, rows, shape[1:], torch.float8_e4m3fn),
+                                   _scale_part(layout, rows, shape[1], t.dtype)], local.detach())
             stats.local_quantized += 1
-        elif local_ok:
+        elif how == "q":
             q, sc = quantize_tensor(local.detach(), layout, name=name)
             div = 1 if layout.strategy == "channel" else int(layout.block_size[0])
             window.add(name, "q", [_Part(q, rows, tuple(q.shape[1:]), q.dtype),
                                    _Part(sc, [n // div for n in rows], tuple(sc.shape[1:]), sc.dtype)])
             stats.local_quantized += 1
         else:
-            window.add(name, "raw", [_Part(local.detach(), rows, tuple(t.shape[1:]), t.dtype)])
+            window.add(name, "raw", [_Part(local.detach(), rows, shape[1:], t.dtype)])
             stats.gathered += 1
         if window.nbytes * world >= window_bytes:
             yield from window.gather(stats)

@@ -137,11 +137,17 @@ def _many_ok(kind: str, ts: list[torch.Tensor]) -> torch.Tensor | None:
       squares turns any NaN or Inf into NaN or Inf; an overflow to Inf of a
       finite but huge tensor only sends it to the exact check);
     * ``float8_e4m3fn``: its NaN encodings are the bytes 0x7F and 0xFF, the
-      largest values of the tensor's bytes read as int8 and as uint8."""
+      largest values of the tensor's bytes read as int8 and as uint8;
+    * scales (finite and > 0): every maximum finite and every maximum of the
+      negated scales below 0 (a maximum is NaN where any element is)."""
     try:
         if kind == "float":
             norms = torch._foreach_norm(ts, 2)
             return torch.isfinite(torch.stack(norms)).all().reshape(1)
+        if kind == "scale":
+            hi = torch.stack(torch._foreach_max(ts))
+            neg_lo = torch.stack(torch._foreach_max(torch._foreach_neg(ts)))
+            return (torch.isfinite(hi).all() & (neg_lo < 0).all()).reshape(1)
         if kind == "fp8" and FP8_NAN_BYTES.get(ts[0].dtype) == (0x7F, 0x7F):
             hi = torch.stack(torch._foreach_max([t.view(torch.uint8) for t in ts]))
             lo = torch.stack(torch._foreach_max([t.view(torch.int8) for t in ts]))
