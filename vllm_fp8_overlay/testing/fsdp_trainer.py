@@ -44,15 +44,39 @@ def _sharded_model(model_dir: str):
     return model
 
 
+def _fused_experts(name: str, shape: tuple[int, ...], state_dict: dict) -> "torch.Tensor | None":
+    """transformers 5 keeps a MoE layer's experts as 3-D ``experts.gate_up_proj``
+    (gate then up rows of each expert) and ``experts.down_proj``; build them
+    from a checkpoint's per-expert tensors, in the parameter's orientation."""
+    for fused, parts in ((".experts.gate_up_proj", ("gate_proj", "up_proj")), (".experts.down_proj", ("down_proj",))):
+        if not name.endswith(fused):
+            continue
+        prefix = name[: -len(fused)] + ".experts"
+        per = []
+        for e in range(shape[0]):
+            keys = [f"{prefix}.{e}.{p}.weight" for p in parts]
+            if not all(k in state_dict for k in keys):
+                return None
+            per.append(torch.cat([state_dict[k] for k in keys]))
+        t = torch.stack(per)
+        return t if tuple(t.shape) == tuple(shape) else t.transpose(1, 2).contiguous()
+    return None
+
+
 def _load_full(model, state_dict: dict) -> None:
     """Put full tensors into the sharded parameters (each rank keeps its rows)."""
     from torch.distributed.tensor import distribute_tensor
 
     with torch.no_grad():
         for name, p in model.state_dict().items():
-            if name not in state_dict:
+            src = state_dict.get(name)
+            if src is None:
+                src = _fused_experts(name, tuple(p.shape), state_dict)
+            if src is None:
                 continue
-            src = state_dict[name].to(p.dtype)
+            src = src.to(p.dtype)
+            if tuple(src.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: checkpoint {tuple(src.shape)} vs model {tuple(p.shape)}")
             if hasattr(p, "device_mesh"):
                 p.copy_(distribute_tensor(src, p.device_mesh, p.placements))
             else:
