@@ -199,43 +199,37 @@ class _Window:
         return done
 
     def _cut(self, ranks: torch.Tensor, world: int) -> list[tuple[str, Any]]:
-        """Every part's full tensor, out of the ranks' slots: all of the
-        window's copies in one multi-tensor copy into one buffer (a 10B MoE
-        window holds thousands of parts; a copy each was most of a sharded
-        step's host time)."""
-        starts, end = [], 0
-        for _, _, parts, _ in self.entries:
-            for p in parts:
-                starts.append(end)
-                end += _aligned(sum(p.rows) * p.row_bytes)
-        full = torch.empty(max(end, 1), dtype=torch.uint8, device=ranks.device)
-        dsts, srcs = [], []
+        """Every part's full tensor, out of the ranks' slots: the window's
+        pieces are split out with one ``split_with_sizes`` per rank and copied by
+        one multi-tensor copy into one buffer, where each part's ranks lie
+        back to back (a 10B MoE window holds thousands of parts; per-part
+        slicing in Python was most of a sharded step's host time)."""
+        parts = [p for _, _, ps, _ in self.entries for p in ps]
+        per_rank = [[p.rows[r] * p.row_bytes for p in parts] for r in range(world)]
+        totals = [sum(col) for col in zip(*per_rank)]
+        pads = [_aligned(t) - t for t in totals]
+        full = torch.empty(max(sum(totals) + sum(pads), 1), dtype=torch.uint8, device=ranks.device)
+        # destinations: per part, rank 0's rows, rank 1's rows, ..., then its padding
+        dst_sizes = [x for i in range(len(parts)) for x in (*(per_rank[r][i] for r in range(world)), pads[i])]
+        dst_all = full.split_with_sizes(dst_sizes)
+        dsts = [d for k, d in enumerate(dst_all) if k % (world + 1) != world]
+        # sources: per rank, its slot of each part (used bytes, then the slot's rest)
+        srcs_by_rank = []
+        for r in range(world):
+            sizes = [_HEAD] + [x for i, p in enumerate(parts) for x in (per_rank[r][i], p.slot - per_rank[r][i])]
+            sizes.append(ranks.shape[1] - sum(sizes))
+            srcs_by_rank.append(ranks[r].split_with_sizes(sizes)[1:-1:2])
+        srcs = [x for piece in zip(*srcs_by_rank) for x in piece]
+        pairs = [(d, s_) for d, s_ in zip(dsts, srcs) if d.numel()]
+        if pairs:
+            torch._foreach_copy_([d for d, _ in pairs], [s_ for _, s_ in pairs])
+        regions = full.split_with_sizes([x for t, pad in zip(totals, pads) for x in (t, pad)])[0::2]
         done: list[tuple[str, Any]] = []
-        off, i = _HEAD, 0
-        for name, kind, parts, _ in self.entries:
-            got = []
-            for p in parts:
-                at = starts[i]
-                i += 1
-                n0 = p.rows[0] * p.row_bytes
-                if p.rows.count(p.rows[0]) == world:  # even split: the ranks' slices as one 2-D copy
-                    o = at + world * n0
-                    if n0:
-                        dsts.append(full[at:o].view(world, n0))
-                        srcs.append(ranks[:, off:off + n0])
-                else:
-                    o = at
-                    for r in range(world):
-                        n = p.rows[r] * p.row_bytes
-                        if n:
-                            dsts.append(full[o:o + n])
-                            srcs.append(ranks[r, off:off + n])
-                            o += n
-                got.append(full[at:o].view(p.dtype).view(sum(p.rows), *p.rest))
-                off += p.slot
+        i = 0
+        for name, kind, ps, _ in self.entries:
+            got = [regions[i + k].view(p.dtype).view(sum(p.rows), *p.rest) for k, p in enumerate(ps)]
+            i += len(ps)
             done.append((name, got[0]) if kind == "raw" else (name, Prequantized(got[0], got[1])))
-        if dsts:
-            torch._foreach_copy_(dsts, srcs)
         return done
 
 
@@ -333,7 +327,11 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
         if m is None:
             m = meshes[id(mesh)] = (mesh.size(), mesh.get_group(), mesh.get_local_rank())
         world, group, me = m
-        local = t.to_local()
+        # the shard itself, without to_local()'s autograd wrapper (a third of a MoE step's host time;
+        # the shard is only read): DTensor's own attribute where this torch has it
+        local = getattr(t, "_local_tensor", None)
+        if local is None:
+            local = t.to_local()
         shape = tuple(t.shape)
         rows = _rows_per_rank(shape[0], world)
         if local.shape[0] != rows[me]:
