@@ -327,6 +327,24 @@ def test_value_sentinels_batched_over_large_tensors():
     assert value_problems(huge) == []  # the batch overflows; the exact check clears them
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_sentinels_batched(dtype):
+    """Scales (finite and > 0) are checked together too, small and large,
+    and each of 0, a negative, NaN and inf is caught in a batch and named."""
+    from vllm_fp8_overlay.sync.values import device_values_many
+
+    for n in (64, 70_000):  # a small and a large scale tensor
+        clean = [(f"l.{i}.weight_scale", (torch.rand(n, 1) + 0.01).to(dtype)) for i in range(4)]
+        assert value_problems(clean) == []
+        assert all(bool(ok.all()) for ok in device_values_many(clean))
+        for bad_value in (0.0, -1.0, float("nan"), float("inf")):
+            items = [(k, v.clone()) for k, v in clean]
+            items[2][1][n // 2, 0] = bad_value
+            got = value_problems(items)
+            assert [p.split(":")[0] for p in got] == [items[2][0]], (bad_value, got)
+            assert not all(bool(ok.all()) for ok in device_values_many(items)), bad_value
+
+
 def test_f8_value_sentinels_both_sides():
     """NaN/Inf/<=0 scales, FP8 NaN bytes (0x7F, 0xFF), non-finite unquantized
     tensors: the sender refuses them; the receiver rejects them naming the
