@@ -130,6 +130,7 @@ class _Window:
     def _quantize_into(self, buf: torch.Tensor, me: int) -> torch.Tensor | None:
         """Grouped quantization of this rank's ``g`` shards into ``buf``; the
         returned flag (on the device) is 1 iff every one was finite."""
+        from ..formats.quantize import _recipe
         from ..kernels.triton_fp8 import quantize_grouped
 
         jobs: dict[torch.dtype, tuple[list, list, list]] = {}
@@ -144,7 +145,7 @@ class _Window:
         if not jobs:
             return None
         lay = self.layout
-        recipe = "hf" if lay.method == "fp8" else "ct"
+        recipe = _recipe(lay)
         flags = []
         for srcs, qo, so in jobs.values():
             _, _, am = quantize_grouped(srcs, recipe, lay.strategy, lay.block_size, out=buf, q_offsets=qo,
@@ -279,14 +280,20 @@ def _grouped_here(device: torch.device, layout: Any) -> bool:
     return triton_available()
 
 
+def _rows_per_scale(layout: Any) -> int:
+    """Weight rows that share a scale row: 1 per channel, the block's rows per block."""
+    return 1 if layout.strategy == "channel" else int(layout.block_size[0])
+
+
 def _scale_part(layout: Any, rows: list[int], cols: int, dtype: torch.dtype) -> _Part:
-    """The scale slots of a weight quantized per channel or per 128-row block."""
-    hf = layout.method == "fp8"
-    cd = torch.float32 if hf else dtype
-    if layout.strategy == "channel":
-        return _Part(None, rows, (1,), cd)
-    bn, bk = (int(x) for x in layout.block_size)
-    return _Part(None, [n // bn for n in rows], (-(-cols // bk),), cd)
+    """The scale slots of a weight quantized per channel or per block (scale
+    dtype as the quantizer computes it: float32 for HF fp8, else the weight's)."""
+    from ..formats.quantize import _recipe
+
+    cd = torch.float32 if _recipe(layout) == "hf" else dtype
+    per = _rows_per_scale(layout)
+    rest = (1,) if layout.strategy == "channel" else (-(-cols // int(layout.block_size[1])),)
+    return _Part(None, [n // per for n in rows], rest, cd)
 
 
 def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layout: Any, *,
@@ -348,9 +355,9 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
             stats.local_quantized += 1
         elif how == "q":
             q, sc = quantize_tensor(local.detach(), layout, name=name)
-            div = 1 if layout.strategy == "channel" else int(layout.block_size[0])
+            per = _rows_per_scale(layout)
             window.add(name, "q", [_Part(q, rows, tuple(q.shape[1:]), q.dtype),
-                                   _Part(sc, [n // div for n in rows], tuple(sc.shape[1:]), sc.dtype)])
+                                   _Part(sc, [n // per for n in rows], tuple(sc.shape[1:]), sc.dtype)])
             stats.local_quantized += 1
         else:
             window.add(name, "raw", [_Part(local.detach(), rows, shape[1:], t.dtype)])
