@@ -21,8 +21,10 @@ weight-sync worker extension; importing this module installs the shim).
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import logging
+from typing import Callable
 
 import torch
 
@@ -44,19 +46,26 @@ def _local(weights: torch.Tensor, ids: torch.Tensor, expert_map: torch.Tensor):
             torch.where(mine, local, torch.zeros_like(local)).to(ids.dtype))
 
 
-def _install_cpu_fused_moe() -> bool:
-    """vLLM <= 0.19: ``CPUFusedMOE.__call__`` receives ``expert_map`` and drops it."""
+def _wrap_method(module: str, cls_name: str, attr: str, make: Callable) -> bool:
+    """Replace ``module.cls_name.attr`` by ``make(original, its signature)``
+    once (``False``: this release has no such class)."""
     try:
-        from vllm.model_executor.layers.fused_moe import cpu_fused_moe
+        cls = getattr(importlib.import_module(module), cls_name, None)
     except ImportError:
         return False
-    cls = getattr(cpu_fused_moe, "CPUFusedMOE", None)
-    if cls is None or getattr(cls.__call__, "_ep_shim", False):
-        return cls is not None
-    orig = cls.__call__
-    sig = inspect.signature(orig)
+    if cls is None:
+        return False
+    orig = getattr(cls, attr)
+    if not getattr(orig, "_ep_shim", False):
+        wrapper = functools.wraps(orig)(make(orig, inspect.signature(orig)))
+        wrapper._ep_shim = True
+        setattr(cls, attr, wrapper)
+    return True
 
-    @functools.wraps(orig)
+
+def _mapped_call(orig: Callable, sig: inspect.Signature) -> Callable:
+    """vLLM <= 0.19: ``CPUFusedMOE.__call__`` receives ``expert_map`` and drops it."""
+
     def call(self, *args, **kwargs):
         expert_map = sig.bind(self, *args, **kwargs).arguments.get("expert_map")
         if expert_map is None:
@@ -73,24 +82,12 @@ def _install_cpu_fused_moe() -> bool:
         finally:
             self.forward_method = forward
 
-    call._ep_shim = True
-    cls.__call__ = call
-    return True
+    return call
 
 
-def _install_cpu_experts() -> bool:
+def _mapped_apply(orig: Callable, sig: inspect.Signature) -> Callable:
     """vLLM >= 0.28: ``CPUUnquantizedExperts.apply`` receives ``expert_map`` and ignores it."""
-    try:
-        from vllm.model_executor.layers.fused_moe.experts import cpu_moe
-    except ImportError:
-        return False
-    cls = getattr(cpu_moe, "CPUUnquantizedExperts", None)
-    if cls is None or getattr(cls.apply, "_ep_shim", False):
-        return cls is not None
-    orig = cls.apply
-    sig = inspect.signature(orig)
 
-    @functools.wraps(orig)
     def apply(self, *args, **kwargs):
         bound = sig.bind(self, *args, **kwargs)
         a = bound.arguments
@@ -98,14 +95,15 @@ def _install_cpu_experts() -> bool:
             a["topk_weights"], a["topk_ids"] = _local(a["topk_weights"], a["topk_ids"], a["expert_map"])
         return orig(*bound.args, **bound.kwargs)
 
-    apply._ep_shim = True
-    cls.apply = apply
-    return True
+    return apply
 
 
 def install() -> bool:
     """Install the shim for the installed release; ``True`` if one applied."""
-    done = _install_cpu_fused_moe() or _install_cpu_experts()
+    done = (_wrap_method("vllm.model_executor.layers.fused_moe.cpu_fused_moe", "CPUFusedMOE", "__call__",
+                         _mapped_call)
+            or _wrap_method("vllm.model_executor.layers.fused_moe.experts.cpu_moe", "CPUUnquantizedExperts",
+                            "apply", _mapped_apply))
     if done:
         logger.warning("TEST SHIM: CPU fused-MoE kernels see expert-parallel ids mapped to local experts "
                        "(vllm_fp8_overlay.testing.ep_shim); not vLLM behaviour")
