@@ -224,6 +224,42 @@ def _receiver_phases(tensors, dev, iters):
     return [validate, ld]
 
 
+def _trace_one(fn, rank, kind, dev, out):
+    """One more c_keep iteration (the default's steady state) under torch.profiler: the
+    device timeline per rank (``trace_<model>_rank<r>.json.gz``) and a text
+    summary of its kernels and host waits (``timeline_<model>_rank<r>.txt``),
+    to see where the wire idles."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(0)
+        _sync(dev)
+    dist.barrier()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    raw = Path(out) / f"trace_{kind}_rank{rank}.json"
+    prof.export_chrome_trace(str(raw))
+    data = json.loads(raw.read_text())
+    with gzip.open(str(raw) + ".gz", "wt") as f:
+        json.dump(data, f)
+    raw.unlink()
+    evs = [e for e in data.get("traceEvents", []) if e.get("ph") == "X"]
+    t0 = min(e["ts"] for e in evs)
+    kern = sorted((e for e in evs if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    host = sorted((e for e in evs if e.get("cat") == "cuda_runtime" and "ynchronize" in e.get("name", "")),
+                  key=lambda e: e["ts"])
+    lines = [f"{kind} rank {rank}: span {(max(e['ts'] + e['dur'] for e in evs) - t0) / 1e3:.2f} ms", "",
+             "device work (start ms, duration ms, stream, name):"]
+    for e in kern:
+        lines.append(f"{(e['ts'] - t0) / 1e3:9.3f} {e['dur'] / 1e3:8.3f} {e.get('tid')} {e['name'][:70]}")
+    lines += ["", "host waits (start ms, duration ms, call):"]
+    for e in host:
+        lines.append(f"{(e['ts'] - t0) / 1e3:9.3f} {e['dur'] / 1e3:8.3f} {e['name']}")
+    (Path(out) / f"timeline_{kind}_rank{rank}.txt").write_text("\n".join(lines) + "\n")
+
+
 def worker(rank, args, ports, q):
     try:
         res = _worker(rank, args, ports)
@@ -426,6 +462,8 @@ def _worker(rank, args, ports):
             ps.print_callers(8)
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / f"profile_{kind}_rank{rank}.txt").write_text(buf_s.getvalue())
+        if args.trace:
+            _trace_one(gk0 if rank == 0 else gk1, rank, kind, dev, args.out)
         if rank == 1:
             a, b = dict(got.pop("keep")), dict(got["gr"])
             same = a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
@@ -598,6 +636,8 @@ def main(argv=None):
                     help="also time c without the receiver's early payload post and without the bucket ramp")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one c iteration (defaults) per rank (profile_<model>_rank<r>.txt in --out)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also trace one c iteration per rank with torch.profiler (timeline_<model>_rank<r>.txt)")
     args = ap.parse_args(argv)
     if not args.cpu_smoke and torch.cuda.device_count() < 2:
         sys.exit("needs 2 CUDA devices (or --cpu-smoke)")
