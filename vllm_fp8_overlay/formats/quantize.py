@@ -67,8 +67,13 @@ def _recipe(layout: FP8Layout) -> str:
     return "hf" if layout.method == "fp8" else "ct"
 
 
-def _compute_dtype(w: torch.Tensor, recipe: str) -> torch.dtype:
-    return torch.float32 if recipe == "hf" else w.dtype
+def scale_dtype(recipe: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype scales are computed and stored in: float32 for HF ``fp8``
+    checkpoints (``weight_scale_inv`` is float32 there whatever the weight's
+    dtype), the weight's own dtype for compressed-tensors (as llm-compressor
+    writes them). The one statement of this rule: the torch quantizer, the
+    Triton kernels, the grouped sender and the sharded sources all ask here."""
+    return torch.float32 if recipe == "hf" else weight_dtype
 
 
 def _scale_from_amax(amax: torch.Tensor, recipe: str) -> torch.Tensor:
@@ -106,7 +111,7 @@ def _row_chunks(rows: int, cols: int, chunk_elements: int, multiple: int = 1):
 # ------------------------------------------------------------ torch backend
 def _torch_tensorwise(w, recipe, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
     rows, cols = w.shape
-    cd = _compute_dtype(w, recipe)
+    cd = scale_dtype(recipe, w.dtype)
     amax = None
     for r0, r1 in _row_chunks(rows, cols, chunk_elements):
         a = _amax_abs(w[r0:r1]).to(cd)
@@ -122,7 +127,7 @@ def _torch_tensorwise(w, recipe, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
 
 def _torch_channelwise(w, recipe, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
     rows, cols = w.shape
-    cd = _compute_dtype(w, recipe)
+    cd = scale_dtype(recipe, w.dtype)
     q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=w.device)
     scale = torch.empty((rows, 1), dtype=cd, device=w.device)
     amax_all = torch.zeros((), dtype=cd, device=w.device)
@@ -139,7 +144,7 @@ def _torch_channelwise(w, recipe, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
 def _torch_blockwise(w, recipe, block, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
     rows, cols = w.shape
     bn, bk = block
-    cd = _compute_dtype(w, recipe)
+    cd = scale_dtype(recipe, w.dtype)
     rb, cb = -(-rows // bn), -(-cols // bk)
     q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=w.device)
     scale = torch.empty((rb, cb), dtype=cd, device=w.device)

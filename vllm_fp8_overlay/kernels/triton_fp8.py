@@ -369,7 +369,7 @@ def _pow2(n: int) -> bool:
 
 def _consts(recipe: str, dtype: torch.dtype, device: torch.device, division: str) -> dict:
     hf = recipe == "hf"
-    cd = torch.float32 if hf else dtype
+    cd = _ref.scale_dtype(recipe, dtype)
     if division == "auto":
         division = "recip" if device.type == "cuda" else "true"
     if division not in ("recip", "true"):

@@ -148,8 +148,10 @@ class GroupedSendPath:
 
     def _qmeta(self, x: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
         """Scale dtype, wire shape and bytes of the scale of weight ``x``."""
+        from ..formats.quantize import _recipe, scale_dtype
+
         hf = self.layout.method == "fp8"
-        cd = torch.float32 if hf else x.dtype
+        cd = scale_dtype(_recipe(self.layout), x.dtype)
         rows, cols = x.shape
         st = self.layout.strategy
         if st == "tensor":

@@ -288,9 +288,9 @@ def _rows_per_scale(layout: Any) -> int:
 def _scale_part(layout: Any, rows: list[int], cols: int, dtype: torch.dtype) -> _Part:
     """The scale slots of a weight quantized per channel or per block (scale
     dtype as the quantizer computes it: float32 for HF fp8, else the weight's)."""
-    from ..formats.quantize import _recipe
+    from ..formats.quantize import _recipe, scale_dtype
 
-    cd = torch.float32 if _recipe(layout) == "hf" else dtype
+    cd = scale_dtype(_recipe(layout), dtype)
     per = _rows_per_scale(layout)
     rest = (1,) if layout.strategy == "channel" else (-(-cols // int(layout.block_size[1])),)
     return _Part(None, [n // per for n in rows], rest, cd)
