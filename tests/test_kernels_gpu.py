@@ -214,6 +214,86 @@ def test_sender_grouped_path_repeated_steps(method, strat, bucket_kib):
         snd.send(items + [items[0]], step=7)
 
 
+def test_sender_fast_replay_equals_the_torch_reference():
+    """A bucket of plain caller tensors is matched list against list on the
+    next step (``sync.replay``): every bucket of steps 1.. is reused without
+    the item-by-item comparison, and the bytes stay exactly the torch
+    reference's when a parameter's storage is replaced (``p.data = ...``,
+    same object), when a tensor starts requiring grad or changes dtype
+    (compared item by item then), with a non-contiguous copy source, and a
+    NaN in a reused bucket is still refused by name."""
+    from vllm_fp8_overlay.formats import FP8Layout
+    from vllm_fp8_overlay.formats import quantize as R
+    from vllm_fp8_overlay.sync import WeightReceiver, WeightSender, replay
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+    layout = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv")
+    sd = {}
+    for i in range(3):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = torch.nn.Parameter(torch.randn(256, device="cuda").bfloat16(),
+                                                              requires_grad=False)
+        sd[p + "mlp.gate.weight"] = torch.randn(256, 16, device="cuda").bfloat16().t()  # not contiguous
+        for e in range(8):
+            sd[p + f"mlp.experts.{e}.down_proj.weight"] = torch.nn.Parameter(
+                _sample((256, 128), torch.bfloat16, "n", 10 * i + e), requires_grad=False)
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(layout, "", 0, 0, bucket_bytes=160 << 10, transport=rec)
+    slow_calls = []
+    real = replay.replay_items
+
+    def counting(got, plan, cur):
+        slow_calls.append(len(got))
+        return real(got, plan, cur)
+
+    replay.replay_items = counting
+    try:
+        for step in range(7):
+            slow_calls.clear()
+            if step == 2:  # new storage behind the same Parameter objects
+                for n, t in sd.items():
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = t.data.clone() * -2
+            if step == 3:
+                sd["model.layers.1.mlp.experts.3.down_proj.weight"].requires_grad_(True)
+            if step == 4:
+                sd["model.layers.1.mlp.experts.3.down_proj.weight"].requires_grad_(False)
+                sd["model.layers.2.input_layernorm.weight"] = torch.randn(256, device="cuda")  # float32 now
+            rec.messages.clear()
+            st = snd.send(sd, step=step)
+            assert st.num_buckets > 3
+            got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
+            ref = {n: t.cpu() for n, t in R.quantize_weights(iter([(n, t.detach()) for n, t in sd.items()]), layout,
+                                                             backend="torch")}
+            assert got.keys() == ref.keys()
+            for n, r in ref.items():
+                g = got[n].cpu()
+                assert g.dtype == r.dtype and tuple(g.shape) == tuple(r.shape), n
+                assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                                   r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"step {step}: {n}"
+            if step in (1, 2, 5, 6):  # same items as the step before: every bucket reused, none item by item
+                assert st.reused_buckets == st.num_buckets and slow_calls == [], (step, slow_calls)
+            if step == 3:  # the grad-requiring tensor's bucket is compared item by item, and still reused
+                assert st.reused_buckets == st.num_buckets and len(slow_calls) == 1
+            if step == 4:  # a dtype changed: that bucket is laid out afresh
+                assert slow_calls and st.reused_buckets < st.num_buckets
+    finally:
+        replay.replay_items = real
+    bad = dict(sd)
+    k = "model.layers.2.mlp.experts.5.down_proj.weight"
+    bad[k] = sd[k].detach().clone()
+    bad[k].view(-1)[7] = float("nan")
+    with pytest.raises(ValueError, match=k.replace(".", r"\.")):
+        snd.send(bad, step=7)
+    k = "model.layers.0.input_layernorm.weight"
+    bad = dict(sd)
+    bad[k] = sd[k].detach().clone()
+    bad[k][3] = float("inf")
+    snd.send(sd, step=8)  # a refused step leaves no layout behind: this one lays it out again
+    with pytest.raises(ValueError, match=k.replace(".", r"\.")):
+        snd.send(bad, step=9)
+
+
 @pytest.mark.parametrize("dtype,recipe", [(torch.bfloat16, "hf"), (torch.bfloat16, "ct"), (torch.float16, "hf")])
 def test_block_kernel_equals_torch_on_every_16bit_pair(dtype, recipe):
     """Every (amax, x) pair of the dtype (about 2.7e9 elements) through the

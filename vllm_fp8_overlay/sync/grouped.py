@@ -11,61 +11,24 @@ wire entries, manifest and prepared kernel launch. Kept apart from
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from collections import deque
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import wire
-from .values import device_values_many, value_problems
-from .wire import ALIGNMENT, TensorEntry
+from . import replay
+from .replay import Bucket, Jobs
+from .values import device_values_grouped, value_groups, value_problems
+from .wire import ALIGNMENT
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sendstate import SendStats, _Peekable
 
 _FP8 = torch.float8_e4m3fn
+_CONTIGUOUS, _DATA_PTR = torch.Tensor.is_contiguous, torch.Tensor.data_ptr
 #: end-of-iteration marker of the sender's look-ahead iterator
 _END = object()
-
-
-class _Bucket:
-    """A bucket of the grouped path: wire entries, quantization and copy jobs."""
-
-    __slots__ = ("slot_idx", "cap", "token", "entries", "qjobs", "copies", "end", "manifest_est", "event", "flag", "plan",
-                 "num_tensors", "num_bytes")
-
-    def __init__(self) -> None:
-        self.slot_idx = 0
-        self.cap = 0  # payload bytes this bucket may fill (see _ramp)
-        self.token = None  # identity of its layout (_BucketPlan.token), for the launch cache
-        self.entries: list[TensorEntry] = []
-        self.qjobs: dict = {}  # source dtype -> [(tensor, fp8 offset, scale offset)]
-        self.copies: list = []  # [(entry, tensor)]
-        self.end = 0
-        self.manifest_est = 64
-        self.event = None
-        self.flag = None
-        # per item, in arrival order: (name, shape, dtype, quant, device, jk, fp8/byte offset, scale offset,
-        # copy entry) -- what a later step with the same items reuses (see _replay_bucket)
-        self.plan: list[tuple] = []
-        self.num_tensors = 0
-        self.num_bytes = 0
-
-
-@dataclass(frozen=True)
-class _BucketPlan:
-    """Layout of one bucket of an earlier step (no tensor references)."""
-
-    items: list  # _Bucket.plan
-    entries: list
-    end: int
-    manifest_est: int
-    num_tensors: int
-    num_bytes: int
-    #: stands for the layout (items, offsets, shapes) in launch-cache keys: a
-    #: replayed bucket keys its launch by this and its sources' addresses
-    #: instead of hashing every source's shape, stride and offsets again
-    token: object = None
 
 
 #: capacity of a step's first bucket; each next one doubles up to bucket_bytes
@@ -92,59 +55,54 @@ class GroupedSendPath:
             self._grouped = ok
         return self._grouped
 
-    def _plan_items(self, items: Iterator) -> Iterator[tuple[str, torch.Tensor, bool]]:
-        """``(checkpoint name, tensor, quantize?)`` with the checks of
-        ``formats.quantize_weights`` (fused experts split, block-shape rules)."""
+    def _plan_item(self, item: Any) -> list[tuple[str, torch.Tensor, bool, bool]]:
+        """``[(checkpoint name, tensor, quantize?, simple?)]`` for one caller
+        item, with the checks of ``formats.quantize_weights`` (fused experts
+        split, block-shape rules); ``simple``: the caller's own plain tensor,
+        one sent weight for one item (see :mod:`.replay`)."""
         from ..formats.quantize import FP8_DTYPE, _CT_DTYPES, _check_block_shape, expand_fused_experts
 
+        try:
+            name, t = item
+        except (TypeError, ValueError):
+            raise TypeError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}") from None
         layout = self.layout
+        if layout is not None and isinstance(t, tuple) and hasattr(t, "weight") and hasattr(t, "scale"):
+            # sources.Prequantized: quantized on the trainer's shards already
+            return [(name, t.weight, False, False), (layout.scale_key(name), t.scale, False, False)]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        simple = not t.requires_grad
+        x = t if simple else t.detach()
         if layout is None:  # sent as given (BF16 target): copied into the buckets
-            for item in items:
-                try:
-                    name, t = item
-                except (TypeError, ValueError):
-                    raise TypeError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}") from None
-                if not isinstance(t, torch.Tensor):
-                    raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-                yield name, (t.detach() if t.requires_grad else t), False
-            return
+            return [(name, x, False, simple)]
         memo = self._item_memo
-        for item in items:
-            try:
-                name, t = item
-            except (TypeError, ValueError):
-                raise TypeError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}") from None
-            if isinstance(t, tuple) and hasattr(t, "weight") and hasattr(t, "scale"):  # sources.Prequantized
-                yield name, t.weight, False  # quantized on the trainer's shards already
-                yield layout.scale_key(name), t.scale, False
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-            m = memo.get(name)
-            if m is not None and m[0] == t.shape and m[1] == t.dtype:
-                # same name, shape and dtype as an earlier step: same decision
-                yield name, (t.detach() if t.requires_grad else t), m[2]
-                continue
-            expanded = expand_fused_experts(name, t, layout.hidden_size)
-            for n, x in expanded if expanded is not None else ((name, t),):
-                if not layout.quantizes(n, x.shape):
-                    if expanded is None:
-                        memo[name] = (t.shape, t.dtype, False)
-                    yield n, x, False
-                    continue
-                if x.dtype == FP8_DTYPE or not x.is_floating_point():
-                    raise ValueError(f"{n}: expected an unquantized floating weight, got {x.dtype} (already quantized?)")
-                if x.ndim != 2:
-                    raise ValueError(f"{n}: quantized linear weight must be 2-D, got shape {tuple(x.shape)}")
-                if x.dtype not in _CT_DTYPES:
-                    raise ValueError(f"{n}: expected a bf16/fp16/fp32 weight to quantize, got {x.dtype}")
-                if layout.strategy == "block":
-                    _check_block_shape(n, x.shape, layout)
+        m = memo.get(name)
+        if m is not None and m[0] == t.shape and m[1] == t.dtype:
+            # same name, shape and dtype as an earlier step: same decision
+            return [(name, x, m[2], simple)]
+        expanded = expand_fused_experts(name, t, layout.hidden_size)
+        out = []
+        for n, y in expanded if expanded is not None else ((name, t),):
+            if not layout.quantizes(n, y.shape):
                 if expanded is None:
-                    if len(memo) > 1 << 20:
-                        memo.clear()
-                    memo[name] = (t.shape, t.dtype, True)
-                yield n, x.detach(), True
+                    memo[name] = (t.shape, t.dtype, False)
+                out.append((n, y if not y.requires_grad else y.detach(), False, simple and expanded is None))
+                continue
+            if y.dtype == FP8_DTYPE or not y.is_floating_point():
+                raise ValueError(f"{n}: expected an unquantized floating weight, got {y.dtype} (already quantized?)")
+            if y.ndim != 2:
+                raise ValueError(f"{n}: quantized linear weight must be 2-D, got shape {tuple(y.shape)}")
+            if y.dtype not in _CT_DTYPES:
+                raise ValueError(f"{n}: expected a bf16/fp16/fp32 weight to quantize, got {y.dtype}")
+            if layout.strategy == "block":
+                _check_block_shape(n, y.shape, layout)
+            if expanded is None:
+                if len(memo) > 1 << 20:
+                    memo.clear()
+                memo[name] = (t.shape, t.dtype, True)
+            out.append((n, y.detach(), True, simple and expanded is None))
+        return out
 
     def _qmeta(self, x: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
         """Scale dtype, wire shape and bytes of the scale of weight ``x``."""
@@ -185,17 +143,30 @@ class GroupedSendPath:
         dev_idx = -1 if self.device.type == "cpu" else (
             self.device.index if self.device.index is not None else torch.cuda.current_device())
         seen: set[str] = set()
-        pending: _Bucket | None = None
+        pending: Bucket | None = None
         self._ramp = 0
         cur = self._new_bucket()
         prev = self._bucket_plans
         self._bucket_plans = None
         self._step_plans = []
         replaying = prev is not None
+        ready: deque = deque()  # planned items of a caller item not yet placed
+
+        def next_planned() -> Any:
+            while not ready:
+                raw = it.next()
+                if raw is _END:
+                    return _END
+                ready.extend(self._plan_item(raw))
+            return ready.popleft()
+
+        def at_end() -> bool:
+            return not ready and it.peek() is _END
+
         while True:
             if replaying and not cur.entries:
                 k = len(self._step_plans)
-                if k < len(prev) and self._replay_bucket(it, prev[k], cur):
+                if k < len(prev) and self._replay_next(it, ready, next_planned, prev[k], cur):
                     stats.num_tensors += cur.num_tensors
                     stats.num_bytes += cur.num_bytes
                     stats.reused_buckets += 1
@@ -203,13 +174,13 @@ class GroupedSendPath:
                     cur = self._new_bucket()
                     continue
                 replaying = False
-                if it.peek() is not _END:  # more items: check them against the names sent so far
+                if not at_end():  # more items: check them against the names sent so far
                     for plan in self._step_plans:
                         seen.update(e.name for e in plan.entries)
-            item = it.next()
+            item = next_planned()
             if item is _END:
                 break
-            name, x, quant = item
+            name, x, quant, simple = item
             m = qmemo.get(name)
             if m is not None and m[0] == x.shape and m[1] is x.dtype and m[2] is quant:
                 _, _, _, skey, cd, sshape, sn, qn, need, est, nent = m
@@ -251,7 +222,7 @@ class GroupedSendPath:
                 if pending is not None:
                     self._dispatch_bucket(pending, False, stats)
                     pending = None
-                last = it.peek() is _END
+                last = at_end()
                 if quant:
                     from ..formats.quantize import quantize_tensor
 
@@ -280,14 +251,20 @@ class GroupedSendPath:
                 if quant:
                     so = (qn + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
             xdev = x.get_device()
+            pos = len(cur.plan)
+            cur.simple = cur.simple and simple
             if quant:
                 cur.entries.append(self._entry(name, _FP8, x.shape, off, qn))
                 cur.entries.append(self._entry(skey, cd, sshape, so, sn))
                 jk = x.dtype if xdev == dev_idx else (x.dtype, "h2d")
-                jl = cur.qjobs.get(jk)
-                if jl is None:
-                    jl = cur.qjobs[jk] = []
-                jl.append((x, off, so, name))
+                j = cur.qjobs.get(jk)
+                if j is None:
+                    j = cur.qjobs[jk] = Jobs()
+                j.srcs.append(x)
+                j.q_offsets.append(off)
+                j.s_offsets.append(so)
+                j.names.append(name)
+                j.idx.append(pos)
                 cur.end = so + sn
                 stats.num_bytes += qn + sn
                 cur.num_bytes += qn + sn
@@ -295,7 +272,9 @@ class GroupedSendPath:
             else:
                 entry = self._entry(name, x.dtype, x.shape, off, qn)
                 cur.entries.append(entry)
-                cur.copies.append((entry, x))
+                cur.centries.append(entry)
+                cur.csrcs.append(x)
+                cur.cidx.append(pos)
                 cur.end = off + qn
                 stats.num_bytes += qn
                 cur.num_bytes += qn
@@ -309,40 +288,31 @@ class GroupedSendPath:
         self._send_end_of_step(stats)
         self._bucket_plans, self._step_plans = self._step_plans, None
 
-    def _replay_bucket(self, it: _Peekable, plan: _BucketPlan, cur: "_Bucket") -> bool:
+    def _replay_next(self, it: _Peekable, ready: deque, next_planned, plan: replay.BucketPlan,
+                     cur: Bucket) -> bool:
         """Fill ``cur`` with the layout of an earlier step's bucket if the next
-        items are the same (name, shape, dtype, quantized or not, device) as
-        that bucket's, in order; otherwise put the items back and return False."""
-        got = it.take(len(plan.items))
-        if len(got) != len(plan.items):
+        items are that bucket's (:mod:`.replay`); otherwise leave them to be
+        placed one by one and return ``False``."""
+        if plan.fast is not None and not ready:  # at a caller item's boundary: compare lists
+            got = it.take(len(plan.fast.names))
+            xs = replay.match_fast(got, plan.fast)
+            if xs is not None:
+                replay.fill_fast(cur, plan, xs)
+                return True
             it.push_back(got)
-            return False
-        for item, (name, shape, dtype, quant, xdev, _, _, _, _) in zip(got, plan.items):
-            x = item[1]
-            if (item[0] != name or item[2] is not quant or x.dtype is not dtype or x.shape != shape
-                    or x.get_device() != xdev):
-                it.push_back(got)
-                return False
-        qjobs = cur.qjobs
-        for (name, x, _), (_, _, _, quant, _, jk, off, so, entry) in zip(got, plan.items):
-            if quant:
-                jl = qjobs.get(jk)
-                if jl is None:
-                    jl = qjobs[jk] = []
-                jl.append((x, off, so, name))
-            else:
-                cur.copies.append((entry, x))
-        cur.entries = plan.entries
-        cur.token = plan.token
-        cur.end = plan.end
-        cur.manifest_est = plan.manifest_est
-        cur.plan = plan.items
-        cur.num_tensors = plan.num_tensors
-        cur.num_bytes = plan.num_bytes
-        return True
+        got = []
+        for _ in range(len(plan.items)):
+            item = next_planned()
+            if item is _END:
+                break
+            got.append(item)
+        if replay.replay_items(got, plan, cur):
+            return True
+        ready.extendleft(reversed(got))
+        return False
 
-    def _new_bucket(self) -> "_Bucket":
-        b = _Bucket()
+    def _new_bucket(self) -> Bucket:
+        b = Bucket()
         b.slot_idx = self._cur
         self._cur ^= 1
         k = getattr(self, "_ramp", 0)
@@ -350,20 +320,17 @@ class GroupedSendPath:
         b.cap = self.bucket_bytes if k >= 16 else min(self.bucket_bytes, max(RAMP_FIRST_BYTES << k, ALIGNMENT))
         return b
 
-    def _close_bucket(self, b: "_Bucket", pending: "_Bucket | None", stats: SendStats) -> "_Bucket":
+    def _close_bucket(self, b: Bucket, pending: Bucket | None, stats: SendStats) -> Bucket:
         """Launch bucket ``b``'s quantization, then put the previous bucket on
         the wire; returns ``b`` (now pending)."""
         if self._step_plans is not None:
-            if b.token is None:
-                b.token = object()
-            self._step_plans.append(_BucketPlan(b.plan, b.entries, b.end, b.manifest_est, b.num_tensors,
-                                                b.num_bytes, b.token))
+            self._step_plans.append(replay.plan_of(b))
         self._launch_bucket(b, stats)
         if pending is not None:
             self._dispatch_bucket(pending, False, stats)
         return b
 
-    def _launch_bucket(self, b: "_Bucket", stats: SendStats) -> None:
+    def _launch_bucket(self, b: Bucket, stats: SendStats) -> None:
         from ..kernels.triton_fp8 import prepare_grouped, quantize_grouped
 
         t0 = time.perf_counter()
@@ -387,7 +354,7 @@ class GroupedSendPath:
             side.wait_stream(main)  # sources written on the main stream
             checks = []
             for key, jobs in b.qjobs.items():
-                srcs = [j[0] for j in jobs]
+                srcs = jobs.srcs
                 am = None
                 if isinstance(key, tuple):
                     srcs = [t.to(self.device, non_blocking=True) for t in srcs]
@@ -396,16 +363,17 @@ class GroupedSendPath:
                     # as in an earlier step: reuse the prepared launch (no
                     # per-tensor host work, no table upload)
                     lkey = None
-                    if b.token is not None and all([j[0].is_contiguous() for j in jobs]):
+                    if b.token is not None and all(map(_CONTIGUOUS, srcs)):
                         # shapes, strides and offsets follow from the layout
-                        lkey = (key, b.token, tuple([j[0].data_ptr() for j in jobs]))
+                        lkey = (key, b.token, tuple(map(_DATA_PTR, srcs)))
                     if lkey is None:
-                        lkey = (key, tuple([(j[0].data_ptr(), j[0].shape, j[0].stride(), j[1], j[2]) for j in jobs]))
+                        lkey = (key, tuple([(x.data_ptr(), x.shape, x.stride(), qo, so)
+                                            for x, qo, so in zip(srcs, jobs.q_offsets, jobs.s_offsets)]))
                     lc = self._launch_cache
                     prep = lc.get(lkey, False)
                     if prep is False:
                         prep = prepare_grouped(srcs, recipe, self.layout.strategy, self.layout.block_size,
-                                               [j[1] for j in jobs], [j[2] for j in jobs])
+                                               jobs.q_offsets, jobs.s_offsets)
                         if len(lc) >= 1024:
                             lc.clear()
                         lc[lkey] = prep
@@ -414,12 +382,12 @@ class GroupedSendPath:
                 if am is None:
                     _, _, am = quantize_grouped(
                         srcs, recipe, self.layout.strategy, self.layout.block_size, out=slot.buf,
-                        q_offsets=[j[1] for j in jobs], s_offsets=[j[2] for j in jobs], amax="any", views=False,
+                        q_offsets=jobs.q_offsets, s_offsets=jobs.s_offsets, amax="any", views=False,
                     )
                 checks.append(torch.isfinite(am).all().reshape(1))
             t2 = time.perf_counter()
-            if b.copies:
-                self._pack_copies(slot.buf, b.copies, checks)
+            if b.csrcs:
+                self._pack_copies(slot.buf, b, checks)
             stats.pack_s += time.perf_counter() - t2
             flag = self._flags[b.slot_idx]
             if checks:
@@ -432,54 +400,65 @@ class GroupedSendPath:
         b.flag = flag
         stats.quantize_s += time.perf_counter() - t0
 
-    def _pack_copies(self, buf: torch.Tensor, copies: list, checks: list) -> None:
-        """Copy the bucket's unquantized tensors into ``buf`` and queue their
+    def _pack_copies(self, buf: torch.Tensor, b: Bucket, checks: list) -> None:
+        """Copy bucket ``b``'s unquantized tensors into ``buf`` and queue their
         value checks: one multi-tensor copy for those on this device (their
-        destination views are cached per buffer and wire entry: a model sends
-        the same entries every step), and batched checks (a BF16 step of a
-        large MoE is 18k+ tensors: per-tensor launches would cost more host
-        time than the wire takes)."""
+        destination views are cached per buffer and bucket layout: a model
+        sends the same entries every step), and batched checks whose grouping
+        is cached with the layout too (a BF16 step of a large MoE is 18k+
+        tensors: per-tensor launches, or Python per tensor, would cost more
+        host time than the wire takes)."""
+        entries, srcs = b.centries, b.csrcs
         cache = self._dst_cache
-        dsts, srcs, rest = [], [], []
-        for entry, x in copies:
-            if entry.nbytes == 0:
-                continue
-            if x.device != buf.device:
-                rest.append((entry, x))
-                continue
-            key = (id(buf), id(entry))
-            hit = cache.get(key)
-            if hit is None or hit[0] is not entry or hit[1] is not buf:
-                v = buf[entry.offset: entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
-                if len(cache) > 1 << 20:
+        key = (id(buf), b.token)
+        hit = cache.get(key) if b.fast is not None else None
+        if hit is not None and hit[0] is b.token and hit[1] is buf:
+            torch._foreach_copy_(hit[2], hit[3](srcs) if hit[3] is not None else srcs)
+            rest = hit[4]
+        else:
+            dsts, keep, rest = [], [], []
+            for i, (entry, x) in enumerate(zip(entries, srcs)):
+                if entry.nbytes == 0:
+                    continue
+                if x.device != buf.device:
+                    rest.append(i)
+                    continue
+                dsts.append(buf[entry.offset: entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape))
+                keep.append(i)
+            if dsts:
+                torch._foreach_copy_(dsts, [srcs[i] for i in keep])
+            if b.fast is not None and b.token is not None:
+                pick = None if len(keep) == len(srcs) else (
+                    (lambda xs, k=tuple(keep): [xs[i] for i in k]) if keep else (lambda xs: []))
+                if len(cache) > 4096:
                     cache.clear()
-                hit = cache[key] = (entry, buf, v)
-            dsts.append(hit[2])
-            srcs.append(x)
-        if dsts:
-            torch._foreach_copy_(dsts, srcs)
-        for entry, x in rest:
-            wire.pack_into(buf, entry, x, non_blocking=True)
-        for ok in device_values_many([(e.name, x) for e, x in copies], self._scale_name):
+                cache[key] = (b.token, buf, dsts, pick, rest)
+        for i in rest:
+            wire.pack_into(buf, entries[i], srcs[i], non_blocking=True)
+        if b.vgroups is None:
+            b.vgroups = value_groups([(e.name, x) for e, x in zip(entries, srcs)], self._scale_name)
+            if b.fast is not None:
+                b.fast.vgroups = b.vgroups
+        for ok in device_values_grouped(b.vgroups, srcs):
             checks.append(ok.to(self.device, non_blocking=True))
 
-    def _dispatch_bucket(self, b: "_Bucket", last: bool, stats: SendStats) -> None:
+    def _dispatch_bucket(self, b: Bucket, last: bool, stats: SendStats) -> None:
         t0 = time.perf_counter()
         b.event.synchronize()
         stats.quantize_s += time.perf_counter() - t0
         if not bool(b.flag[0]):
             self._raise_nonfinite(b)
         slot = self._slots[b.slot_idx]
-        b.qjobs = b.copies = None  # sources were read: quantization is complete
+        b.qjobs, b.csrcs = None, None  # sources were read: quantization is complete
         self._dispatch(slot, b.entries, slot.buf, b.end, last, stats)
 
-    def _raise_nonfinite(self, b: "_Bucket") -> None:
+    def _raise_nonfinite(self, b: Bucket) -> None:
         for jobs in b.qjobs.values():
-            for x, _, _, name in jobs:
+            for x, name in zip(jobs.srcs, jobs.names):
                 if not bool(torch.isfinite(x).all()):
                     bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
                     raise ValueError(f"{name}: weight contains {bad} values; refusing to quantize")
-        bad = value_problems([(e.name, x) for e, x in b.copies], scale_name=self._scale_name)
+        bad = value_problems(list(zip([e.name for e in b.centries], b.csrcs)), scale_name=self._scale_name)
         if bad:
             raise ValueError("refusing to send step: " + "; ".join(bad))
         # else the batched check's false alarm (a huge finite tensor whose

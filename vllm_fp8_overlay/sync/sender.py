@@ -18,7 +18,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from . import wire
-from .grouped import _END, GroupedSendPath, _BucketPlan
+from .grouped import _END, GroupedSendPath
+from .replay import BucketPlan
 from .sendstate import SendStats, _Peekable, _Slot, _wants_cuda
 from .transport import DEFAULT_TIMEOUT_S, BroadcastGroup, OwnershipLost, Transport, TransportError
 from .values import value_problems
@@ -145,17 +146,17 @@ class WeightSender(GroupedSendPath):
         # and reused: per-name quantization decisions and sizes, wire entries
         # (per name and bucket offset), encoded manifests (per bucket content)
         # and the kernels' device tables (per bucket sources and offsets).
-        self._item_memo: dict = {}  # name -> (shape, dtype, quantize?) of _plan_items
+        self._item_memo: dict = {}  # name -> (shape, dtype, quantize?) of _plan_item
         self._qmemo: dict = {}  # name -> per-item sizes of the grouped loop
         self._ent_cache: dict = {}  # (name, offset) -> TensorEntry
         self._man_cache: dict = {}  # tuple(id(entry)) -> (entries, manifest bytes)
         self._launch_cache: dict = {}  # bucket job key -> prepared grouped launch
-        self._dst_cache: dict = {}  # (id(bucket buffer), id(entry)) -> (entry, buffer, destination view)
+        self._dst_cache: dict = {}  # (id(bucket buffer), layout token) -> destination views of its copies
         # the buckets of the last completed step (grouped path): a step whose
         # items arrive with the same names, shapes, dtypes and devices reuses
         # their layout bucket by bucket without per-item bookkeeping
-        self._bucket_plans: list[_BucketPlan] | None = None
-        self._step_plans: list[_BucketPlan] | None = None
+        self._bucket_plans: list[BucketPlan] | None = None
+        self._step_plans: list[BucketPlan] | None = None
 
     # ------------------------------------------------------------------ API
 
@@ -190,7 +191,7 @@ class WeightSender(GroupedSendPath):
             items = quantize_weights(iter(items), self.layout)
         try:
             if grouped:
-                self._send_step_grouped(_Peekable(self._plan_items(iter(items)), stats), stats)
+                self._send_step_grouped(_Peekable(iter(items), stats), stats)
             else:
                 self._send_step(_Peekable(iter(items), stats), stats)
         except TransportError as e:

@@ -157,25 +157,40 @@ def _many_ok(kind: str, ts: list[torch.Tensor]) -> torch.Tensor | None:
     return None
 
 
-def device_values_many(items: list[tuple[str, torch.Tensor]], scale_name: str | None = None) -> list[torch.Tensor]:
-    """One-element bool tensors whose conjunction is true iff every tensor of
-    ``items`` passes its rule, computed without a host sync (the grouped CUDA
-    send path folds them into its per-bucket flag): batched per kind and
-    dtype (:func:`_many_ok`), tensor by tensor where no batch applies."""
-    out: list[torch.Tensor] = []
-    groups: dict[tuple[str, torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for name, t in items:
+def value_groups(items: list[tuple[str, torch.Tensor]], scale_name: str | None = None) -> list[tuple[str, list[int]]]:
+    """``(kind, indices into items)`` per kind, dtype and device of the tensors
+    a rule applies to: what :func:`device_values_grouped` checks together. A
+    sender that sends the same names, dtypes and devices every step computes
+    this once and reuses it."""
+    groups: dict[tuple[str, torch.dtype, torch.device], list[int]] = {}
+    for i, (name, t) in enumerate(items):
         kind = _kind(name, t, scale_name)
         if kind is None or t.numel() == 0:
             continue
-        groups.setdefault((kind, t.dtype, t.device), []).append(t)
-    for (kind, _, _), ts in groups.items():
+        groups.setdefault((kind, t.dtype, t.device), []).append(i)
+    return [(kind, idx) for (kind, _, _), idx in groups.items()]
+
+
+def device_values_grouped(groups: list[tuple[str, list[int]]], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`device_values_many` over groups from :func:`value_groups`
+    (``tensors`` in the order of the items they were computed from)."""
+    out: list[torch.Tensor] = []
+    for kind, idx in groups:
+        ts = [tensors[i] for i in idx]
         ok = _many_ok(kind, ts) if len(ts) > 1 else None
         if ok is None:
             out += [device_values_ok("", t) if kind != "scale" else _scale_ok(t) for t in ts]
         else:
             out.append(ok)
     return out
+
+
+def device_values_many(items: list[tuple[str, torch.Tensor]], scale_name: str | None = None) -> list[torch.Tensor]:
+    """One-element bool tensors whose conjunction is true iff every tensor of
+    ``items`` passes its rule, computed without a host sync (the grouped CUDA
+    send path folds them into its per-bucket flag): batched per kind and
+    dtype (:func:`_many_ok`), tensor by tensor where no batch applies."""
+    return device_values_grouped(value_groups(items, scale_name), [t for _, t in items])
 
 
 def _scale_ok(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,183 @@
+"""The sender's own cost per step, without a wire: one GPU is enough.
+
+``WeightSender`` sends the synthetic checkpoints of ``bench_sync.py`` (dense
+7B, the 10B MoE, the Qwen3-30B-A3B shape) through a transport whose
+broadcasts complete at once, so what is left of a step is the sender itself:
+its host loop over the items (iterator, memo, bucket-layout replay, launch
+keys, manifests) and the quantization kernels it waits for. On two GPUs that
+host loop runs beside the wire; when it takes about as long as the wire it
+becomes the critical path (the slow mode of ``bench_sync.py``'s MoE
+columns). Columns per model, medians of ``--iters`` steps after two
+warm-ups (the second one replays the first one's bucket layout):
+
+* host ms: wall time of ``send()`` (host loop plus its waits for the kernels);
+* kernels ms: the quantization kernels alone (the sender's prepared grouped
+  launches over every weight, CUDA events), the floor of ``send()``;
+* us per item: (host - kernels) / items, the host work per checkpoint tensor;
+* bf16 host ms: the same with ``layout=None`` (the a_ws path: copies only).
+
+``--profile`` writes a cProfile of one replayed step per model.
+
+    python benchmarks/sender_host.py --out DIR          # one CUDA GPU
+    python benchmarks/sender_host.py --cpu-smoke --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as _dt
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_sync import LAYOUT, MODELS, build_weights, model_specs  # noqa: E402
+from vllm_fp8_overlay.sync import WeightSender  # noqa: E402
+
+
+class _Done:
+    def wait(self) -> None:
+        pass
+
+
+class NoWire:
+    """Rank 0 of a group whose broadcasts complete at once (nothing is sent)."""
+
+    rank = 0
+    world_size = 2
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def broadcast(self, tensor: torch.Tensor, async_op: bool = False):
+        return _Done() if async_op else None
+
+    def close(self) -> None:
+        pass
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _steps(snd: WeightSender, weights, dev, iters: int, step0: int) -> tuple[float, list[float]]:
+    ts = []
+    for i in range(2 + iters):
+        _sync(dev)
+        t0 = time.perf_counter()
+        snd.send(weights, step=step0 + i)
+        _sync(dev)
+        if i >= 2:
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def _kernels_s(weights, dev, iters: int) -> float:
+    """The sender's prepared grouped launch over every quantized weight, alone."""
+    if dev.type != "cuda":
+        return float("nan")
+    from vllm_fp8_overlay.kernels.triton_fp8 import prepare_grouped
+
+    qt = [t for n, t in weights if LAYOUT.is_quantized(n)]
+    qo, so, end = [], [], 0
+    for t in qt:
+        qo.append(end)
+        end = (end + t.numel() + 63) // 64 * 64
+    for t in qt:
+        so.append(end)
+        end = (end + 4 * -(-t.shape[0] // 128) * -(-t.shape[1] // 128) + 63) // 64 * 64
+    out = torch.empty(end, dtype=torch.uint8, device=dev)
+    prep = prepare_grouped(qt, "hf", "block", (128, 128), qo, so)
+    ts = []
+    for i in range(2 + iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        prep(qt, out)
+        b.record()
+        b.synchronize()
+        if i >= 2:
+            ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts)
+
+
+def run(args) -> dict:
+    dev = torch.device("cpu") if args.cpu_smoke else torch.device("cuda:0")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        from vllm_fp8_overlay import kernels
+
+        kernels.register(make_default=True)
+    res: dict = {"models": {}}
+    for kind in args.models:
+        specs = model_specs(kind, args.cpu_smoke, 16)
+        flat, weights = build_weights(specs, dev)
+        r: dict = {"tensors": len(specs)}
+        snd = WeightSender(LAYOUT, "", 0, 2, transport=NoWire(dev), device=dev)
+        r["host_s"], r["host_runs"] = _steps(snd, weights, dev, args.iters, 0)
+        r["kernels_s"] = _kernels_s(weights, dev, args.iters)
+        r["us_per_item"] = 1e6 * (r["host_s"] - (0 if r["kernels_s"] != r["kernels_s"] else r["kernels_s"])) / len(specs)
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            snd.send(weights, step=10_000)
+            _sync(dev)
+            prof.disable()
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"profile_{kind}.txt").write_text(s.getvalue())
+        raw = WeightSender(None, "", 0, 2, transport=NoWire(dev), device=dev)
+        r["bf16_host_s"], r["bf16_host_runs"] = _steps(raw, weights, dev, args.iters, 0)
+        res["models"][kind] = r
+        del flat, weights, snd, raw
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    res["card"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    res["torch"] = torch.__version__
+    res["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return res
+
+
+def report(res: dict, iters: int) -> str:
+    lines = [f"# Sender cost per step without a wire ({res['card']}, {res['date']}, torch {res['torch']})", "",
+             f"Medians of {iters} steps after two warm-ups.", "",
+             "| model | tensors | host ms | kernels ms | us per item | bf16 host ms |", "|---|---|---|---|---|---|"]
+    for kind, r in res["models"].items():
+        lines.append(f"| {kind} | {r['tensors']} | {1e3 * r['host_s']:.1f} | {1e3 * r['kernels_s']:.1f} | "
+                     f"{r['us_per_item']:.2f} | {1e3 * r['bf16_host_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="sender_host_out")
+    ap.add_argument("--iters", type=int, default=7)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (the per-tensor path)")
+    ap.add_argument("--profile", action="store_true", help="cProfile of one replayed step per model")
+    args = ap.parse_args(argv)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        sys.exit("needs a CUDA device (or --cpu-smoke)")
+    res = run(args)
+    md = report(res, args.iters)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    (out / "results.md").write_text(md)
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()
