@@ -294,6 +294,45 @@ def test_sender_fast_replay_equals_the_torch_reference():
         snd.send(bad, step=9)
 
 
+def test_sender_replays_prequantized_and_fused_items_item_by_item():
+    """Pre-quantized weights (``sources.Prequantized``, what the sharded
+    stream yields) and fused 3-D experts split on the fly are not plain
+    tensors: their buckets are compared item by item on later steps, still
+    reused, and every received tensor equals the torch reference bitwise."""
+    from vllm_fp8_overlay.formats import FP8Layout, quantize_tensor
+    from vllm_fp8_overlay.formats import quantize as R
+    from vllm_fp8_overlay.sync import WeightReceiver, WeightSender
+    from vllm_fp8_overlay.sync.sources import Prequantized
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+    layout = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv",
+                       hidden_size=256)
+    full = {f"model.layers.{i}.mlp.down_proj.weight": _sample((256, 384), torch.bfloat16, "n", i) for i in range(4)}
+    fused = _sample((4, 256, 256), torch.bfloat16, "n", 50)  # [experts, 2 * intermediate, hidden]
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(layout, "", 0, 0, bucket_bytes=256 << 10, transport=rec)
+    for step in range(4):
+        if step == 2:
+            for t in (*full.values(), fused):
+                t.mul_(-0.75)
+        items = [(n, Prequantized(*quantize_tensor(t, layout, name=n, backend="torch"))) if k % 2 else (n, t)
+                 for k, (n, t) in enumerate(full.items())]
+        items.append(("model.layers.0.mlp.experts.gate_up_proj", fused))
+        rec.messages.clear()
+        st = snd.send(items, step=step)
+        if step:
+            assert st.reused_buckets == st.num_buckets > 1
+        got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
+        ref = {n: t.cpu() for n, t in R.quantize_weights(
+            iter([*full.items(), ("model.layers.0.mlp.experts.gate_up_proj", fused)]), layout, backend="torch")}
+        assert got.keys() == ref.keys() and len(ref) == 2 * 4 + 2 * 8
+        for n, r in ref.items():
+            g = got[n].cpu()
+            assert g.dtype == r.dtype and tuple(g.shape) == tuple(r.shape), n
+            assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                               r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"step {step}: {n}"
+
+
 @pytest.mark.parametrize("dtype,recipe", [(torch.bfloat16, "hf"), (torch.bfloat16, "ct"), (torch.float16, "hf")])
 def test_block_kernel_equals_torch_on_every_16bit_pair(dtype, recipe):
     """Every (amax, x) pair of the dtype (about 2.7e9 elements) through the
