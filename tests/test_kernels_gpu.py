@@ -333,6 +333,38 @@ def test_sender_replays_prequantized_and_fused_items_item_by_item():
                                r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"step {step}: {n}"
 
 
+def test_bucket_value_check_on_cuda():
+    """On CUDA the worker's payload check is one launch per dtype over the
+    bucket (``kernels.value_check``): its count of offending elements equals
+    torch's, tensor by tensor, for every case of
+    ``testing.value_check_cases``; ``BucketChecks.check_payload`` passes a
+    clean bucket without checking tensor by tensor and names the tensor of a
+    poisoned one."""
+    from vllm_fp8_overlay.sync import values
+    from vllm_fp8_overlay.sync.apply.validate import BucketChecks
+    from vllm_fp8_overlay.testing.value_check_cases import _buckets, run_cases
+
+    count, fails = run_cases("cuda")
+    assert count >= 100 and fails == [], fails[:5]
+    scale_name, buckets = _buckets(torch.device("cuda"))
+    checks = BucketChecks([], scale_name=scale_name)
+    real = values.value_problems
+    calls = []
+    try:
+        values.value_problems = lambda *a, **k: calls.append(1) or real(*a, **k)
+        import vllm_fp8_overlay.sync.apply.validate as V
+
+        V.value_problems = values.value_problems
+        assert all(checks.check_payload(b) == [] for b in buckets) and calls == []
+        name, t = next((n, t) for b in buckets for n, t in b.tensors if t.dtype == torch.float8_e4m3fn)
+        t.view(torch.uint8).view(-1)[-1] = 0xFF
+        bad = [p for b in buckets for p in checks.check_payload(b)]
+        assert calls and len(bad) == 1 and bad[0].startswith(name)
+    finally:
+        values.value_problems = real
+        V.value_problems = real
+
+
 @pytest.mark.parametrize("dtype,recipe", [(torch.bfloat16, "hf"), (torch.bfloat16, "ct"), (torch.float16, "hf")])
 def test_block_kernel_equals_torch_on_every_16bit_pair(dtype, recipe):
     """Every (amax, x) pair of the dtype (about 2.7e9 elements) through the

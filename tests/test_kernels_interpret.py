@@ -136,3 +136,20 @@ def test_backend_registration_without_cuda():
         assert made_default is False
         assert get_backend().name == before
     assert get_backend("triton").name == "triton"
+
+
+def test_bucket_value_check_counts_exactly_under_interpreter():
+    """The one-launch bucket check (``kernels.value_check``) counts exactly
+    the elements torch finds bad, tensor by tensor, for every poison of
+    ``testing.value_check_cases`` (FP8 NaN bytes, NaN / Inf / zero /
+    negative scales, NaN / Inf in bf16, fp16, float32 and float64 tensors,
+    spans longer than one work item), and agrees with ``value_problems``."""
+    script = ("from vllm_fp8_overlay.testing.value_check_cases import run_cases\n"
+              "import json\nc, f = run_cases('cpu')\nprint('RESULT ' + json.dumps({'count': c, 'fails': f}))\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert res["count"] >= 100
+    assert res["fails"] == []

@@ -16,7 +16,6 @@ import sys
 import time
 import urllib.request
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 from packaging.version import Version

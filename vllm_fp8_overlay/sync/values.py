@@ -25,7 +25,8 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["FP8_NAN_BYTES", "is_scale_name", "value_problems", "device_values_ok", "device_values_many",
+__all__ = ["FP8_NAN_BYTES", "is_scale_name", "kind_of", "value_problems", "payload_values_ok", "value_groups",
+           "device_values_grouped", "device_values_ok", "device_values_many",
            "raise_on_bad_values"]
 
 #: per FP8 dtype, (mask, value): a byte ``b`` encodes NaN/Inf iff ``b & mask == value``
@@ -50,12 +51,17 @@ def is_scale_name(name: str, scale_name: str | None = None) -> bool:
     return bool(scale_name) and name.endswith("." + scale_name)
 
 
-def _kind(name: str, t: torch.Tensor, scale_name: str | None) -> str | None:
-    if t.dtype in FP8_NAN_BYTES:
+def kind_of(name: str, dtype: torch.dtype, scale_name: str | None) -> str | None:
+    """The rule a tensor falls under: ``"fp8"``, ``"scale"``, ``"float"`` or ``None`` (not checked)."""
+    if dtype in FP8_NAN_BYTES:
         return "fp8"
-    if t.dtype in _FLOATS:
+    if dtype in _FLOATS:
         return "scale" if is_scale_name(name, scale_name) else "float"
     return None
+
+
+def _kind(name: str, t: torch.Tensor, scale_name: str | None) -> str | None:
+    return kind_of(name, t.dtype, scale_name)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -212,6 +218,28 @@ def device_values_ok(name: str, t: torch.Tensor, scale_name: str | None = None) 
     if kind == "scale":
         return (torch.isfinite(x) & (x > 0)).all().reshape(1)
     return torch.isfinite(x).all().reshape(1)
+
+
+def payload_values_ok(payload: torch.Tensor, entries, scale_name: str | None = None) -> bool | None:
+    """Whether every tensor of a received bucket passes its rule, checked on
+    the payload itself in one launch per dtype (CUDA with Triton,
+    :mod:`vllm_fp8_overlay.kernels.value_check`); ``None`` where that check
+    does not apply (then check tensor by tensor). ``entries``: the bucket's
+    wire entries (``manifest.tensors``); the check's tables are cached per
+    entries object, which a receiver's manifest cache keeps the same while
+    the trainer sends the same manifest."""
+    if payload.device.type != "cuda":
+        return None
+    from ..kernels import triton_available
+
+    if not triton_available():
+        return None
+    from ..kernels.value_check import plan_payload_check
+
+    plan = plan_payload_check(entries, scale_name, payload.device, kind_of)
+    if plan is None:
+        return None
+    return int(plan.count_bad(payload)[0]) == 0
 
 
 def raise_on_bad_values(items: Iterable[tuple[str, torch.Tensor]], *, scale_name: str | None = None,
