@@ -9,6 +9,13 @@ with manifests cached and buffers kept, are measured end to end by
 ``bench_sync.py``'s ``c_keep`` column.) This is a floor for the
 end-to-end time of models with many small tensors, whatever the sender does.
 
+Then what a vLLM worker checks on the host before it loads a step
+(``apply/steps.py``): each bucket's manifest against the served checkpoint
+and the model's parameters (``BucketChecks.check_manifest``, mode auto) and
+the whole step's names, dtypes and shapes, on the first step and on later
+steps that bring the same manifests (decoded through one manifest cache, as
+a receiver does).
+
     python benchmarks/host_cost.py
 """
 
@@ -90,5 +97,35 @@ def main():
               f"{view * 1e3:.1f} ms per step ({(dec + view) / n * 1e6:.1f} us/entry) [first step]")
 
 
+def worker_checks(kinds=("dense", "moe", "qwen3-30b-a3b"), steps: int = 6) -> None:
+    from vllm_fp8_overlay.sync.apply.validate import BucketChecks, dtype_name, layout_key, spec_problems, tensor_specs
+
+    layout = LAYOUT.to_dict()
+    want = layout_key(layout)[0]
+    for kind in kinds:
+        bs = buckets(model_specs(kind, False, 16))
+        raw = [(Header(kind=MessageKind.BUCKET, step=1, index=i, flags=0, manifest_len=len(m), payload_len=end,
+                       checksum_algo=0, payload_checksum=0, manifest_crc32=zlib.crc32(m)), m)
+               for i, (ents, end) in enumerate(bs) for m in [wire.encode_manifest(ents, layout)]]
+        cache = wire.ManifestCache()
+        served = {e.name: (dtype_name(e.dtype), tuple(e.shape)) for ents, _ in bs for e in ents}
+        params = {n.replace(".weight", ".w"): sp for n, sp in served.items()}  # another reference, as in mode auto
+        metas = [(e.name, torch.empty(e.shape, dtype=e.dtype, device="meta")) for ents, _ in bs for e in ents]
+        passed: dict = {}
+        ts = []
+        for _ in range(steps):
+            mans = [wire.decode_bucket_manifest(h, m, wire.DEFAULT_LIMITS, cache) for h, m in raw]
+            t0 = time.perf_counter()
+            checks = BucketChecks([(served, "the served checkpoint", want), (params, "the parameters", None)],
+                                  passed=passed)
+            assert all(checks.check_manifest(m) == [] for m in mans)
+            if not (checks.matched_only(served, len(mans)) and len(metas) == len(served)):
+                assert spec_problems(tensor_specs(metas), served, what="x") == []
+            ts.append(time.perf_counter() - t0)
+        print(f"{kind}: {len(bs)} buckets, {len(metas)} entries: worker checks {ts[0] * 1e3:.1f} ms on the "
+              f"first step, {statistics.median(ts[1:]) * 1e3:.1f} ms on later steps (median of {steps - 1})")
+
+
 if __name__ == "__main__":
     main()
+    worker_checks()
