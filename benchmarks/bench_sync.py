@@ -18,6 +18,8 @@ and times per model
          the receiver allocates each step's buckets afresh (``receive_all``)
   c_keep c with ``WeightReceiver(keep_step_buffers=True)``: the receiver reuses
          its bucket buffers and tensor views across steps
+  c_worker c with the vLLM worker's per-bucket checks inside ``receive_all``
+         (``BucketChecks``: manifests against the served checkpoint, value sentinels)
 
 each end to end: from a barrier until the receiver holds every tensor
 (``receive_all``, ready for the loader) and both sides are synchronized.
@@ -415,6 +417,29 @@ def _worker(rank, args, ports):
 
         keep_default = rcv.keep_step_buffers if rank == 1 else None
         r["c_keep_s"], r["c_keep_runs"] = timed(gk0, gk1)
+
+        # (c_worker) c as a vLLM worker receives it: the receiver's defaults plus the worker's
+        # per-bucket checks (names, dtypes and shapes against the served checkpoint, remembered
+        # across steps; value sentinels per bucket), as apply/steps.py runs them
+        if rank == 1:
+            from vllm_fp8_overlay.sync.apply.validate import BucketChecks, dtype_name, layout_key
+
+            rcv.keep_step_buffers = keep_default
+            served = {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in got["keep"]}
+            want = layout_key(LAYOUT.to_dict())[0]
+            passed: dict = {}
+
+        def gw1(i):
+            got.pop("keep", None)
+            got.pop("w", None)
+            checks = BucketChecks([(served, "the served checkpoint", want)], scale_name=LAYOUT.scale_name,
+                                  passed=passed)
+            out = rcv.receive_all(check_manifest=checks.check_manifest, check_payload=checks.check_payload)
+            got["w"] = out.tensors
+
+        r["c_worker_s"], r["c_worker_runs"] = timed(gk0, gw1)
+        if rank == 1:
+            got["keep"] = got.pop("w")
         if args.study:
             # side by side in this run: the receiver without posting the payload
             # before reading the manifest, the sender without the bucket ramp
@@ -594,10 +619,12 @@ def report(res, args):
               "events, alone); wire = raw broadcast of the step's FP8 bytes; receive = c (end to end: quantize, "
               "wire and receive overlapped, until the receiver holds the step); validate = the receiver's value "
               "sentinels over the step; load = GPU stand-in (`_foreach_copy_` of every tensor into preallocated "
-              "destinations); total = receive + validate + load.", "",
+              "destinations); total = receive + validate + load; c_worker = c received as a vLLM worker "
+              "receives it, with its per-bucket checks inline (manifests against the served checkpoint, "
+              "remembered across steps, and the value sentinels per bucket).", "",
               "| model | tensors | quantize ms | wire ms | receive (c) ms | validate ms | load ms | total ms | "
-              "a: bf16 ms | a_ws ms | c/a | total/a | a_ws/a |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "a: bf16 ms | a_ws ms | c_worker ms | c/a | total/a | a_ws/a | c_worker/a |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in args.models:
         r = res[kind]
         a, c = r["a_bf16_raw_s"], r["c_grouped_s"]
@@ -606,8 +633,8 @@ def report(res, args):
         ms = lambda k: f"{1e3 * r[k]:.1f}" if k in r else "-"  # noqa: E731
         lines.append(f"| {kind} | {r['tensors']} | {ms('quant_prepared_s')} | {ms('fp8_raw_bcast_s')} | "
                      f"{ms('c_grouped_s')} | {ms('validate_s')} | {ms('load_s')} | {1e3 * tot:.1f} | "
-                     f"{ms('a_bf16_raw_s')} | {ms('a_bf16_sender_s')} | {c / a:.2f} | {tot / a:.2f} | "
-                     f"{r['a_ws_over_a']:.2f} |")
+                     f"{ms('a_bf16_raw_s')} | {ms('a_bf16_sender_s')} | {ms('c_worker_s')} | {c / a:.2f} | "
+                     f"{tot / a:.2f} | {r['a_ws_over_a']:.2f} | {r['c_worker_s'] / a:.2f} |")
     if args.study:
         lines += ["", "Study (same run, ms): " + "; ".join(
             f"{k}: c {1e3 * res[k]['c_grouped_s']:.1f}, " + ", ".join(
