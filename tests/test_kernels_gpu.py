@@ -365,6 +365,57 @@ def test_bucket_value_check_on_cuda():
         V.value_problems = real
 
 
+def test_cuda_receiver_checks_manifests_early_only_into_held_buffers():
+    """With a caller's manifest check (the vLLM worker's), the CUDA receiver
+    posts a bucket's payload together with its manifest only when the
+    payload goes into a buffer it already holds (from the second step on),
+    so the check still runs before anything is allocated; a bucket the check
+    rejects is not handed out, the step is rejected naming it, and the next
+    step is received normally (after a failed step, whose buffers are
+    released, into new buffers checked first again)."""
+    from vllm_fp8_overlay.sync import StepRejectedError, WeightReceiver, WeightSender
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(None, "", 0, 0, bucket_bytes=64 << 10, transport=rec)
+    sd = {f"w{i}.weight": torch.randn(64, 96, device="cuda").bfloat16() for i in range(16)}
+    for step in range(1, 6):
+        snd.send(sd, step=step)
+    r = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages), device="cuda"))
+    early, allocs = [], []
+    real_early, real_alloc = r._recv_early, r._alloc
+    r._recv_early = lambda h, fresh: early.append(h.index) or real_early(h, fresh)
+    r._alloc = lambda n: allocs.append(n) or real_alloc(n)
+    seen = []
+
+    def check(m):
+        seen.append((len(allocs), m.index))
+        return [f"{m.tensors[0].name}: refused"] if reject[0] and m.index == 1 else []
+
+    reject = [False]
+    got = dict(r.receive_all(expected_step=1, check_manifest=check).tensors)
+    n_buckets = len(seen)
+    assert early == [] and n_buckets > 2  # first step: every payload buffer is new, so checked first
+    assert all(torch.equal(got[n], t) for n, t in sd.items())
+    del got
+    for step in (2, 3, 4, 5):
+        early.clear()
+        allocs.clear()
+        reject[0] = step == 3
+        if step == 3:
+            with pytest.raises(StepRejectedError, match="refused"):
+                r.receive_all(expected_step=step, check_manifest=check)
+            assert r.broken is None
+            continue
+        got = dict(r.receive_all(expected_step=step, check_manifest=check).tensors)
+        assert all(torch.equal(got[n], t) for n, t in sd.items())
+        if step == 4:  # a failed step releases every buffer: checked before allocating again
+            assert early == [] and allocs
+        else:  # held buffers: payloads posted with their manifests, nothing allocated
+            assert len(early) == n_buckets and allocs == []
+        del got
+
+
 @pytest.mark.parametrize("dtype,recipe", [(torch.bfloat16, "hf"), (torch.bfloat16, "ct"), (torch.float16, "hf")])
 def test_block_kernel_equals_torch_on_every_16bit_pair(dtype, recipe):
     """Every (amax, x) pair of the dtype (about 2.7e9 elements) through the

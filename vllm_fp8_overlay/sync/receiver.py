@@ -319,8 +319,9 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
             while True:
                 h = self._recv_header()
                 pre = None
-                if (self._early and h.kind == MessageKind.BUCKET and check_manifest is None and not st.problems
-                        and h.payload_len <= self.bucket_bytes):
+                if (self._early and h.kind == MessageKind.BUCKET and not st.problems
+                        and h.payload_len <= self.bucket_bytes
+                        and (check_manifest is None or self._reuses(h, fresh))):
                     raw, pre = self._recv_early(h, fresh)
                 else:
                     raw = self._recv_manifest(h)

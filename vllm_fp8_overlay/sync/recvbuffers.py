@@ -119,6 +119,19 @@ class ReceiveBuffers:
         self._scratch = self._grow(self._scratch, h.payload_len + SEAL_SIZE)
         return self._scratch[: h.payload_len + SEAL_SIZE]
 
+    def _reuses(self, h: Header, fresh: bool) -> bool:
+        """Whether :meth:`_payload_buffer` will put this bucket into a buffer
+        the receiver already holds (nothing is allocated for it)."""
+        n = h.payload_len + SEAL_SIZE
+        if fresh and self.keep_step_buffers is None:
+            rec = self._auto[h.index] if h.index < len(self._auto) else None
+            return rec is not None and rec.ready and rec.buf.numel() >= n
+        if fresh and not self.keep_step_buffers:
+            return False
+        if fresh:
+            return h.index < len(self._step_bufs) and self._step_bufs[h.index].numel() >= n
+        return self._buf is not None and self._buf.numel() >= n
+
     def _payload_buffer(self, h: Header, fresh: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(transfer view, kept buffer it lies in or None)`` for a bucket."""
         n = h.payload_len + SEAL_SIZE

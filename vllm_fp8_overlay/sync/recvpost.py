@@ -7,9 +7,12 @@ are posted decides how long the wire idles between a bucket's messages:
 * the next message's header (fixed size, and a BUCKET is always followed by
   another message of its step) is posted right behind each payload, and at
   the start of a step before the receiver's own bookkeeping;
-* without a caller's manifest check, a bucket's manifest, payload and the
-  next header are posted together, and the manifest is read and validated
-  while the payload arrives (:meth:`PostedReceives._recv_early`);
+* a bucket's manifest, payload and the next header are posted together,
+  and the manifest is read, validated and checked while the payload arrives
+  (:meth:`PostedReceives._recv_early`): without a caller's manifest check,
+  or with one when the payload goes into a buffer the receiver already
+  holds (nothing is allocated before the check, which is its contract; a
+  bucket it rejects is not handed out);
 * the seal is read from a pinned host copy queued behind the payload.
 
 On CPU (gloo, whose receives block the host) every transfer is posted when
@@ -51,9 +54,10 @@ class PostedReceives:
         the manifest while the payload is on the wire (instead of a host round
         trip between them). Only for a payload within the bucket size agreed at
         the handshake (a buffer this receiver accepted to hold) and without a
-        caller's manifest check (whose contract is to run before the payload
-        is allocated); the manifest is validated before anything of the
-        payload is handed out, and an invalid one breaks the stream as before."""
+        caller's manifest check or with one when the payload goes into a
+        buffer already held (the check's contract is to run before the payload
+        is allocated); the manifest is validated and checked before anything of
+        the payload is handed out, and an invalid one breaks the stream as before."""
         try:
             self._man = self._grow(self._man, max(h.manifest_len, 4096))
             man = self._man[: h.manifest_len]
