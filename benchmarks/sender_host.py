@@ -14,7 +14,10 @@ warm-ups (the second one replays the first one's bucket layout):
 * kernels ms: the quantization kernels alone (the sender's prepared grouped
   launches over every weight, CUDA events), the floor of ``send()``;
 * us per item: (host - kernels) / items, the host work per checkpoint tensor;
-* bf16 host ms: the same with ``layout=None`` (the a_ws path: copies only).
+* bf16 host ms: the same with ``layout=None`` (the a_ws path: copies only);
+* prequantized host ms: the FP8 send of the same weights already quantized
+  (``sources.Prequantized``, what a sharded trainer's ``sharded_stream``
+  yields): the sender copies FP8 weights and scales as they are.
 
 ``--profile`` writes a cProfile of one replayed step per model.
 
@@ -83,6 +86,19 @@ def _steps(snd: WeightSender, weights, dev, iters: int, step0: int) -> tuple[flo
     return statistics.median(ts), ts
 
 
+def _profile(snd: WeightSender, items, dev, path: Path) -> None:
+    """cProfile of one more (replayed) step."""
+    prof = cProfile.Profile()
+    prof.enable()
+    snd.send(items, step=10_000)
+    _sync(dev)
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(s.getvalue())
+
+
 def _kernels_s(weights, dev, iters: int) -> float:
     """The sender's prepared grouped launch over every quantized weight, alone."""
     if dev.type != "cuda":
@@ -128,19 +144,23 @@ def run(args) -> dict:
         r["kernels_s"] = _kernels_s(weights, dev, args.iters)
         r["us_per_item"] = 1e6 * (r["host_s"] - (0 if r["kernels_s"] != r["kernels_s"] else r["kernels_s"])) / len(specs)
         if args.profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            snd.send(weights, step=10_000)
-            _sync(dev)
-            prof.disable()
-            s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / f"profile_{kind}.txt").write_text(s.getvalue())
+            _profile(snd, weights, dev, Path(args.out) / f"profile_{kind}.txt")
         raw = WeightSender(None, "", 0, 2, transport=NoWire(dev), device=dev)
         r["bf16_host_s"], r["bf16_host_runs"] = _steps(raw, weights, dev, args.iters, 0)
+        del raw
+        if dev.type == "cuda":
+            from vllm_fp8_overlay.formats import quantize_tensor
+            from vllm_fp8_overlay.sync.sources import Prequantized
+
+            pre = [(n, Prequantized(*quantize_tensor(t, LAYOUT, name=n)) if LAYOUT.is_quantized(n) else t)
+                   for n, t in weights]
+            snd_pre = WeightSender(LAYOUT, "", 0, 2, transport=NoWire(dev), device=dev)
+            r["pre_host_s"], r["pre_host_runs"] = _steps(snd_pre, pre, dev, args.iters, 0)
+            if args.profile:
+                _profile(snd_pre, pre, dev, Path(args.out) / f"profile_prequantized_{kind}.txt")
+            del pre, snd_pre
         res["models"][kind] = r
-        del flat, weights, snd, raw
+        del flat, weights, snd
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     res["card"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -152,10 +172,12 @@ def run(args) -> dict:
 def report(res: dict, iters: int) -> str:
     lines = [f"# Sender cost per step without a wire ({res['card']}, {res['date']}, torch {res['torch']})", "",
              f"Medians of {iters} steps after two warm-ups.", "",
-             "| model | tensors | host ms | kernels ms | us per item | bf16 host ms |", "|---|---|---|---|---|---|"]
+             "| model | tensors | host ms | kernels ms | us per item | bf16 host ms | prequantized host ms |",
+             "|---|---|---|---|---|---|---|"]
     for kind, r in res["models"].items():
+        pre = f"{1e3 * r['pre_host_s']:.1f}" if "pre_host_s" in r else "-"
         lines.append(f"| {kind} | {r['tensors']} | {1e3 * r['host_s']:.1f} | {1e3 * r['kernels_s']:.1f} | "
-                     f"{r['us_per_item']:.2f} | {1e3 * r['bf16_host_s']:.1f} |")
+                     f"{r['us_per_item']:.2f} | {1e3 * r['bf16_host_s']:.1f} | {pre} |")
     return "\n".join(lines) + "\n"
 
 

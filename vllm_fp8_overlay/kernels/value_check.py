@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["PayloadCheck", "plan_payload_check"]
+__all__ = ["PayloadCheck", "plan_payload_check", "build_payload_check"]
 
 #: elements per work item (per program)
 BLOCK = 8192
@@ -100,13 +100,25 @@ def plan_payload_check(entries: Sequence[Any], scale_name: str | None, device: t
     device (``None`` for a layout it cannot check). ``kind_of(name, dtype, scale_name)`` is the rule of
     :mod:`vllm_fp8_overlay.sync.values` (``"fp8"``, ``"scale"``,
     ``"float"`` or ``None``)."""
-    from ..sync.values import FP8_NAN_BYTES
-
     key = (id(entries), scale_name, device)
     hit = _PLANS.get(key)
     if hit is not None and hit.entries is entries:
         _PLANS.move_to_end(key)
         return hit
+    plan = build_payload_check(entries, scale_name, device, kind_of)
+    if plan is None:
+        return None
+    _PLANS[key] = plan
+    while len(_PLANS) > _PLANS_MAX:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def build_payload_check(entries: Sequence[Any], scale_name: str | None, device: torch.device,
+                        kind_of) -> PayloadCheck | None:
+    """:func:`plan_payload_check` without its cache (for a caller that keeps the plan itself)."""
+    from ..sync.values import FP8_NAN_BYTES
+
     spans: dict[tuple[str, torch.dtype], list[tuple[int, int]]] = {}
     for e in entries:
         kind = kind_of(e.name, e.dtype, scale_name)
@@ -125,8 +137,4 @@ def plan_payload_check(entries: Sequence[Any], scale_name: str | None, device: t
         rule = FP8_NAN_BYTES[dtype] if kind == "fp8" else (0, 0)
         code = {"fp8": _FP8, "scale": _SCALE, "float": _FLOAT}[kind]
         groups.append((code, dtype, rule, torch.from_numpy(starts).to(device), torch.from_numpy(lens).to(device)))
-    plan = PayloadCheck(groups, entries)
-    _PLANS[key] = plan
-    while len(_PLANS) > _PLANS_MAX:
-        _PLANS.popitem(last=False)
-    return plan
+    return PayloadCheck(groups, entries)

@@ -53,7 +53,7 @@ class Jobs:
 class Bucket:
     """A bucket of the grouped path: wire entries, quantization and copy jobs."""
 
-    __slots__ = ("slot_idx", "cap", "token", "entries", "qjobs", "centries", "csrcs", "cidx", "vgroups", "end",
+    __slots__ = ("slot_idx", "cap", "token", "entries", "qjobs", "centries", "csrcs", "cidx", "end",
                  "manifest_est", "event", "flag", "plan", "num_tensors", "num_bytes", "simple", "fast")
 
     def __init__(self) -> None:
@@ -65,7 +65,6 @@ class Bucket:
         self.centries: list[TensorEntry] = []  # tensors copied as they are: wire entries ...
         self.csrcs: list[torch.Tensor] = []  # ... and sources
         self.cidx: list[int] = []  # ... and positions among the bucket's items
-        self.vgroups = None  # value-check groups of the copies (values.value_groups), when known
         self.end = 0
         self.manifest_est = 64
         self.event = None
@@ -90,7 +89,6 @@ class FastPlan:
     quant: dict  # jk -> (positions, fp8 offsets, scale offsets, names)
     cidx: list[int]
     centries: list[TensorEntry]
-    vgroups: Any = None  # value-check groups of the copies, filled by the first step that packs them
 
 
 @dataclass(frozen=True)
@@ -122,7 +120,7 @@ def plan_of(b: Bucket) -> BucketPlan:
             names=[p[0] for p in items], shapes=[p[1] for p in items], dtypes=[p[2] for p in items],
             devices=[p[4] for p in items],
             quant={jk: (tuple(j.idx), j.q_offsets, j.s_offsets, j.names) for jk, j in b.qjobs.items()},
-            cidx=list(b.cidx), centries=list(b.centries), vgroups=b.vgroups)
+            cidx=list(b.cidx), centries=list(b.centries))
     b.fast = fast
     return BucketPlan(b.plan, b.entries, b.end, b.manifest_est, b.num_tensors, b.num_bytes, b.token, fast)
 
@@ -157,7 +155,6 @@ def fill_fast(cur: Bucket, plan: BucketPlan, xs: list[torch.Tensor]) -> None:
         cidx = fast.cidx
         cur.csrcs = [xs[cidx[0]]] if len(cidx) == 1 else list(itemgetter(*cidx)(xs))
         cur.centries = fast.centries
-    cur.vgroups = fast.vgroups
     cur.fast = fast
     _adopt(cur, plan)
 

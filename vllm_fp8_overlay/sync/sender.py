@@ -141,6 +141,7 @@ class WeightSender(GroupedSendPath):
         self._side: Any = None  # CUDA stream that quantizes bucket k+1 while bucket k is on the wire
         self._flags: list = [None, None]  # pinned finiteness flag per bucket slot
         self._grouped: bool | None = None
+        self._value_kernel: bool | None = None  # copies checked in the bucket by one launch per dtype (Triton)
         # Host-side caches. A model sends the same names and shapes every
         # step, so everything derived from them is computed on the first step
         # and reused: per-name quantization decisions and sizes, wire entries
