@@ -422,12 +422,12 @@ def _worker(rank, args, ports):
         # per-bucket checks (names, dtypes and shapes against the served checkpoint, remembered
         # across steps; value sentinels per bucket), as apply/steps.py runs them
         if rank == 1:
-            from vllm_fp8_overlay.sync.apply.validate import BucketChecks, dtype_name, layout_key
+            from vllm_fp8_overlay.sync.apply.validate import BucketChecks, PassedManifests, dtype_name, layout_key
 
             rcv.keep_step_buffers = keep_default
             served = {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in got["keep"]}
             want = layout_key(LAYOUT.to_dict())[0]
-            passed: dict = {}
+            passed = PassedManifests()
 
         def gw1(i):
             got.pop("keep", None)

@@ -98,7 +98,8 @@ def main():
 
 
 def worker_checks(kinds=("dense", "moe", "qwen3-30b-a3b"), steps: int = 6) -> None:
-    from vllm_fp8_overlay.sync.apply.validate import BucketChecks, dtype_name, layout_key, spec_problems, tensor_specs
+    from vllm_fp8_overlay.sync.apply.validate import (BucketChecks, PassedManifests, dtype_name, layout_key,
+                                                      spec_problems, tensor_specs)
 
     layout = LAYOUT.to_dict()
     want = layout_key(layout)[0]
@@ -111,7 +112,7 @@ def worker_checks(kinds=("dense", "moe", "qwen3-30b-a3b"), steps: int = 6) -> No
         served = {e.name: (dtype_name(e.dtype), tuple(e.shape)) for ents, _ in bs for e in ents}
         params = {n.replace(".weight", ".w"): sp for n, sp in served.items()}  # another reference, as in mode auto
         metas = [(e.name, torch.empty(e.shape, dtype=e.dtype, device="meta")) for ents, _ in bs for e in ents]
-        passed: dict = {}
+        passed = PassedManifests()
         ts = []
         for _ in range(steps):
             mans = [wire.decode_bucket_manifest(h, m, wire.DEFAULT_LIMITS, cache) for h, m in raw]

@@ -14,7 +14,7 @@ import torch
 
 from vllm_fp8_overlay.sync import StepRejectedError, WeightReceiver, WeightSender
 from vllm_fp8_overlay.sync.apply import validate
-from vllm_fp8_overlay.sync.apply.validate import BucketChecks, dtype_name
+from vllm_fp8_overlay.sync.apply.validate import BucketChecks, PassedManifests, dtype_name
 from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
 
 
@@ -48,7 +48,7 @@ def test_identical_manifests_are_compared_once(counted):
     sd = _sd()
     specs = _specs(sd)
     rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(_messages([sd, sd, sd])))
-    passed: dict = {}
+    passed = PassedManifests()
     per_step = []
     for _ in range(3):
         counted.clear()
@@ -65,7 +65,7 @@ def test_a_remembered_pass_never_hides_a_change(counted):
     changed = dict(sd)
     changed["m.l4.weight"] = sd["m.l4.weight"].double()  # one bucket's manifest differs
     rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(_messages([sd, changed, sd])))
-    passed: dict = {}
+    passed = PassedManifests()
     rx.receive_all(check_manifest=BucketChecks([(specs, "x", None)], passed=passed).check_manifest)
     n_passed = len(passed)
     counted.clear()
@@ -87,7 +87,7 @@ def test_a_layout_the_reference_does_not_expect_is_refused_after_a_pass(counted)
     sd = _sd()
     specs = _specs(sd)
     rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(_messages([sd, sd])))
-    passed: dict = {}
+    passed = PassedManifests()
     rx.receive_all(check_manifest=BucketChecks([(specs, "x", None)], passed=passed).check_manifest)
     want = {"method": "fp8"}  # the same entries, but this reference wants another layout
     checks = BucketChecks([(specs, "x", want)], passed=passed)
@@ -100,8 +100,24 @@ def test_matched_only_needs_every_bucket_against_the_same_specs():
     ckpt = _specs(sd)
     params = {n: s for n, s in ckpt.items() if n != "m.l5.weight"}  # the other reference of mode auto
     rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(_messages([sd])))
-    checks = BucketChecks([(params, "parameters", None), (ckpt, "checkpoint", None)], passed={})
+    checks = BucketChecks([(params, "parameters", None), (ckpt, "checkpoint", None)], passed=PassedManifests())
     got = rx.receive_all(check_manifest=checks.check_manifest)
     # the buckets without l5 matched the parameters first, the one with l5 the checkpoint
     assert not checks.matched_only(ckpt, len(got.manifests)) and not checks.matched_only(params, len(got.manifests))
     assert validate.spec_problems(validate.tensor_specs(got.tensors), ckpt, what="x") == []
+
+
+def test_remembered_manifests_are_bounded_by_their_entries():
+    """A trainer whose manifests change every step cannot make the memory
+    grow without end: past ``max_entries`` remembered entries it starts over."""
+    passed = PassedManifests(max_entries=10)
+    specs: dict = {}
+    kept = [tuple(range(4)) for _ in range(3)]  # distinct objects of 4 "entries" each
+    passed.remember(kept[0], specs)
+    passed.remember(kept[1], specs)
+    passed.remember(kept[1], specs)  # the same object again: counted once
+    assert len(passed) == 2 and passed.entries == 8 and passed.specs_for(kept[1]) is specs
+    passed.remember(kept[2], specs)  # 12 > 10: starts over with this one
+    assert len(passed) == 1 and passed.entries == 4
+    assert passed.specs_for(kept[0]) is None and passed.specs_for(kept[2]) is specs
+    assert passed.specs_for(tuple(range(4))) is None  # equal but another object: not known

@@ -32,7 +32,7 @@ from ..receiver import StepRejectedError
 from ..wire import ReceiverBrokenError
 from .errors import WeightLoadFailed, WeightSyncError, WeightUpdateRejected
 from .load import has_layerwise_reload, vllm_version
-from .validate import BucketChecks, TensorSpec, layout_key, spec_problems, tensor_specs
+from .validate import BucketChecks, PassedManifests, TensorSpec, layout_key, spec_problems, tensor_specs
 
 __all__ = ["MODES", "Served", "StepJob", "receive_stream", "rejected", "load_failed"]
 
@@ -55,7 +55,7 @@ class Served:
     layout_error: str | None
     param_specs: dict[str, TensorSpec]
     #: manifests that passed against specs or param_specs (validate.BucketChecks ``passed``)
-    passed_manifests: dict = field(default_factory=dict, repr=False, compare=False)
+    passed_manifests: PassedManifests = field(default_factory=PassedManifests, repr=False, compare=False)
 
     @property
     def scale_name(self) -> str | None:

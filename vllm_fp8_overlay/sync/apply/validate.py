@@ -172,6 +172,37 @@ def validate_update(
     return spec_problems(tensor_specs(tensors), expected, what=what, max_report=max_report)
 
 
+class PassedManifests:
+    """Manifests that passed a worker's checks, remembered across steps by
+    their entries object (see :class:`BucketChecks`). Bounded by the entries
+    it holds: a trainer whose manifests change every step (so the receiver's
+    manifest cache no longer holds them) cannot make it grow without end."""
+
+    def __init__(self, max_entries: int = 1 << 20) -> None:
+        self.max_entries = max_entries
+        self.entries = 0
+        self._items: dict[int, tuple[tuple, dict]] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def values(self):
+        return self._items.values()
+
+    def specs_for(self, entries: tuple) -> dict | None:
+        """The specs ``entries`` passed against, or ``None``."""
+        hit = self._items.get(id(entries))
+        return hit[1] if hit is not None and hit[0] is entries else None
+
+    def remember(self, entries: tuple, specs: dict) -> None:
+        if id(entries) not in self._items:
+            if self.entries + len(entries) > self.max_entries:
+                self._items.clear()
+                self.entries = 0
+            self.entries += len(entries)
+        self._items[id(entries)] = (entries, specs)  # the entries object keeps its id
+
+
 class BucketChecks:
     """Per-bucket checks of one step, for ``WeightReceiver.receive_all``.
 
@@ -181,9 +212,9 @@ class BucketChecks:
     layout and every tensor match one reference; every bucket must carry the
     same layout as the first.
 
-    ``passed``: a dict the caller keeps across steps (with the references it
-    holds), in which manifests that passed are remembered by their entries
-    object. A receiver's manifest cache hands out the same entries object
+    ``passed``: a :class:`PassedManifests` the caller keeps across steps
+    (with the references it holds), in which manifests that passed are
+    remembered by their entries object. A receiver's manifest cache hands out the same entries object
     for byte-identical manifests, so a trainer that sends the same manifests
     every step has each bucket's names, dtypes and shapes compared once, not
     every step (37k entries of a 30B MoE: about 200 ms of host time per
@@ -192,7 +223,7 @@ class BucketChecks:
     per served model)."""
 
     def __init__(self, references: list[tuple[dict[str, TensorSpec], str, Any]], scale_name: str | None = None,
-                 max_report: int = 20, passed: dict | None = None) -> None:
+                 max_report: int = 20, passed: PassedManifests | None = None) -> None:
         self.references = references
         self.scale_name = scale_name
         self.max_report = max_report
@@ -210,10 +241,10 @@ class BucketChecks:
         elif key != self.first_layout:
             return [f"bucket {m.index}: layout {key} differs from the step's first bucket's {self.first_layout}"]
         entries = m.tensors
-        hit = self.passed.get(id(entries)) if self.passed is not None else None
-        if hit is not None and hit[0] is entries:
+        known = self.passed.specs_for(entries) if self.passed is not None else None
+        if known is not None:
             for specs, _, want in self.references:
-                if hit[1] is specs and key == want:
+                if known is specs and key == want:
                     self.matched.append(specs)
                     return []
         got = {e.name: (dtype_name(e.dtype), e.shape) for e in entries}
@@ -223,9 +254,7 @@ class BucketChecks:
             bad += spec_problems(got, specs, what=what, max_report=self.max_report, check_missing=False)
             if not bad:
                 if self.passed is not None:
-                    if len(self.passed) >= 1 << 16:
-                        self.passed.clear()
-                    self.passed[id(entries)] = (entries, specs)  # the entries object keeps its id
+                    self.passed.remember(entries, specs)
                 self.matched.append(specs)
                 return []
             if best is None or len(bad) < len(best):
