@@ -416,6 +416,55 @@ def test_cuda_receiver_checks_manifests_early_only_into_held_buffers():
         del got
 
 
+def test_cuda_worker_value_verdicts_read_at_the_end_of_the_step():
+    """The worker's payload check in ``receive_all`` (``check_payload_deferred``)
+    queues the one-launch check per bucket and reads every verdict after the
+    step's END: a clean step is handed out whole; an FP8 NaN byte written
+    into a payload on the wire rejects the step naming the tensor, nothing of
+    it is handed out, and the next step is received normally."""
+    from vllm_fp8_overlay.formats import FP8Layout
+    from vllm_fp8_overlay.sync import StepRejectedError, WeightReceiver, WeightSender
+    from vllm_fp8_overlay.sync.apply.validate import BucketChecks
+    from vllm_fp8_overlay.sync.received import DeferredProblems
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+    layout = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv")
+    g = torch.Generator(device="cuda").manual_seed(4)
+    sd = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(256, 384, device="cuda", generator=g).bfloat16()
+          for i in range(6)}
+    sd["model.norm.weight"] = torch.randn(256, device="cuda", generator=g).bfloat16()
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(layout, "", 0, 0, bucket_bytes=256 << 10, transport=rec)
+    steps = []
+    for step in (1, 2, 3):
+        rec.messages.clear()
+        snd.send(sd, step=step)
+        steps.append(list(rec.messages))
+    k = next(i for i, m in enumerate(steps[1]) if len(m) > 4096)  # step 2's first payload
+    poisoned = bytearray(steps[1][k])
+    poisoned[0] = 0xFF  # the first byte of the first FP8 weight: a NaN encoding
+    steps[1][k] = bytes(poisoned)
+    r = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(steps[0] + steps[1] + steps[2], device="cuda"))
+    checks = BucketChecks([], scale_name=layout.scale_name)
+    returned = []
+
+    def check(bucket):
+        out = checks.check_payload_deferred(bucket)
+        returned.append(out)
+        return out
+
+    first = dict(r.receive_all(expected_step=1, check_payload=check).tensors)
+    assert returned and all(isinstance(x, DeferredProblems) for x in returned)
+    with pytest.raises(StepRejectedError, match=r"model\.layers\.0\.mlp\.down_proj\.weight"):
+        r.receive_all(expected_step=2, check_payload=check)
+    assert r.broken is None
+    third = dict(r.receive_all(expected_step=3, check_payload=check).tensors)
+    assert third.keys() == first.keys()
+    for n, t in first.items():
+        a, b = (t.view(torch.uint8), third[n].view(torch.uint8)) if t.dtype == torch.float8_e4m3fn else (t, third[n])
+        assert torch.equal(a, b), n
+
+
 @pytest.mark.parametrize("dtype,recipe", [(torch.bfloat16, "hf"), (torch.bfloat16, "ct"), (torch.float16, "hf")])
 def test_block_kernel_equals_torch_on_every_16bit_pair(dtype, recipe):
     """Every (amax, x) pair of the dtype (about 2.7e9 elements) through the

@@ -11,7 +11,8 @@ import torch
 
 from .wire import BucketManifest, EndOfStep, Header, ManifestError, ProtocolError, WireError
 
-__all__ = ["Bucket", "ReceivedStep", "StepRejectedError", "OnBucket", "ManifestCheck", "PayloadCheck"]
+__all__ = ["Bucket", "ReceivedStep", "StepRejectedError", "OnBucket", "ManifestCheck", "PayloadCheck",
+           "DeferredProblems"]
 
 
 class StepRejectedError(WireError):
@@ -69,6 +70,21 @@ ManifestCheck = Callable[[BucketManifest], list[str]]
 PayloadCheck = Callable[[Bucket], list[str]]
 
 
+class DeferredProblems:
+    """A payload check's verdict read at the end of the step, not per bucket.
+
+    ``receive_all`` hands nothing out before the step's END, so a check may
+    return this instead of its problems: the receiver then goes on with the
+    next bucket without waiting for the check (on CUDA: without a host sync
+    per bucket) and calls ``resolve()`` once the step ended, rejecting the
+    step if it returns problems. Only ``receive_all`` accepts it."""
+
+    __slots__ = ("resolve",)
+
+    def __init__(self, resolve: Callable[[], list[str]]) -> None:
+        self.resolve = resolve
+
+
 class _Fatal(Exception):
     """Internal: the stream position is unknown; wraps the error to re-raise."""
 
@@ -83,6 +99,7 @@ class _StepState:
         self.num_bytes = 0
         self.names: set[str] = set()
         self.problems: list[str] = []
+        self.deferred: list[DeferredProblems] = []  # payload verdicts read at the end of the step
         self.ended = False
 
     def check_step(self, header: Header) -> None:

@@ -31,7 +31,8 @@ import torch
 from . import wire
 from .recvbuffers import ReceiveBuffers
 from .recvpost import PostedReceives
-from .received import Bucket, ManifestCheck, OnBucket, PayloadCheck, ReceivedStep, StepRejectedError, _Fatal, _StepState
+from .received import (Bucket, DeferredProblems, ManifestCheck, OnBucket, PayloadCheck, ReceivedStep,
+                       StepRejectedError, _Fatal, _StepState)
 from .transport import DEFAULT_TIMEOUT_S, BroadcastGroup, Transport, TransportError
 from .wire import (
     HEADER_SIZE,
@@ -193,7 +194,9 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
 
         ``check_manifest(manifest) -> problems`` runs on each bucket's manifest
         before its payload is allocated; ``check_payload(bucket) -> problems``
-        on its tensors once they arrived (e.g. value sentinels). After the
+        on its tensors once they arrived (e.g. value sentinels); it may return
+        a :class:`~.received.DeferredProblems` instead, resolved after the
+        step's END (nothing is handed out before that). After the
         first problem the rest of the step is still received (into one scratch
         buffer, not kept) and its manifests still checked, then
         :class:`StepRejectedError` lists every problem.
@@ -338,6 +341,9 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
                 if h.kind == MessageKind.ABORT:
                     raise StepAbortedError(f"trainer aborted step {h.step}: {wire.decode_abort(h, raw, self.limits)}")
                 summary = self._finish(st, h, raw)
+                for d in st.deferred:
+                    st.problems += d.resolve()
+                st.deferred = []
                 if st.problems:
                     raise StepRejectedError(summary.step, st.problems)
                 self.last_step = summary.step
@@ -413,7 +419,11 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
         bucket = Bucket(manifest=manifest, tensors=self._tensor_views(payload, kept, manifest, h.index),
                         payload=payload)
         if check_payload is not None:
-            bad = list(check_payload(bucket))
+            bad = check_payload(bucket)
+            if isinstance(bad, DeferredProblems):  # receive_all only: read once the step ended
+                st.deferred.append(bad)
+                bad = []
+            bad = list(bad)
             if bad:
                 st.problems += bad
                 return None

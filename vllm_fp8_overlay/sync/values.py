@@ -25,7 +25,8 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["FP8_NAN_BYTES", "is_scale_name", "kind_of", "value_problems", "payload_values_ok", "value_groups",
+__all__ = ["FP8_NAN_BYTES", "is_scale_name", "kind_of", "value_problems", "payload_values_ok", "payload_bad_count",
+           "value_groups",
            "device_values_grouped", "device_values_ok", "device_values_many",
            "raise_on_bad_values"]
 
@@ -220,14 +221,10 @@ def device_values_ok(name: str, t: torch.Tensor, scale_name: str | None = None) 
     return torch.isfinite(x).all().reshape(1)
 
 
-def payload_values_ok(payload: torch.Tensor, entries, scale_name: str | None = None) -> bool | None:
-    """Whether every tensor of a received bucket passes its rule, checked on
-    the payload itself in one launch per dtype (CUDA with Triton,
-    :mod:`vllm_fp8_overlay.kernels.value_check`); ``None`` where that check
-    does not apply (then check tensor by tensor). ``entries``: the bucket's
-    wire entries (``manifest.tensors``); the check's tables are cached per
-    entries object, which a receiver's manifest cache keeps the same while
-    the trainer sends the same manifest."""
+def payload_bad_count(payload: torch.Tensor, entries, scale_name: str | None = None) -> torch.Tensor | None:
+    """:func:`payload_values_ok` without the host sync: a one-element tensor
+    on the payload's device counting the offending elements (``None`` where
+    the one-launch check does not apply)."""
     if payload.device.type != "cuda":
         return None
     from ..kernels import triton_available
@@ -237,9 +234,19 @@ def payload_values_ok(payload: torch.Tensor, entries, scale_name: str | None = N
     from ..kernels.value_check import plan_payload_check
 
     plan = plan_payload_check(entries, scale_name, payload.device, kind_of)
-    if plan is None:
-        return None
-    return int(plan.count_bad(payload)[0]) == 0
+    return None if plan is None else plan.count_bad(payload)
+
+
+def payload_values_ok(payload: torch.Tensor, entries, scale_name: str | None = None) -> bool | None:
+    """Whether every tensor of a received bucket passes its rule, checked on
+    the payload itself in one launch per dtype (CUDA with Triton,
+    :mod:`vllm_fp8_overlay.kernels.value_check`); ``None`` where that check
+    does not apply (then check tensor by tensor). ``entries``: the bucket's
+    wire entries (``manifest.tensors``); the check's tables are cached per
+    entries object, which a receiver's manifest cache keeps the same while
+    the trainer sends the same manifest."""
+    count = payload_bad_count(payload, entries, scale_name)
+    return None if count is None else int(count[0]) == 0
 
 
 def raise_on_bad_values(items: Iterable[tuple[str, torch.Tensor]], *, scale_name: str | None = None,

@@ -182,12 +182,25 @@ class PassedManifests:
         self.max_entries = max_entries
         self.entries = 0
         self._items: dict[int, tuple[tuple, dict]] = {}
+        self._layouts: dict[int, tuple[Any, tuple]] = {}
 
     def __len__(self) -> int:
         return len(self._items)
 
     def values(self):
         return self._items.values()
+
+    def layout_key(self, layout: Any) -> tuple[dict | None, str | None]:
+        """:func:`layout_key`, remembered per layout object (the manifest
+        cache hands out the same one for identical bytes)."""
+        hit = self._layouts.get(id(layout))
+        if hit is not None and hit[0] is layout:
+            return hit[1]
+        got = layout_key(layout)
+        if len(self._layouts) >= 256:
+            self._layouts.clear()
+        self._layouts[id(layout)] = (layout, got)
+        return got
 
     def specs_for(self, entries: tuple) -> dict | None:
         """The specs ``entries`` passed against, or ``None``."""
@@ -233,7 +246,7 @@ class BucketChecks:
         self.matched: list[dict[str, TensorSpec]] = []
 
     def check_manifest(self, m: Any) -> list[str]:
-        key, err = layout_key(m.layout)
+        key, err = self.passed.layout_key(m.layout) if self.passed is not None else layout_key(m.layout)
         if err:
             return [f"bucket {m.index}: {err}"]
         if self.first_layout is ...:
@@ -267,6 +280,25 @@ class BucketChecks:
         refuses a name sent twice) the step misses a name exactly when it
         holds fewer tensors than ``specs``."""
         return len(self.matched) == num_buckets and all(s is specs for s in self.matched)
+
+    def check_payload_deferred(self, bucket: Any) -> Any:
+        """:meth:`check_payload` for ``WeightReceiver.receive_all``: on CUDA the
+        one-launch check is queued and its verdict read after the step's END
+        (no host sync per bucket: the receiver posts the next bucket at once);
+        elsewhere the problems at once."""
+        from ..received import DeferredProblems
+        from ..values import payload_bad_count
+
+        count = payload_bad_count(bucket.payload, bucket.manifest.tensors, self.scale_name)
+        if count is None:
+            return self.check_payload(bucket)
+
+        def resolve() -> list[str]:
+            if int(count[0]) == 0:
+                return []
+            return value_problems(bucket.tensors, scale_name=self.scale_name, max_report=self.max_report)
+
+        return DeferredProblems(resolve)
 
     def check_payload(self, bucket: Any) -> list[str]:
         # on CUDA one launch per dtype over the payload; tensor by tensor only
