@@ -19,7 +19,7 @@ import torch
 
 from . import wire
 from . import replay
-from .replay import Bucket, Jobs
+from .replay import Bucket
 from .values import device_values_grouped, value_groups, value_problems
 from .wire import ALIGNMENT
 
@@ -258,14 +258,7 @@ class GroupedSendPath:
                 cur.entries.append(self._entry(name, _FP8, x.shape, off, qn))
                 cur.entries.append(self._entry(skey, cd, sshape, so, sn))
                 jk = x.dtype if xdev == dev_idx else (x.dtype, "h2d")
-                j = cur.qjobs.get(jk)
-                if j is None:
-                    j = cur.qjobs[jk] = Jobs()
-                j.srcs.append(x)
-                j.q_offsets.append(off)
-                j.s_offsets.append(so)
-                j.names.append(name)
-                j.idx.append(pos)
+                replay.jobs_for(cur, jk).add(x, off, so, name, pos)
                 cur.end = so + sn
                 stats.num_bytes += qn + sn
                 cur.num_bytes += qn + sn

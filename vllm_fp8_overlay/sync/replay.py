@@ -49,6 +49,21 @@ class Jobs:
         self.names: list[str] = []
         self.idx: list[int] = []  # position of each source among the bucket's items
 
+    def add(self, x: torch.Tensor, q_offset: int, s_offset: int, name: str, pos: int) -> None:
+        self.srcs.append(x)
+        self.q_offsets.append(q_offset)
+        self.s_offsets.append(s_offset)
+        self.names.append(name)
+        self.idx.append(pos)
+
+
+def jobs_for(b: "Bucket", jk: Any) -> Jobs:
+    """The launch of bucket ``b`` for sources of kind ``jk`` (made on first use)."""
+    j = b.qjobs.get(jk)
+    if j is None:
+        j = b.qjobs[jk] = Jobs()
+    return j
+
 
 class Bucket:
     """A bucket of the grouped path: wire entries, quantization and copy jobs."""
@@ -131,7 +146,10 @@ def match_fast(got: list, fast: FastPlan) -> list[torch.Tensor] | None:
     grad; otherwise ``None`` (the items are then planned one by one, which
     also raises the right error for malformed ones)."""
     try:
-        if len(got) != len(fast.names) or list(map(_NAME, got)) != fast.names:
+        # (name, tensor) tuples only (what dict.items() yields); other shapes of item go item by item,
+        # where a malformed one gets its error
+        if (len(got) != len(fast.names) or set(map(type, got)) != {tuple} or set(map(len, got)) != {2}
+                or list(map(_NAME, got)) != fast.names):
             return None
         xs = list(map(_TENSOR, got))
     except (TypeError, IndexError, KeyError):
@@ -170,17 +188,9 @@ def replay_items(got: list, plan: BucketPlan, cur: Bucket) -> bool:
         if (item[0] != name or item[2] is not quant or x.dtype is not dtype or x.shape != shape
                 or x.get_device() != xdev):
             return False
-    qjobs = cur.qjobs
     for i, ((name, x, _, _), (_, _, _, quant, _, jk, off, so, entry)) in enumerate(zip(got, plan.items)):
         if quant:
-            j = qjobs.get(jk)
-            if j is None:
-                j = qjobs[jk] = Jobs()
-            j.srcs.append(x)
-            j.q_offsets.append(off)
-            j.s_offsets.append(so)
-            j.names.append(name)
-            j.idx.append(i)
+            jobs_for(cur, jk).add(x, off, so, name, i)
         else:
             cur.centries.append(entry)
             cur.csrcs.append(x)
