@@ -36,12 +36,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_sync import LAYOUT, MODELS, build_weights, model_specs  # noqa: E402
 from vllm_fp8_overlay.sync import WeightReceiver, WeightSender  # noqa: E402
 from vllm_fp8_overlay.sync.apply.validate import BucketChecks  # noqa: E402
+from vllm_fp8_overlay.sync.transport import _Done  # noqa: E402
 from vllm_fp8_overlay.sync.values import value_problems  # noqa: E402
-
-
-class _Done:
-    def wait(self) -> None:
-        pass
 
 
 class DeviceLoop:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -109,8 +108,9 @@ class GroupedSendPath:
         """Scale dtype, wire shape and bytes of the scale of weight ``x``."""
         from ..formats.quantize import _recipe, scale_dtype
 
-        hf = self.layout.method == "fp8"
-        cd = scale_dtype(_recipe(self.layout), x.dtype)
+        recipe = _recipe(self.layout)
+        hf = recipe == "hf"
+        cd = scale_dtype(recipe, x.dtype)
         rows, cols = x.shape
         st = self.layout.strategy
         if st == "tensor":
@@ -429,8 +429,7 @@ class GroupedSendPath:
                     cache.clear()
                 cache[key] = (b.token, buf, copies, rest, groups)
         for dsts, idx in copies:
-            torch._foreach_copy_(dsts, srcs if idx is None else (
-                [srcs[idx[0]]] if len(idx) == 1 else list(itemgetter(*idx)(srcs))))
+            torch._foreach_copy_(dsts, srcs if idx is None else replay.pick(srcs, idx))
         for i in rest:
             wire.pack_into(buf, entries[i], srcs[i], non_blocking=True)
         if isinstance(groups, list):

@@ -57,6 +57,11 @@ class Jobs:
         self.idx.append(pos)
 
 
+def pick(xs: list, idx) -> list:
+    """``[xs[i] for i in idx]`` in one C call (``idx``: a non-empty tuple of positions)."""
+    return [xs[idx[0]]] if len(idx) == 1 else list(itemgetter(*idx)(xs))
+
+
 def jobs_for(b: "Bucket", jk: Any) -> Jobs:
     """The launch of bucket ``b`` for sources of kind ``jk`` (made on first use)."""
     j = b.qjobs.get(jk)
@@ -166,12 +171,12 @@ def fill_fast(cur: Bucket, plan: BucketPlan, xs: list[torch.Tensor]) -> None:
     fast = plan.fast
     for jk, (idx, qo, so, names) in fast.quant.items():
         j = Jobs()
-        j.srcs = [xs[idx[0]]] if len(idx) == 1 else list(itemgetter(*idx)(xs))
+        j.srcs = pick(xs, idx)
         j.q_offsets, j.s_offsets, j.names = qo, so, names
         cur.qjobs[jk] = j
     if fast.cidx:
         cidx = fast.cidx
-        cur.csrcs = [xs[cidx[0]]] if len(cidx) == 1 else list(itemgetter(*cidx)(xs))
+        cur.csrcs = pick(xs, cidx)
         cur.centries = fast.centries
     cur.fast = fast
     _adopt(cur, plan)
