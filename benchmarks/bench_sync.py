@@ -441,21 +441,19 @@ def _worker(rank, args, ports):
         if rank == 1:
             got["keep"] = got.pop("w")
         if args.study:
-            # side by side in this run: the receiver without posting the payload
-            # before reading the manifest, the sender without the bucket ramp
+            # side by side in this run: the sender's bucket ramp starting larger, and none
             from vllm_fp8_overlay.sync import grouped as G
 
             ramp0 = G.RAMP_FIRST_BYTES
-            for vname, early, ramp, keep in (("c_noearly", False, True, keep_default if rank == 1 else None),
-                                             ("c_noramp", True, False, keep_default if rank == 1 else None),
-                                             ("c_keep_noearly", False, True, True)):
+            keep = keep_default if rank == 1 else None
+            for vname, ramp, keep in (("c_ramp128", 128 << 20, keep), ("c_ramp256", 256 << 20, keep),
+                                      ("c_noramp", 1 << 50, keep)):
                 def v0(_, ramp=ramp):
                     step[0] += 1
-                    G.RAMP_FIRST_BYTES = ramp0 if ramp else 1 << 50
+                    G.RAMP_FIRST_BYTES = ramp
                     snd.send(weights, step=step[0])
 
-                def v1(i, early=early, keep=keep):
-                    rcv._early = early and rcv._prefetch
+                def v1(i, keep=keep):
                     rcv.keep_step_buffers = keep
                     got.pop("v", None)
                     got["v"] = recv(i)
@@ -464,7 +462,6 @@ def _worker(rank, args, ports):
             G.RAMP_FIRST_BYTES = ramp0
             if rank == 1:
                 got.pop("v", None)
-                rcv._early = rcv._prefetch
                 rcv.keep_step_buffers = True
         if args.profile:
             # one more c iteration (library defaults) under cProfile on both ranks: where the host time goes
@@ -638,7 +635,7 @@ def report(res, args):
     if args.study:
         lines += ["", "Study (same run, ms): " + "; ".join(
             f"{k}: c {1e3 * res[k]['c_grouped_s']:.1f}, " + ", ".join(
-                f"{v} {1e3 * res[k][v + '_s']:.1f}" for v in ("c_noearly", "c_noramp", "c_keep_noearly"))
+                f"{v} {1e3 * res[k][v + '_s']:.1f}" for v in ("c_ramp128", "c_ramp256", "c_noramp"))
             for k in args.models)]
     lines += ["", f"bucket {args.bucket_mb or 'sender default'} MiB, TORCH_NCCL_HIGH_PRIORITY={int(args.nccl_high_priority)}",
               "", f"Medians of {args.iters} iterations after {0 if args.cpu_smoke else 1} warm-up; grouped == per-tensor bytes: "
@@ -660,7 +657,7 @@ def main(argv=None):
     ap.add_argument("--nccl-high-priority", action="store_true", help="TORCH_NCCL_HIGH_PRIORITY=1 for the group")
     ap.add_argument("--quick", action="store_true", help="only a, a_ws, c and the fp8 broadcast")
     ap.add_argument("--study", action="store_true",
-                    help="also time c without the receiver's early payload post and without the bucket ramp")
+                    help="also time c with the bucket ramp starting at 128 and 256 MiB, and without it")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one c iteration (defaults) per rank (profile_<model>_rank<r>.txt in --out)")
     ap.add_argument("--trace", action="store_true",

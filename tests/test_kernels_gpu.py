@@ -365,11 +365,12 @@ def test_bucket_value_check_on_cuda():
         V.value_problems = real
 
 
-def test_cuda_receiver_checks_manifests_early_only_into_held_buffers():
+def test_cuda_receiver_checks_manifests_before_allocating():
     """With a caller's manifest check (the vLLM worker's), the CUDA receiver
-    posts a bucket's payload together with its manifest only when the
-    payload goes into a buffer it already holds (from the second step on),
-    so the check still runs before anything is allocated; a bucket the check
+    reads each control one message ahead of its payload and runs the check
+    before the payload's buffer exists (protocol 3: every allocation follows
+    the check of its own bucket); from the second step on the payloads go
+    into buffers it already holds (nothing allocated); a bucket the check
     rejects is not handed out, the step is rejected naming it, and the next
     step is received normally (after a failed step, whose buffers are
     released, into new buffers checked first again)."""
@@ -382,37 +383,45 @@ def test_cuda_receiver_checks_manifests_early_only_into_held_buffers():
     for step in range(1, 6):
         snd.send(sd, step=step)
     r = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages), device="cuda"))
-    early, allocs = [], []
-    real_early, real_alloc = r._recv_early, r._alloc
-    r._recv_early = lambda h, fresh: early.append(h.index) or real_early(h, fresh)
-    r._alloc = lambda n: allocs.append(n) or real_alloc(n)
-    seen = []
+    events = []
+    real_alloc = r._alloc
+    r._alloc = lambda n: events.append(("alloc", n)) or real_alloc(n)
 
     def check(m):
-        seen.append((len(allocs), m.index))
+        events.append(("check", m.index))
         return [f"{m.tensors[0].name}: refused"] if reject[0] and m.index == 1 else []
+
+    def checked_first():
+        checks = allocs = 0
+        for kind, _ in events:
+            checks += kind == "check"
+            allocs += kind == "alloc"
+            if allocs > checks:
+                return False
+        return True
 
     reject = [False]
     got = dict(r.receive_all(expected_step=1, check_manifest=check).tensors)
-    n_buckets = len(seen)
-    assert early == [] and n_buckets > 2  # first step: every payload buffer is new, so checked first
+    n_buckets = sum(k == "check" for k, _ in events)
+    assert n_buckets > 2 and checked_first()
+    assert sum(k == "alloc" for k, _ in events) >= n_buckets  # first step: every payload buffer is new
     assert all(torch.equal(got[n], t) for n, t in sd.items())
     del got
     for step in (2, 3, 4, 5):
-        early.clear()
-        allocs.clear()
+        events.clear()
         reject[0] = step == 3
         if step == 3:
             with pytest.raises(StepRejectedError, match="refused"):
                 r.receive_all(expected_step=step, check_manifest=check)
-            assert r.broken is None
+            assert r.broken is None and checked_first()
             continue
         got = dict(r.receive_all(expected_step=step, check_manifest=check).tensors)
         assert all(torch.equal(got[n], t) for n, t in sd.items())
+        allocs = [n for k, n in events if k == "alloc"]
         if step == 4:  # a failed step releases every buffer: checked before allocating again
-            assert early == [] and allocs
-        else:  # held buffers: payloads posted with their manifests, nothing allocated
-            assert len(early) == n_buckets and allocs == []
+            assert allocs and checked_first()
+        else:  # held buffers: nothing allocated
+            assert allocs == []
         del got
 
 
@@ -440,7 +449,9 @@ def test_cuda_worker_value_verdicts_read_at_the_end_of_the_step():
         rec.messages.clear()
         snd.send(sd, step=step)
         steps.append(list(rec.messages))
-    k = next(i for i, m in enumerate(steps[1]) if len(m) > 4096)  # step 2's first payload
+    from vllm_fp8_overlay.sync import wire
+
+    k = next(i for i, m in enumerate(steps[1]) if len(m) != wire.CONTROL_SIZE)  # step 2's first payload
     poisoned = bytearray(steps[1][k])
     poisoned[0] = 0xFF  # the first byte of the first FP8 weight: a NaN encoding
     steps[1][k] = bytes(poisoned)
@@ -517,11 +528,12 @@ def test_sender_ramp_and_cuda_receiver_reuse(monkeypatch):
         st = snd.send(sd, step=step)
         steps.append(list(rec.messages))
         refs.append({n: t.cpu() for n, t in R.quantize_weights(iter(list(sd.items())), layout, backend="torch")})
-    heads = [wire.decode_header(m) for m in steps[0] if len(m) == wire.HEADER_SIZE and m[:4] == wire.MAGIC]
+    heads = [wire.decode_header(m[:wire.HEADER_SIZE]) for m in steps[0]
+             if len(m) == wire.CONTROL_SIZE and m[:4] == wire.MAGIC]
     sizes = [h.payload_len for h in heads if h.kind == wire.MessageKind.BUCKET]
     assert sizes[0] <= 24 << 10 and max(sizes) > 96 << 10 and st.num_buckets == len(sizes)
     rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport([m for s in steps for m in s], device="cuda"))
-    assert rx._prefetch
+    assert rx._cuda
 
     def check(got, ref, step):
         assert got.keys() == ref.keys()
@@ -542,7 +554,7 @@ def test_sender_ramp_and_cuda_receiver_reuse(monkeypatch):
         check(dict(out.tensors), refs[step], step)
         assert sorted(t.data_ptr() for _, t in out.tensors if t.numel()) == ptrs
         del out
-    assert rx._hdr_ready is None and rx.transport.remaining == 0
+    assert rx._ctl_ready is None and rx._pend == [] and rx.transport.remaining == 0
 
 
 def test_bf16_grouped_send_and_batched_value_checks_on_cuda():
@@ -628,8 +640,8 @@ def test_cuda_receiver_early_path_rejects_bad_messages():
     sd = {f"w{i}.weight": torch.randn(64, 96, device="cuda").bfloat16() for i in range(8)}
     snd.send(sd, step=1)
     msgs = list(rec.messages)
-    heads = [i for i, m in enumerate(msgs) if len(m) == wire.HEADER_SIZE and m[:4] == wire.MAGIC]
-    k = heads[1]  # the second bucket: header, manifest, payload
+    heads = [i for i, m in enumerate(msgs) if len(m) == wire.CONTROL_SIZE and m[:4] == wire.MAGIC]
+    k = heads[1]  # the second bucket's control; its payload follows the third control (C1 C2 P1 C3 P2 ...)
 
     def rx(stream):
         return WeightReceiver("", 0, 0, 0, transport=ReplayTransport(stream, device="cuda"))
@@ -637,21 +649,24 @@ def test_cuda_receiver_early_path_rejects_bad_messages():
     ok = dict(rx(list(msgs)).receive_all(expected_step=1).tensors)
     assert all(torch.equal(ok[n], t) for n, t in sd.items())
     bad = list(msgs)
-    bad[k + 1] = bad[k + 1][:-2] + b"}}"  # manifest bytes no longer match the header's crc
+    n = wire.HEADER_SIZE + wire.decode_header(bad[k][:wire.HEADER_SIZE]).manifest_len
+    bad[k] = bad[k][: n - 2] + b"}}" + bad[k][n:]  # manifest bytes no longer match the header's crc
     r = rx(bad)
     with pytest.raises(ChecksumError, match="manifest"):
         r.receive_all(expected_step=1)
     assert r.broken
     short = list(msgs)
-    short[k + 2] = short[k + 2][: len(short[k + 2]) // 2]  # half a payload: the seal is missing
+    p = heads[2] + 1
+    short[p] = short[p][: len(short[p]) // 2]  # half a payload: the seal is missing
     r = rx(short)
     with pytest.raises(ChecksumError, match="seal"):
         r.receive_all(expected_step=1)
     other = list(msgs)
-    h = wire.decode_header(other[heads[0]])
+    h = wire.decode_header(other[heads[0]][:wire.HEADER_SIZE])
     import dataclasses
 
-    other[heads[0]] = wire.encode_header(dataclasses.replace(h, version=wire.PROTOCOL_VERSION + 1))
+    other[heads[0]] = (wire.encode_header(dataclasses.replace(h, version=wire.PROTOCOL_VERSION + 1))
+                       + other[heads[0]][wire.HEADER_SIZE:])
     r = rx(other)
     with pytest.raises(wire.VersionMismatchError):
         r.receive_all(expected_step=1)

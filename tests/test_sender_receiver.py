@@ -20,6 +20,7 @@ from vllm_fp8_overlay.sync import (
     WireLimits,
 )
 from vllm_fp8_overlay.sync import wire
+from vllm_fp8_overlay.testing import harness
 from vllm_fp8_overlay.sync.transport import BroadcastGroup, RecordingTransport, ReplayTransport
 
 TIMEOUT_S = 90
@@ -120,14 +121,16 @@ def test_iter_buckets_and_generator_input():
 
 def test_bounded_memory_bucket_count():
     """Equal-sized tensors: greedy packing gives an exact bucket count, the
-    sender keeps two buffers, and no payload exceeds the bucket size."""
+    (non-grouped) sender keeps three buffers (one on the wire, one announced
+    and owed until the next control, one being packed), and no payload
+    exceeds the bucket size."""
     n, each = 40, 4096  # bytes per tensor (multiple of the alignment)
     sd = {f"w.{i}": torch.zeros(each // 4) for i in range(n)}
     for per_bucket in (1, 3, 8):
         _, stats, sender = _record(sd, bucket_bytes=per_bucket * each)
         assert stats.num_buckets == -(-n // per_bucket)
         assert stats.max_payload_bytes <= per_bucket * each
-        assert stats.buffers_allocated == 2
+        assert stats.buffers_allocated == (3 if stats.num_buckets >= 3 else stats.num_buckets)
         assert all(s.buf.numel() == per_bucket * each + wire.SEAL_SIZE for s in sender._slots)
 
 
@@ -264,18 +267,23 @@ def test_empty_step():
 
 
 def _split_messages(msgs):
-    """Group the recorded broadcasts into messages: [header, manifest, (payload + seal)]."""
-    out, i = [], 0
+    """Group the recorded broadcasts (wire order: C1 C2 P1 C3 P2 ... C_END Pn)
+    into messages: [control, (payload + seal)] for a bucket, [control] else."""
+    out, i, owed = [], 0, None
     while i < len(msgs):
-        h = wire.decode_header(msgs[i])
-        n = 3 if h.kind == wire.MessageKind.BUCKET else 2
-        out.append(msgs[i : i + n])
-        i += n
+        h, _ = wire.decode_control(msgs[i])
+        m = [msgs[i]]
+        i += 1
+        if owed is not None:
+            owed.append(msgs[i])
+            i += 1
+        out.append(m)
+        owed = m if h.kind == wire.MessageKind.BUCKET else None
     return out
 
 
 def _flat(groups):
-    return [m for g in groups for m in g]
+    return wire.step_transfers(*groups)
 
 
 def _two_steps():
@@ -289,9 +297,9 @@ def _two_steps():
 
 def test_checksum_mismatch_is_detected_and_drained():
     step1, step2 = _two_steps()
-    bad = bytearray(step1[1][2])
+    bad = bytearray(step1[1][1])
     bad[10] ^= 0xFF
-    step1[1][2] = bytes(bad)
+    step1[1][1] = bytes(bad)
     r = _receiver(_flat(step1) + step2)
     with pytest.raises(ChecksumError):
         r.receive_step(lambda ts, m: None)
@@ -357,6 +365,51 @@ def test_sender_abort_reaches_receiver():
     assert n1 < len(rec.messages)
 
 
+def test_sender_voids_every_announced_payload_on_abort():
+    """A sender that fails after a control announced a payload still sends
+    that payload, with its announced size and a void seal, then its ABORT
+    control: the streaming and the whole-step receive hand nothing of it
+    out, and the group stays in sync for the next step."""
+    def gen():
+        yield "a.weight", torch.randn(4096)  # one full 16 KiB bucket: announced
+        yield "b.weight", torch.randn(4096)  # packed, never announced
+        raise RuntimeError("quantization exploded")
+
+    rec = RecordingTransport()
+    s = WeightSender(None, "", 0, 0, bucket_bytes=16 << 10, transport=rec)
+    with pytest.raises(RuntimeError, match="exploded"):
+        s.send(gen(), step=1)
+    msgs = list(rec.messages)
+    kinds = [wire.decode_control(m)[0].kind if len(m) == wire.CONTROL_SIZE else "payload" for m in msgs]
+    assert kinds == [wire.MessageKind.BUCKET, wire.MessageKind.ABORT, "payload"], kinds
+    h = wire.decode_control(msgs[0])[0]
+    assert len(msgs[2]) == h.payload_len + wire.SEAL_SIZE and msgs[2][-wire.SEAL_SIZE:] == wire.encode_void_seal(h)
+    s.send({"c": torch.ones(3)}, step=2)
+    for mode in ("stream", "all"):
+        r = _receiver(list(rec.messages))
+        got = []
+        with pytest.raises(StepAbortedError, match="exploded"):
+            if mode == "stream":
+                r.receive_step(lambda ts, m: got.extend(n for n, _ in ts))
+            else:
+                r.receive_all()
+        assert got == [] and r.broken is None
+        assert [n for n, _ in r.receive_all().tensors] == ["c"]
+
+
+def test_void_seal_without_abort_breaks_the_stream():
+    """A voided payload must be followed by the sender's ABORT; a bucket in
+    its place means the stream cannot be trusted."""
+    a = harness.sync_bucket_transfers([("a", torch.ones(2))], step=1, last=False)
+    h = wire.decode_control(a[0])[0]
+    a[1] = a[1][: -wire.SEAL_SIZE] + wire.encode_void_seal(h)
+    b = harness.sync_bucket_transfers([("b", torch.ones(2))], step=1, index=1)
+    r = _receiver(harness.sync_step_transfers(a, b, harness.sync_end_transfers(1, 2, 2, 16)))
+    with pytest.raises(ProtocolError, match="voided"):
+        r.receive_all()
+    assert r.broken
+
+
 def test_sender_rejects_bad_input():
     rec = RecordingTransport()
     s = WeightSender(None, "", 0, 0, bucket_bytes=4096, transport=rec)
@@ -387,7 +440,7 @@ def test_oversized_payload_claim_is_not_allocated():
         wire.Header(kind=wire.MessageKind.BUCKET, step=0, manifest_len=len(man), payload_len=1 << 40,
                     manifest_crc32=zlib.crc32(man))
     )
-    r = _receiver([hdr, man], limits=WireLimits(max_bucket_bytes=1 << 20))
+    r = _receiver([wire.encode_control(hdr, man)], limits=WireLimits(max_bucket_bytes=1 << 20))
     allocs = []
     r._alloc = lambda n: allocs.append(n) or torch.empty(n, dtype=torch.uint8)
     with pytest.raises(LimitExceededError):

@@ -127,10 +127,10 @@ def test_f1_oversized_claim_from_peer_receiver_survives():
         man = wire.encode_manifest([wire.TensorEntry("x", torch.uint8, (1 << 21,), 0, 1 << 21)], None)
         h = wire.Header(kind=wire.MessageKind.BUCKET, step=1, flags=wire.FLAG_LAST, manifest_len=len(man),
                         payload_len=1 << 21, manifest_crc32=zlib.crc32(man))
-        harness.sync_send_raw(g, [wire.encode_header(h)])
+        harness.sync_send_raw(g, [wire.encode_control(wire.encode_header(h), man)])
         t0 = time.monotonic()
         with pytest.raises(Exception, match="closed|Connection|failed"):
-            harness.sync_send_raw(g, [man, b"\0" * ((1 << 21) + wire.SEAL_SIZE)])
+            harness.sync_send_raw(g, [bytes(wire.CONTROL_SIZE), b"\0" * ((1 << 21) + wire.SEAL_SIZE)])
         return time.monotonic() - t0
 
     reports, code, waited = _run_victim(faulty, {"max_tensor_bytes": 1 << 20})
@@ -147,11 +147,11 @@ def test_f1_f2_undersized_payload_detected_receiver_in_sync():
     of the step is drained and the next step arrives on the same group."""
     def faulty(g):
         tensors = [("w.a", torch.randn(64, 16)), ("w.b", torch.randn(64, 16))]
-        hdr, man, payload = harness.sync_bucket_transfers(tensors, step=1, checksum="none")
-        harness.sync_send_raw(g, [hdr, man, payload[:1000]])  # short
-        harness.sync_send_raw(g, harness.sync_end_transfers(1, 1, 2, 2 * 64 * 16 * 4))
-        harness.sync_send_raw(g, harness.sync_bucket_transfers([("w.c", torch.ones(3))], step=2))
-        harness.sync_send_raw(g, harness.sync_end_transfers(2, 1, 1, 12))
+        ctl, payload = harness.sync_bucket_transfers(tensors, step=1, checksum="none")
+        harness.sync_send_raw(g, harness.sync_step_transfers(
+            [ctl, payload[:1000]], harness.sync_end_transfers(1, 1, 2, 2 * 64 * 16 * 4)))  # short
+        harness.sync_send_raw(g, harness.sync_step_transfers(
+            harness.sync_bucket_transfers([("w.c", torch.ones(3))], step=2), harness.sync_end_transfers(2, 1, 1, 12)))
 
     reports, code, _ = _run_victim(faulty)
     assert code == 0, reports
@@ -218,10 +218,10 @@ def test_f1_receiver_never_posts_less_than_a_conforming_sender_sends():
 
 def test_f2_short_payload_without_checksum_detected():
     tensors = [("w.a", torch.randn(64, 16))]
-    hdr, man, payload = harness.sync_bucket_transfers(tensors, step=1, checksum="none")
+    ctl, payload = harness.sync_bucket_transfers(tensors, step=1, checksum="none")
     end = harness.sync_end_transfers(1, 1, 1, 64 * 16 * 4)
     for cut in (0, 10, len(payload) - 1):
-        rx, _ = _replay([hdr, man, payload[:cut], *end])
+        rx, _ = _replay(harness.sync_step_transfers([ctl, payload[:cut]], end))
         with pytest.raises(ChecksumError, match="seal"):
             rx.receive_all()
         assert rx.broken is None
@@ -259,9 +259,10 @@ def test_f4_every_bucket_layout_is_checked():
     """Whole-step receives check each bucket's layout, not only the last one."""
     want = layout_key(LAYOUT)[0]
     other = dict(LAYOUT, strategy="tensor")
-    msgs = (harness.sync_bucket_transfers([("a.weight", torch.ones(4))], step=1, last=False, layout=other)
-            + harness.sync_bucket_transfers([("b.weight", torch.ones(4))], step=1, index=1, layout=LAYOUT)
-            + harness.sync_end_transfers(1, 2, 2, 32))
+    msgs = harness.sync_step_transfers(
+        harness.sync_bucket_transfers([("a.weight", torch.ones(4))], step=1, last=False, layout=other),
+        harness.sync_bucket_transfers([("b.weight", torch.ones(4))], step=1, index=1, layout=LAYOUT),
+        harness.sync_end_transfers(1, 2, 2, 32))
     specs = {"a.weight": ("float32", (4,)), "b.weight": ("float32", (4,))}
     rx, _ = _replay(msgs)
     checks = BucketChecks([(specs, "ckpt", want)])
@@ -364,8 +365,9 @@ def test_f8_value_sentinels_both_sides():
         assert value_problems([(name, t)]) and name in value_problems([(name, t)])[0], name
         with pytest.raises(ValueError, match=name.replace(".", r"\.")):
             _record({"ok.weight": torch.ones(3), name: t}, step=1)
-        msgs = (harness.sync_bucket_transfers([("ok.weight", torch.ones(3)), (name, t)], step=1)
-                + harness.sync_end_transfers(1, 1, 2, 12 + t.numel() * t.element_size()))
+        msgs = harness.sync_step_transfers(
+            harness.sync_bucket_transfers([("ok.weight", torch.ones(3)), (name, t)], step=1),
+            harness.sync_end_transfers(1, 1, 2, 12 + t.numel() * t.element_size()))
         rx, _ = _replay(msgs)
         checks = BucketChecks([({"ok.weight": ("float32", (3,)), name: (str(t.dtype)[6:], tuple(t.shape))}, "x", None)])
         with pytest.raises(StepRejectedError, match=name.replace(".", r"\.")):
@@ -381,7 +383,8 @@ def test_f10_payload_claim_must_match_manifest_before_allocation():
     h = wire.Header(kind=wire.MessageKind.BUCKET, step=1, flags=wire.FLAG_LAST, manifest_len=len(man),
                     payload_len=4 << 30, manifest_crc32=zlib.crc32(man))
     for limits in (WireLimits(max_tensor_bytes=1 << 20), WireLimits()):
-        rx, _ = _replay([wire.encode_header(h), man, b"\0" * 64], limits=limits)
+        rx, _ = _replay([wire.encode_control(wire.encode_header(h), man), bytes(wire.CONTROL_SIZE), b"\0" * 64],
+                        limits=limits)
         allocs = []
         orig = rx._alloc
         rx._alloc = lambda n: allocs.append(n) or orig(n)
@@ -391,14 +394,14 @@ def test_f10_payload_claim_must_match_manifest_before_allocation():
     # a claim within the limits but not matching the manifest is refused too
     h2 = wire.Header(kind=wire.MessageKind.BUCKET, step=1, flags=wire.FLAG_LAST, manifest_len=len(man),
                      payload_len=4096, manifest_crc32=zlib.crc32(man))
-    rx2, _ = _replay([wire.encode_header(h2), man, b"\0" * 64])
+    rx2, _ = _replay([wire.encode_control(wire.encode_header(h2), man), bytes(wire.CONTROL_SIZE), b"\0" * 64])
     with pytest.raises(ManifestError, match="end of the last tensor"):
         rx2.receive_all()
     assert rx2.broken
 
 
 def test_f10_crc_checked_before_version():
-    raw = bytearray(harness.sync_bucket_transfers([("w", torch.ones(2))], step=1)[0])
+    raw = bytearray(harness.sync_bucket_transfers([("w", torch.ones(2))], step=1)[0][:wire.HEADER_SIZE])
     raw[4] ^= 0x07  # a flipped bit in the version field
     with pytest.raises(wire.HeaderError, match="crc"):
         wire.decode_header(bytes(raw))
@@ -408,10 +411,10 @@ def test_f10_missing_end_breaks_instead_of_swallowing_next_step():
     """Step 1 loses its END and its consumer stops early: the drain meets
     step 2's first message and breaks the receiver (recreate the group)
     instead of consuming step 2 as if it were the rest of step 1."""
-    s1 = (harness.sync_bucket_transfers([("a", torch.ones(2))], step=1, last=False)
-          + harness.sync_bucket_transfers([("b", torch.ones(2))], step=1, index=1))  # no END
-    s2 = harness.sync_bucket_transfers([("c", torch.ones(2))], step=2) + harness.sync_end_transfers(2, 1, 1, 8)
-    rx, t = _replay(s1 + s2)
+    rx, t = _replay(harness.sync_step_transfers(
+        harness.sync_bucket_transfers([("a", torch.ones(2))], step=1, last=False),
+        harness.sync_bucket_transfers([("b", torch.ones(2))], step=1, index=1),  # no END
+        harness.sync_bucket_transfers([("c", torch.ones(2))], step=2), harness.sync_end_transfers(2, 1, 1, 8)))
     gen = rx.iter_buckets(expected_step=1)
     next(gen)
     gen.close()
@@ -422,9 +425,9 @@ def test_f10_missing_end_breaks_instead_of_swallowing_next_step():
 
 
 def test_f10_message_of_another_step_inside_a_step_is_fatal():
-    s1 = harness.sync_bucket_transfers([("a", torch.ones(2))], step=1, last=False)
-    s2 = harness.sync_bucket_transfers([("c", torch.ones(2))], step=2) + harness.sync_end_transfers(2, 1, 1, 8)
-    rx, _ = _replay(s1 + s2)
+    rx, _ = _replay(harness.sync_step_transfers(
+        harness.sync_bucket_transfers([("a", torch.ones(2))], step=1, last=False),
+        harness.sync_bucket_transfers([("c", torch.ones(2))], step=2), harness.sync_end_transfers(2, 1, 1, 8)))
     with pytest.raises(ProtocolError, match="inside step 1"):
         rx.receive_all()
     assert rx.broken

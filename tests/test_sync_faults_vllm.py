@@ -129,8 +129,9 @@ class Rogue:
 
 
 def bucket(items, step, layout):
-    return (harness.sync_bucket_transfers(items, step, layout=layout)
-            + harness.sync_end_transfers(step, 1, len(items), sum(t.numel() * t.element_size() for _, t in items)))
+    return harness.sync_step_transfers(
+        harness.sync_bucket_transfers(items, step, layout=layout),
+        harness.sync_end_transfers(step, 1, len(items), sum(t.numel() * t.element_size() for _, t in items)))
 
 
 def assert_unchanged(world, before, tokens, what):
@@ -157,7 +158,8 @@ def test_f1_oversized_and_undersized_messages_engine_serves(world):
     h = wire.Header(kind=wire.MessageKind.BUCKET, step=1, flags=wire.FLAG_LAST, manifest_len=len(man),
                     payload_len=1 << 30, manifest_crc32=zlib.crc32(man))
     t0 = time.monotonic()
-    res, sent = rogue.step(next_step(), [wire.encode_header(h), man, b"\0" * 4096])
+    res, sent = rogue.step(next_step(), [wire.encode_control(wire.encode_header(h), man), bytes(wire.CONTROL_SIZE),
+                                         b"\0" * 4096])
     assert res["error_type"] == "WeightUpdateRejected" and res["cause"] == "LimitExceededError", res
     assert not res["model_touched"] and "broken" in res["error"], res
     assert isinstance(sent, Exception) and time.monotonic() - t0 < TIMEOUT / 2, sent  # told at once
@@ -167,10 +169,10 @@ def test_f1_oversized_and_undersized_messages_engine_serves(world):
     rogue = Rogue(llm)  # the broken receiver is replaced without takeover
     items = wire_items(world, world["ws"][1])
     step = next_step()
-    hdr, man2, payload = harness.sync_bucket_transfers(items, step, layout=world["layout"] and world["layout"].to_dict(),
-                                                       checksum="none")
+    ctl, payload = harness.sync_bucket_transfers(items, step, layout=world["layout"] and world["layout"].to_dict(),
+                                                 checksum="none")
     end = harness.sync_end_transfers(step, 1, len(items), sum(t.numel() * t.element_size() for _, t in items))
-    res, sent = rogue.step(step, [hdr, man2, payload[: len(payload) // 2], *end])
+    res, sent = rogue.step(step, harness.sync_step_transfers([ctl, payload[: len(payload) // 2]], end))
     assert sent is None and res["error_type"] == "WeightUpdateRejected" and res["cause"] == "ChecksumError", res
     assert_unchanged(world, before, tokens, "undersized payload")
     res = rogue.good_step(world, next_step(), world["ws"][1])
@@ -212,26 +214,26 @@ def test_f4_f5_f6_malformed_steps_rejected(world, case):
     half = len(items) // 2
     nb = lambda xs: sum(t.numel() * t.element_size() for _, t in xs)  # noqa: E731
     if case == "other_strategy":  # bucket 0 other layout, last bucket the served one
-        transfers = (harness.sync_bucket_transfers(items[:half], step, last=False, layout=dict(lay, strategy="tensor"))
-                     + harness.sync_bucket_transfers(items[half:], step, index=1, layout=lay)
-                     + harness.sync_end_transfers(step, 2, len(items), nb(items)))
+        messages = [harness.sync_bucket_transfers(items[:half], step, last=False, layout=dict(lay, strategy="tensor")),
+                    harness.sync_bucket_transfers(items[half:], step, index=1, layout=lay),
+                    harness.sync_end_transfers(step, 2, len(items), nb(items))]
     else:
         bad = {"x_layout": {"x": 1}, "unknown_strategy": dict(lay or {}, strategy="diagonal"),
                "huge_block": dict(lay or {}, block_size=[0, 2**70]), "zero_elem_huge": lay}[case]
-        transfers = (harness.sync_bucket_transfers(items[:half], step, last=False, layout=bad)
-                     + harness.sync_bucket_transfers(items[half:], step, index=1, layout=lay)
-                     + harness.sync_end_transfers(step, 2, len(items), nb(items)))
+        messages = [harness.sync_bucket_transfers(items[:half], step, last=False, layout=bad),
+                    harness.sync_bucket_transfers(items[half:], step, index=1, layout=lay),
+                    harness.sync_end_transfers(step, 2, len(items), nb(items))]
         if case == "zero_elem_huge":
             import json
             import zlib
-            m = json.loads(transfers[1])
+            h = wire.decode_header(messages[0][0][:wire.HEADER_SIZE])
+            m = json.loads(messages[0][0][wire.HEADER_SIZE: wire.HEADER_SIZE + h.manifest_len])
             m["tensors"].append({"name": "model.z", "dtype": "float32", "shape": [0, 2**40, 2**40],
                                  "offset": 0, "nbytes": 0})
             raw = json.dumps(m).encode()
-            h = wire.decode_header(transfers[0])
             h = wire.Header(**{**h.__dict__, "manifest_len": len(raw), "manifest_crc32": zlib.crc32(raw)})
-            transfers[0:2] = [wire.encode_header(h), raw]
-    res, _ = rogue.step(step, transfers)
+            messages[0][0] = wire.encode_control(wire.encode_header(h), raw)
+    res, _ = rogue.step(step, harness.sync_step_transfers(*messages))
     assert res["error_type"] == "WeightUpdateRejected" and not res["model_touched"], res
     rogue.close()
     assert_unchanged(world, before, tokens, case)

@@ -144,7 +144,6 @@ class GroupedSendPath:
         dev_idx = -1 if self.device.type == "cpu" else (
             self.device.index if self.device.index is not None else torch.cuda.current_device())
         seen: set[str] = set()
-        pending: Bucket | None = None
         self._ramp = 0
         cur = self._new_bucket()
         prev = self._bucket_plans
@@ -171,7 +170,7 @@ class GroupedSendPath:
                     stats.num_tensors += cur.num_tensors
                     stats.num_bytes += cur.num_bytes
                     stats.reused_buckets += 1
-                    pending = self._close_bucket(cur, pending, stats)
+                    self._close_bucket(cur, at_end(), stats)
                     cur = self._new_bucket()
                     continue
                 replaying = False
@@ -218,11 +217,8 @@ class GroupedSendPath:
             if need > self.bucket_bytes:
                 self._step_plans = None  # oversize tensors travel alone: no bucket layout to reuse
                 if cur.entries:
-                    pending = self._close_bucket(cur, pending, stats)
+                    self._close_bucket(cur, False, stats)
                     cur = self._new_bucket()
-                if pending is not None:
-                    self._dispatch_bucket(pending, False, stats)
-                    pending = None
                 last = at_end()
                 if quant:
                     from ..formats.quantize import quantize_tensor
@@ -244,9 +240,9 @@ class GroupedSendPath:
             if cur.entries and (
                 not fits
                 or len(cur.entries) + nent > self.limits.max_tensors_per_bucket
-                or cur.manifest_est + est > self.limits.max_manifest_bytes
+                or cur.manifest_est + est > self._manifest_budget
             ):
-                pending = self._close_bucket(cur, pending, stats)
+                self._close_bucket(cur, False, stats)
                 cur = self._new_bucket()
                 off = 0
                 if quant:
@@ -276,9 +272,7 @@ class GroupedSendPath:
             cur.num_tensors += nent
             cur.manifest_est += est
         if cur.entries:
-            pending = self._close_bucket(cur, pending, stats)
-        if pending is not None:
-            self._dispatch_bucket(pending, True, stats)
+            self._close_bucket(cur, True, stats)
         self._send_end_of_step(stats)
         self._bucket_plans, self._step_plans = self._step_plans, None
 
@@ -314,15 +308,33 @@ class GroupedSendPath:
         b.cap = self.bucket_bytes if k >= 16 else min(self.bucket_bytes, max(RAMP_FIRST_BYTES << k, ALIGNMENT))
         return b
 
-    def _close_bucket(self, b: Bucket, pending: Bucket | None, stats: SendStats) -> Bucket:
-        """Launch bucket ``b``'s quantization, then put the previous bucket on
-        the wire; returns ``b`` (now pending)."""
+    def _close_bucket(self, b: Bucket, last: bool, stats: SendStats) -> None:
+        """Announce bucket ``b`` (its control goes out, then the previous
+        bucket's payload: see :mod:`.outbox`) and launch its quantization.
+        Announcing first puts the previous payload on the wire before this
+        bucket's launch work on the host; with a payload checksum the header
+        needs the quantized bytes, so the launch comes first."""
         if self._step_plans is not None:
             self._step_plans.append(replay.plan_of(b))
+        slot = self._slots[b.slot_idx]
+
+        def announce() -> None:
+            self._dispatch(slot, b.entries, slot.buf, b.end, last, stats, ready=lambda: self._bucket_ready(b, stats))
+
+        if self._algo != wire.ChecksumAlgo.NONE:
+            self._launch_bucket(b, stats)
+            announce()
+            return
+        if slot.buf is None:
+            slot.buf = torch.zeros(self.bucket_bytes + wire.SEAL_SIZE, dtype=torch.uint8, device=self.device)
+        # the seal is written on the current stream: it follows the wire's
+        # last read of this buffer (NCCL's wait() orders the stream, the host
+        # does not block)
+        t0 = time.perf_counter()
+        slot.wait()
+        stats.transfer_s += time.perf_counter() - t0
+        announce()
         self._launch_bucket(b, stats)
-        if pending is not None:
-            self._dispatch_bucket(pending, False, stats)
-        return b
 
     def _launch_bucket(self, b: Bucket, stats: SendStats) -> None:
         from ..kernels.triton_fp8 import prepare_grouped, quantize_grouped
@@ -458,15 +470,16 @@ class GroupedSendPath:
                 return plan
         return value_groups([(e.name, x) for e, x in zip(entries, srcs)], self._scale_name)
 
-    def _dispatch_bucket(self, b: Bucket, last: bool, stats: SendStats) -> None:
+    def _bucket_ready(self, b: Bucket, stats: SendStats) -> None:
+        """Wait for bucket ``b``'s quantization; raise if a source was not finite."""
+        if b.qjobs is None and b.csrcs is None:
+            return  # already checked
         t0 = time.perf_counter()
         b.event.synchronize()
         stats.quantize_s += time.perf_counter() - t0
         if not bool(b.flag[0]):
             self._raise_nonfinite(b)
-        slot = self._slots[b.slot_idx]
         b.qjobs, b.csrcs = None, None  # sources were read: quantization is complete
-        self._dispatch(slot, b.entries, slot.buf, b.end, last, stats)
 
     def _raise_nonfinite(self, b: Bucket) -> None:
         for jobs in b.qjobs.values():

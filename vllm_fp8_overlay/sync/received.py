@@ -93,8 +93,10 @@ class _StepState:
     def __init__(self, expected_step: int | None) -> None:
         self.expected_step = expected_step
         self.step: int | None = None
-        self.next_index = 0
+        self.next_index = 0  # buckets received
+        self.announced = 0  # buckets whose control was read
         self.saw_last = False
+        self.voided = 0  # 1 + index of a bucket the trainer voided (its ABORT follows)
         self.num_tensors = 0
         self.num_bytes = 0
         self.names: set[str] = set()
@@ -115,14 +117,17 @@ class _StepState:
                 f"message of step {header.step} inside step {self.step}: the end of step {self.step} is missing"))
 
     def check_order(self, header: Header) -> None:
+        """Called once per bucket control, in wire order."""
         if self.saw_last:
             raise ProtocolError(f"bucket {header.index} after the last bucket of step {self.step}")
-        if header.index != self.next_index:
-            raise ProtocolError(f"expected bucket {self.next_index}, got {header.index}")
+        if header.index != self.announced:
+            raise ProtocolError(f"expected bucket {self.announced}, got {header.index}")
+        self.announced += 1
+        self.saw_last = header.last
 
-    def account(self, names: frozenset[str], nbytes: int, ntensors: int, last: bool) -> None:
+    def account(self, names: frozenset[str], nbytes: int, ntensors: int) -> None:
+        """Called once per received bucket, in order."""
         self.next_index += 1
-        self.saw_last = last
         self.num_bytes += nbytes
         self.num_tensors += ntensors
         if not self.names.isdisjoint(names):

@@ -30,13 +30,11 @@ import torch
 
 from . import wire
 from .recvbuffers import ReceiveBuffers
-from .recvpost import PostedReceives
+from .recvpost import CONTROL, Announced, PostedReceives
 from .received import (Bucket, DeferredProblems, ManifestCheck, OnBucket, PayloadCheck, ReceivedStep,
                        StepRejectedError, _Fatal, _StepState)
 from .transport import DEFAULT_TIMEOUT_S, BroadcastGroup, Transport, TransportError
 from .wire import (
-    HEADER_SIZE,
-    SEAL_SIZE,
     BucketManifest,
     ChecksumAlgo,
     ChecksumError,
@@ -44,6 +42,7 @@ from .wire import (
     Header,
     LimitExceededError,
     MessageKind,
+    ProtocolError,
     ReceiverBrokenError,
     StepAbortedError,
     TruncatedStepError,
@@ -119,18 +118,9 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
         self.verify_checksum = verify_checksum
         self.require_checksum = require_checksum
         self.keep_step_buffers = None if keep_step_buffers is None else bool(keep_step_buffers)
-        self._hdr = torch.zeros(HEADER_SIZE, dtype=torch.uint8, device=self.device)
-        self._man: torch.Tensor | None = None
         self._init_buffers()
         self.manifest_cache = wire.ManifestCache()
-        # CUDA: the next header's receive is posted right behind each payload
-        # (see _post_next_header); host copies of seal and header land here
-        self._prefetch = self.device.type == "cuda"
-        self._host = torch.empty(HEADER_SIZE + SEAL_SIZE, dtype=torch.uint8,
-                                 pin_memory=self._prefetch)
-        self._hdr_ready = None  # event of the posted header receive, or None
-        self._early = self._prefetch  # manifest read while the payload arrives (_recv_early)
-        self._man_host: torch.Tensor | None = None  # pinned manifest copy (_recv_early)
+        self._init_posting()
         self._broken: str | None = None
         self._busy = False
         self._closed = False
@@ -220,7 +210,6 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
 
     def release_buffers(self) -> None:
         """Free the reused buffers (they are reallocated on demand)."""
-        self._man = None
         self._release()
 
     def close(self) -> None:
@@ -248,7 +237,8 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
             self._broken = why if isinstance(why, str) else f"{type(why).__name__}: {why}"
             logger.error("weight sync: receiver rank %s is out of sync and leaves the group: %s",
                          getattr(self.transport, "rank", "?"), self._broken)
-        self._hdr_ready = None
+        self._ctl_ready = None
+        self._pend = []
         self._after_failure()
         try:
             self.transport.close()
@@ -260,43 +250,6 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
         self.release_buffers()
         self.manifest_cache.clear()
 
-    def _recv_header(self) -> Header:
-        try:
-            if self._hdr_ready is not None:  # posted behind the previous payload
-                ready, self._hdr_ready = self._hdr_ready, None
-                ready.synchronize()
-                raw = self._host[:HEADER_SIZE].numpy().tobytes()
-            else:
-                self._hdr.zero_()  # a short transfer must not leave an old valid header behind
-                self.transport.broadcast(self._hdr)
-                raw = self._hdr.cpu().numpy().tobytes()
-            h = wire.decode_header(raw, self.limits)
-            cap = max(self.bucket_bytes, self.limits.max_tensor_bytes)
-            if h.payload_len > cap:  # more than any payload this receiver agreed to take
-                raise LimitExceededError(f"bucket {h.index} of step {h.step} announces {h.payload_len} payload bytes; "
-                                         f"this receiver takes at most {cap} (agreed bucket size "
-                                         f"{self.bucket_bytes}, max_tensor_bytes {self.limits.max_tensor_bytes})")
-            return h
-        except BaseException as e:
-            raise _Fatal(e) from None
-
-    def _recv_manifest(self, h: Header) -> bytes:
-        try:
-            self._man = self._grow(self._man, max(h.manifest_len, 4096))
-            man = self._man[: h.manifest_len]
-            man.zero_()
-            self.transport.broadcast(man)
-            return man.cpu().numpy().tobytes()
-        except BaseException as e:
-            raise _Fatal(e) from None
-
-    def _recv_payload(self, h: Header, dest: torch.Tensor, check: bool) -> None:
-        """Receive ``payload || seal`` into ``dest`` (``payload_len + SEAL_SIZE``
-        bytes); with ``check`` verify the seal."""
-        ready = self._post_payload(h, dest)
-        if check:
-            self._check_seal(h, dest, ready)
-
     def _check_usable(self) -> None:
         if self._closed and self._broken is None:
             raise TransportError("receiver is closed")
@@ -307,50 +260,68 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
 
     def _iter(self, expected_step: int | None, fresh: bool, check_manifest: ManifestCheck | None = None,
               check_payload: PayloadCheck | None = None, reject_early: bool = False) -> Iterator[Bucket]:
+        """The step's buckets in order (see :mod:`.recvpost` for the posting
+        order). On CUDA with ``fresh`` (every bucket its own buffer) bucket
+        ``j``'s payload is posted before bucket ``j-1`` is handed out, so the
+        wire never waits for the consumer. Otherwise it is posted once the
+        consumer is done with bucket ``j-1``: the one streaming buffer is
+        free again then, and on CPU a post is the blocking receive itself,
+        which gains nothing by coming earlier but would keep one more bucket
+        in memory while the consumer works."""
         self._check_usable()
         self._busy = True
         st = _StepState(expected_step)
         ok = False
+        lazy = not (fresh and self._cuda)
+        prev: Announced | None = None
         try:
+            self._pend = []
+            self._post_control()  # the first control's receive goes out before the bookkeeping
+            self._pend.append(CONTROL)
             if fresh and self.keep_step_buffers is None and self._auto:
-                if self._prefetch:  # the first header's receive goes out before the check
-                    try:
-                        self._post_header()
-                    except BaseException as e:
-                        raise _Fatal(e) from None
                 self._check_kept()
             while True:
-                h = self._recv_header()
-                pre = None
-                if (self._early and h.kind == MessageKind.BUCKET and not st.problems
-                        and h.payload_len <= self.bucket_bytes
-                        and (check_manifest is None or self._reuses(h, fresh))):
-                    raw, pre = self._recv_early(h, fresh)
-                else:
-                    raw = self._recv_manifest(h)
-                st.check_step(h) if st.step is not None else None
+                h, raw = self._read_control()
+                if st.voided and h.kind != MessageKind.ABORT:
+                    raise _Fatal(ProtocolError(f"bucket {st.voided - 1} of step {st.step} was voided, "
+                                               "but the next control is not an ABORT"))
+                cur = None
                 if h.kind == MessageKind.BUCKET:
-                    bucket = self._bucket(st, h, raw, fresh, check_manifest, check_payload, pre)
+                    cur = self._announce(st, h, raw, check_manifest)
+                    self._post_control()
+                    self._pend.append(CONTROL)
+                    self._pend.append(cur)
+                    if not lazy:
+                        self._post_payload(cur, fresh)
+                elif st.step is not None:
+                    st.check_step(h)
+                if prev is not None:
+                    p, prev = prev, None
+                    bucket = self._take(st, p, check_payload)
                     if bucket is not None:
                         yield bucket
-                    elif reject_early:
+                    elif reject_early and st.problems:
                         raise StepRejectedError(st.step, st.problems)
-                    continue
-                st.ended = True  # END or ABORT: the step is over on the wire
-                st.check_step(h)
-                if h.kind == MessageKind.ABORT:
-                    raise StepAbortedError(f"trainer aborted step {h.step}: {wire.decode_abort(h, raw, self.limits)}")
-                summary = self._finish(st, h, raw)
-                for d in st.deferred:
-                    st.problems += d.resolve()
-                st.deferred = []
-                if st.problems:
-                    raise StepRejectedError(summary.step, st.problems)
-                self.last_step = summary.step
-                if fresh and len(self._auto) > st.next_index:
-                    del self._auto[st.next_index:]  # buffers of a longer earlier step: not this step's
-                ok = True
-                return summary
+                if cur is None:  # END or ABORT, and every payload of the step arrived
+                    st.ended = True
+                    st.check_step(h)
+                    if h.kind == MessageKind.ABORT:
+                        raise StepAbortedError(f"trainer aborted step {h.step}: "
+                                               f"{wire.decode_abort(h, raw, self.limits)}")
+                    summary = self._finish(st, h, raw)
+                    for d in st.deferred:
+                        st.problems += d.resolve()
+                    st.deferred = []
+                    if st.problems:
+                        raise StepRejectedError(summary.step, st.problems)
+                    self.last_step = summary.step
+                    if fresh and len(self._auto) > st.next_index:
+                        del self._auto[st.next_index:]  # buffers of a longer earlier step: not this step's
+                    ok = True
+                    return summary
+                if lazy:
+                    self._post_payload(cur, fresh)
+                prev = cur
         except _Fatal as f:
             self._break(f.args[0])
             raise f.args[0] from None
@@ -361,14 +332,12 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
                     self._drain(st)
                 self._after_failure()
 
-    def _bucket(self, st: _StepState, h: Header, raw: bytes, fresh: bool, check_manifest: ManifestCheck | None,
-                check_payload: PayloadCheck | None, pre: tuple | None = None) -> Bucket | None:
-        """Validate a BUCKET message and receive its payload. A manifest that
-        fails validation is fatal (the payload's size is then a bare claim:
-        no buffer is allocated for it and no receive posted). Otherwise the
-        payload is always received: ``None`` when a check rejected the bucket
-        (the payload went to scratch), a :class:`WireError` after it was
-        consumed for order, seal and checksum errors."""
+    def _announce(self, st: _StepState, h: Header, raw: bytes, check_manifest: ManifestCheck | None) -> Announced:
+        """Validate a BUCKET control before its payload is posted. A manifest
+        that fails validation is fatal (the payload's size is then a bare
+        claim: no buffer is allocated for it and no receive posted). Other
+        errors and the caller's manifest problems send the payload to
+        scratch; they are raised or reported when it was consumed."""
         try:  # the payload size is trusted only once the manifest accounts for it
             manifest = wire.decode_bucket_manifest(h, raw, self.limits, self.manifest_cache)
             if h.payload_len > self.bucket_bytes and len(manifest.tensors) != 1:
@@ -377,35 +346,35 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
                                          "tensors (only a single tensor may travel alone)")
         except BaseException as e:  # no receive is posted for a payload nobody vouches for
             raise _Fatal(e) from None
-        error: BaseException | None = None
-        problems: list[str] = []
+        a = Announced(h, manifest)
         try:
             if st.step is None:
                 st.check_step(h)
             st.check_order(h)
             if check_manifest is not None:
-                problems = list(check_manifest(manifest))
+                a.problems = list(check_manifest(manifest))
+        except _Fatal:
+            raise
         except Exception as e:  # whatever happens, the payload transfer must be consumed
-            error = e
-        to_scratch = error is not None or bool(problems) or bool(st.problems)
-        if pre is not None:  # already received (_recv_early): not handed out if anything is wrong
-            dest, kept, ready = pre
-            if not to_scratch:
-                self._check_seal(h, dest, ready)
-        else:
-            try:
-                dest, kept = (self._scratch_for(h), None) if to_scratch else self._payload_buffer(h, fresh)
-            except BaseException as e:  # no buffer: the payload cannot be consumed
-                raise _Fatal(e) from None
-            self._recv_payload(h, dest, check=not to_scratch)
-        if error is not None:
-            raise error
-        if problems or st.problems:
-            st.problems += problems
-            names, nbytes = self._summary(manifest)
-            st.account(names, nbytes, len(manifest.tensors), manifest.last)
+            a.error = e
+        a.to_scratch = a.error is not None or bool(a.problems) or bool(st.problems)
+        return a
+
+    def _take(self, st: _StepState, a: Announced, check_payload: PayloadCheck | None) -> Bucket | None:
+        """Bucket ``a``'s payload arrived: check it and hand it out; ``None``
+        when a check rejected it (or an earlier bucket of the step)."""
+        self._consume_payload_or_void(st, a)
+        h, manifest = a.header, a.manifest
+        if a.error is not None:
+            raise a.error
+        if st.voided:
             return None
-        payload = dest[: h.payload_len]
+        if a.problems or st.problems or a.to_scratch:
+            st.problems += a.problems
+            names, nbytes = self._summary(manifest)
+            st.account(names, nbytes, len(manifest.tensors))
+            return None
+        payload = a.dest[: h.payload_len]
         if h.checksum_algo == ChecksumAlgo.NONE:
             if self.require_checksum:
                 raise ChecksumError(f"bucket {h.index} carries no payload checksum")
@@ -415,8 +384,8 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
                 raise ChecksumError(f"payload checksum mismatch in bucket {h.index} of step {h.step}: "
                                     f"got 0x{got:08x}, header says 0x{h.payload_checksum:08x}")
         names, nbytes = self._summary(manifest)
-        st.account(names, nbytes, len(manifest.tensors), manifest.last)
-        bucket = Bucket(manifest=manifest, tensors=self._tensor_views(payload, kept, manifest, h.index),
+        st.account(names, nbytes, len(manifest.tensors))
+        bucket = Bucket(manifest=manifest, tensors=self._tensor_views(payload, a.kept, manifest, h.index),
                         payload=payload)
         if check_payload is not None:
             bad = check_payload(bucket)
@@ -429,6 +398,14 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
                 return None
         return bucket
 
+    def _consume_payload_or_void(self, st: _StepState, a: Announced) -> None:
+        """Consume the payload; a void seal (the trainer gave the step up)
+        is remembered: the next control must be its ABORT."""
+        try:
+            self._consume_payload(a)
+        except StepAbortedError:
+            st.voided = a.header.index + 1
+
     def _finish(self, st: _StepState, header: Header, manifest: bytes) -> EndOfStep:
         summary = wire.decode_end(header, manifest, self.limits)
         got = (st.next_index, st.num_tensors, st.num_bytes)
@@ -438,24 +415,3 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
                 f"step {summary.step}: received (buckets, tensors, bytes)={got}, "
                 f"trainer sent {want}{'' if st.saw_last or not summary.num_buckets else ', last bucket missing'}")
         return summary
-
-    def _drain(self, st: _StepState) -> None:
-        """Consume the rest of the current step (until END or ABORT) without
-        looking at payloads, so the group stays aligned with the trainer. A
-        message of another step means this step's end is missing: the
-        receiver breaks instead of swallowing the next step."""
-        try:
-            while True:
-                h = self._recv_header()
-                self._recv_manifest(h)
-                st.check_step(h)
-                if h.kind == MessageKind.BUCKET:
-                    self._recv_payload(h, self._scratch_for(h), check=False)
-                else:
-                    return
-        except _Fatal as f:
-            self._break(f.args[0])
-        except Exception as e:  # pragma: no cover - defensive
-            self._break(f"drain failed: {e}")
-        finally:
-            self._scratch = None

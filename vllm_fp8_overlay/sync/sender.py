@@ -9,7 +9,6 @@ a transfer.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 import zlib
@@ -19,6 +18,7 @@ import torch
 
 from . import wire
 from .grouped import _END, GroupedSendPath
+from .outbox import Outbox
 from .replay import BucketPlan
 from .sendstate import SendStats, _Peekable, _Slot, _wants_cuda
 from .transport import DEFAULT_TIMEOUT_S, BroadcastGroup, OwnershipLost, Transport, TransportError
@@ -50,7 +50,7 @@ DEFAULT_CUDA_BUCKET_BYTES = 1 << 30
 _CACHE_MAX = 1 << 20  # entries per host cache before it is cleared (a guard, not a tuning knob)
 
 
-class WeightSender(GroupedSendPath):
+class WeightSender(GroupedSendPath, Outbox):
     """Rank 0 of the weight-sync group.
 
     Args:
@@ -126,13 +126,25 @@ class WeightSender(GroupedSendPath):
         self.transport = transport
         #: what every receiver accepts (the handshake's minimum); own limits without one
         self.limits = getattr(transport, "send_limits", None) or limits
+        # a bucket is closed before its manifest (layout included) would not
+        # fit a control block or the receivers' limit
+        self._manifest_budget = (min(self.limits.max_manifest_bytes, wire.MAX_INLINE_MANIFEST)
+                                 - len(wire.dumps(self._layout_dict)))
+        if self._manifest_budget < 4096:
+            raise wire.LimitExceededError(f"the layout's JSON ({len(wire.dumps(self._layout_dict))} bytes) leaves "
+                                          "no room for tensor entries in a manifest")
         self.group_id = getattr(transport, "group_id", None)
         self.device = torch.device(transport.device)
         if checksum == "auto":
             checksum = "crc32" if self.device.type == "cpu" else "none"
         self._algo = ChecksumAlgo.NAMES[checksum]
-        self._slots = [_Slot(), _Slot()]
+        # bucket buffers: the non-grouped path rotates through three (one on
+        # the wire, one announced and owed, one being packed: see .outbox);
+        # the grouped path uses the first two (its device-side ordering
+        # lets a bucket's quantization wait for the wire without the host)
+        self._slots = [_Slot(), _Slot(), _Slot()]
         self._cur = 0
+        self._init_outbox()
         self._oversize = _Slot()
         self._broken: str | None = None
         self._closed = False
@@ -257,7 +269,7 @@ class WeightSender(GroupedSendPath):
             if entries and (
                 off + n > self.bucket_bytes
                 or len(entries) >= self.limits.max_tensors_per_bucket
-                or manifest_est + entry_est > self.limits.max_manifest_bytes
+                or manifest_est + entry_est > self._manifest_budget
             ):
                 self._flush(slot, entries, end, False, stats)
                 slot = self._next_slot(stats)
@@ -337,7 +349,7 @@ class WeightSender(GroupedSendPath):
         # k+1 is quantized and packed into the other slot. With gloo the
         # broadcast runs on gloo's worker threads; with NCCL on its stream.
         # A later CUDA-stream pipeline only needs to change _pack / _flush.
-        self._cur ^= 1
+        self._cur = (self._cur + 1) % len(self._slots)
         return self._acquire(self._cur, stats)
 
     def _pack(self, buf: torch.Tensor, entry: TensorEntry, t: torch.Tensor) -> None:
@@ -351,66 +363,40 @@ class WeightSender(GroupedSendPath):
                       payload_checksum=wire.payload_checksum(payload, self._algo), manifest_crc32=zlib.crc32(manifest))
 
     def _send_end_of_step(self, stats: SendStats) -> None:
-        """The END message (totals, so receivers detect truncation); waits for every in-flight bucket."""
+        """The END message (totals, so receivers detect truncation), then the
+        last owed payload; waits for every in-flight transfer."""
         summary = EndOfStep(
             step=stats.step, num_buckets=stats.num_buckets, num_tensors=stats.num_tensors, num_bytes=stats.num_bytes
         )
         hdr, man = wire.encode_end(summary)
         t0 = time.perf_counter()
-        self._broadcast_bytes(hdr, man, slot=self._oversize, stats=stats)
+        self._send_terminal(hdr, man, self._oversize, stats)
         for s in (*self._slots, self._oversize):
             s.wait()
         stats.transfer_s += time.perf_counter() - t0
 
-    def _broadcast_bytes(self, *parts: bytes, slot: _Slot, stats: SendStats) -> None:
-        """Broadcast each of ``parts`` as its own message (header, manifest)."""
-        n = sum(len(p) for p in parts)
-        if self.device.type == "cuda":
-            # one pinned staging block and one non-blocking copy for all parts:
-            # a pageable copy would block the host until the current stream
-            # (which waits for the previous bucket's broadcast) drains, leaving
-            # the wire idle between buckets, and each copy call costs host
-            # time. The pinned block returns to torch's host allocator only
-            # once the copy that reads it has run.
-            # (a plain memmove into the pinned block: torch's CPU copy_ of a
-            # few hundred KB goes through its intra-op thread pool, measured
-            # at 0.3-3.7 ms per call on the H200 host)
-            h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-            ctypes.memmove(h.data_ptr(), b"".join(parts), n)
-            dev = torch.empty(n, dtype=torch.uint8, device=self.device)
-            dev.copy_(h, non_blocking=True)
-        else:
-            dev = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
-            if self.device.type != "cpu":
-                dev = dev.to(self.device)
-        slot.keepalive.append(dev)
-        o = 0
-        for p in parts:
-            slot.handles.append(self.transport.broadcast(dev[o : o + len(p)], async_op=True))
-            o += len(p)
-        stats.wire_bytes += n
-
     def _dispatch(self, slot: _Slot, entries: list[TensorEntry], buf: torch.Tensor, end: int, last: bool,
-                  stats: SendStats) -> None:
-        """Put one bucket on the wire: header, manifest, then ``buf[:end]``
-        followed by its seal, written into ``buf[end:end + SEAL_SIZE]``."""
+                  stats: SendStats, ready=None) -> None:
+        """Announce one bucket (its control goes on the wire, followed by the
+        previous bucket's payload); ``buf[:end]`` and its seal, written into
+        ``buf[end:end + SEAL_SIZE]``, go out after the next control.
+        ``ready`` is called before the payload is sent (and before its
+        checksum is computed) and raises if it must not go out."""
         if stats.num_buckets >= self.limits.max_buckets_per_step:
             raise wire.LimitExceededError(f"more than {self.limits.max_buckets_per_step} buckets in one step")
         manifest = self._manifest(entries)
-        if len(manifest) > self.limits.max_manifest_bytes:
+        if len(manifest) > min(self.limits.max_manifest_bytes, wire.MAX_INLINE_MANIFEST):
             raise wire.LimitExceededError(f"manifest of {len(manifest)} bytes exceeds the limit")
         payload = buf[:end]
         t0 = time.perf_counter()
+        if ready is not None and self._algo != ChecksumAlgo.NONE:
+            ready()  # the checksum reads the payload (this stalls the pipeline: checksums are opt-in on GPUs)
         header = self._header(stats.num_buckets, last, manifest, payload, stats.step)
         t1 = time.perf_counter()
         stats.checksum_s += t1 - t0
-        self._broadcast_bytes(wire.encode_header(header), manifest, slot=slot, stats=stats)
         slot.keepalive.append(wire.write_seal(buf[end: end + SEAL_SIZE], header))
-        transfer = buf[: end + SEAL_SIZE]
-        slot.keepalive.append(transfer)
-        slot.handles.append(self.transport.broadcast(transfer, async_op=True))
+        self._announce(header, manifest, slot, buf[: end + SEAL_SIZE], stats, ready)
         stats.transfer_s += time.perf_counter() - t1
-        stats.wire_bytes += transfer.numel()
         stats.max_payload_bytes = max(stats.max_payload_bytes, end)
         stats.num_buckets += 1
 
@@ -431,17 +417,3 @@ class WeightSender(GroupedSendPath):
         entry = TensorEntry(name=name, dtype=t.dtype, shape=tuple(t.shape), offset=0, nbytes=n)
         stats.oversize_tensors += 1
         self._dispatch(self._oversize, [entry], buf, n, last, stats)
-
-    def _abort(self, step: int, reason: str) -> None:
-        """Tell receivers the step is void so they do not hang."""
-        try:
-            for s in (*self._slots, self._oversize):
-                s.wait()
-            hdr, man = wire.encode_abort(step, reason, self.limits)
-            scratch = SendStats(step=step)
-            tmp = _Slot()
-            self._broadcast_bytes(hdr, man, slot=tmp, stats=scratch)
-            tmp.wait()
-        except Exception as e:  # the group is gone; nothing more we can do
-            self._broken = f"abort of step {step} failed: {e}"
-            logger.error("weight sync: could not notify receivers of the aborted step %d: %s", step, e)

@@ -46,7 +46,7 @@ class SendStats:
     wire_bytes: int = 0  # everything broadcast: headers, manifests, payloads (incl. padding)
     max_payload_bytes: int = 0
     oversize_tensors: int = 0  # tensors larger than bucket_bytes, sent as their own bucket
-    buffers_allocated: int = 0  # bucket buffers held by the sender (2 once warm)
+    buffers_allocated: int = 0  # bucket buffers held by the sender (once warm: 2 on the grouped CUDA path, else 3)
     reused_buckets: int = 0  # buckets laid out as in the previous step (grouped path)
     quantize_s: float = 0.0
     pack_s: float = 0.0

@@ -719,7 +719,9 @@ def sync_send_raw(group: Any, transfers: Sequence[bytes]) -> None:
 
 def sync_bucket_transfers(tensors: Sequence[tuple[str, torch.Tensor]], step: int, *, index: int = 0,
                           last: bool = True, layout: dict | None = None, checksum: str = "crc32") -> list[bytes]:
-    """The three transfers of a well-formed BUCKET message (edit them to break it)."""
+    """The two transfers of a well-formed BUCKET message, ``[control,
+    payload]`` (edit them to break it; :func:`sync_step_transfers` puts
+    messages in wire order)."""
     from ..sync import wire
 
     hdr, man, payload = wire.encode_bucket(tensors, step=step, index=index, last=last, layout=layout,
@@ -730,7 +732,15 @@ def sync_bucket_transfers(tensors: Sequence[tuple[str, torch.Tensor]], step: int
 def sync_end_transfers(step: int, num_buckets: int, num_tensors: int, num_bytes: int) -> list[bytes]:
     from ..sync import wire
 
-    return list(wire.encode_end(wire.EndOfStep(step, num_buckets, num_tensors, num_bytes)))
+    return [wire.encode_control(*wire.encode_end(wire.EndOfStep(step, num_buckets, num_tensors, num_bytes)))]
+
+
+def sync_step_transfers(*messages: Sequence[bytes]) -> list[bytes]:
+    """Messages (``[control]`` or ``[control, payload]``) in wire order: a
+    payload goes out after the next message's control."""
+    from ..sync import wire
+
+    return wire.step_transfers(*messages)
 
 
 def sync_rogue_hello(port: int, world_size: int, *, host: str = "127.0.0.1", timeout: float = 30.0,

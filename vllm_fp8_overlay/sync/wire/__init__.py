@@ -6,12 +6,19 @@ against :class:`WireLimits` *before* anything is parsed or allocated, every
 manifest field is type- and range-checked, and decoders raise only
 :class:`WireError` subclasses.
 
-One step is a sequence of messages, each broadcast from rank 0 as three
-transfers::
+One step is a sequence of messages broadcast from rank 0. A message is a
+control transfer of fixed size (``CONTROL_SIZE``: the 64-byte header, then
+``header.manifest_len`` bytes of UTF-8 JSON, zero padded) and, for a BUCKET,
+a payload transfer (``header.payload_len`` raw bytes + ``SEAL_SIZE`` bytes of
+seal). A bucket's payload goes out one message later than its control::
 
-    header   (fixed HEADER_SIZE bytes)
-    manifest (header.manifest_len bytes of UTF-8 JSON)
-    payload  (header.payload_len raw bytes + SEAL_SIZE bytes of seal; BUCKET only)
+    C1  C2 P1  C3 P2  ...  Cn P(n-1)  C_END Pn
+
+so a receiver knows the size of every payload one message ahead: it posts
+the next control and the next payload before it waits for the current
+payload, and the wire never idles on a host round trip between buckets. A
+sender that gave up still sends every payload it announced, with a void
+seal, and an ABORT control in the next control's place.
 
 Message kinds: ``BUCKET`` (tensors packed into a uint8 payload), ``END``
 (end-of-step summary) and ``ABORT`` (the sender failed mid-step). The group
@@ -47,6 +54,8 @@ from .framing import (
     MAGIC,
     PROTOCOL_VERSION,
     SEAL_SIZE,
+    CONTROL_SIZE,
+    MAX_INLINE_MANIFEST,
     Ack,
     ChecksumAlgo,
     Header,
@@ -55,6 +64,9 @@ from .framing import (
     check_manifest_crc,
     check_seal,
     decode_ack,
+    decode_control,
+    encode_control,
+    encode_void_seal,
     decode_go,
     decode_header,
     decode_hello,
@@ -85,20 +97,21 @@ from .manifest import (
     validate_layout,
     validate_name,
 )
-from .payload import bucket_transfers, encode_bucket, pack_into, plan_offsets, tensor_bytes, tensor_nbytes, tensors_from_buffer
+from .payload import bucket_transfers, encode_bucket, step_transfers, pack_into, plan_offsets, tensor_bytes, tensor_nbytes, tensors_from_buffer
 
 __all__ = [
-    "MAGIC", "PROTOCOL_VERSION", "HEADER_SIZE", "SEAL_SIZE", "ALIGNMENT", "MessageKind", "ChecksumAlgo", "FLAG_LAST",
+    "MAGIC", "PROTOCOL_VERSION", "HEADER_SIZE", "SEAL_SIZE", "CONTROL_SIZE", "MAX_INLINE_MANIFEST", "ALIGNMENT", "MessageKind", "ChecksumAlgo", "FLAG_LAST",
     "WireLimits", "DEFAULT_LIMITS", "Header", "TensorEntry", "BucketManifest", "EndOfStep",
     "WireError", "BadMagicError", "VersionMismatchError", "HeaderError", "ManifestError", "LimitExceededError",
     "ChecksumError", "TruncatedStepError", "ProtocolError", "StepAbortedError", "ReceiverBrokenError",
     "DTYPES", "dtype_to_str", "str_to_dtype", "validate_name", "validate_layout", "dumps",
-    "encode_header", "decode_header", "check_manifest_crc", "encode_seal", "check_seal",
+    "encode_header", "decode_header", "check_manifest_crc", "encode_control", "decode_control",
+    "encode_seal", "encode_void_seal", "check_seal",
     "encode_manifest", "decode_bucket_manifest", "ManifestCache",
     "encode_end", "decode_end", "encode_abort", "decode_abort",
     "payload_checksum", "sum64", "write_seal", "clear_seal", "check_payload_seal",
     "tensors_from_buffer", "plan_offsets", "tensor_bytes", "tensor_nbytes", "pack_into", "encode_bucket",
-    "bucket_transfers",
+    "bucket_transfers", "step_transfers",
     "HELLO_SIZE", "ACK_SIZE", "GO_SIZE", "BACKEND_CODES", "Hello", "Ack",
     "encode_hello", "decode_hello", "encode_ack", "decode_ack", "encode_go", "decode_go",
 ]

@@ -11,8 +11,10 @@ So the size of every transfer must be known to both sides before it is sent:
   that never changes (a new layout gets a new magic): a peer of another
   protocol version, header size or limits is refused before the process
   group carries a single byte;
-* the 64-byte header is the only transfer whose size is a protocol constant;
-  it announces the sizes of the manifest and payload transfers that follow;
+* a message's control block (:data:`CONTROL_SIZE` bytes: the 64-byte header,
+  then the manifest, zero padded) is the only transfer whose size is a
+  protocol constant; its header announces the size of the payload transfer
+  that belongs to it;
 * every payload transfer ends with a 32-byte seal naming the message, so a
   transfer that delivered fewer bytes than announced (the rest of the buffer
   holding old bytes) is detected without reading the payload.
@@ -31,6 +33,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "HEADER_SIZE",
     "SEAL_SIZE",
+    "CONTROL_SIZE",
+    "MAX_INLINE_MANIFEST",
     "ALIGNMENT",
     "MessageKind",
     "ChecksumAlgo",
@@ -39,7 +43,10 @@ __all__ = [
     "encode_header",
     "decode_header",
     "check_manifest_crc",
+    "encode_control",
+    "decode_control",
     "encode_seal",
+    "encode_void_seal",
     "check_seal",
     "HELLO_SIZE",
     "ACK_SIZE",
@@ -61,11 +68,22 @@ MAGIC = b"\x89VF8"
 #: Bumped on any incompatible change; receivers accept exactly this version.
 #: 2: every BUCKET payload transfer ends with a seal; layouts have a schema;
 #: ``payload_len`` equals the end of the last tensor.
-PROTOCOL_VERSION = 2
+#: 3: header and manifest travel as one fixed-size control block, and a
+#: bucket's control goes out one message ahead of its payload (see
+#: :mod:`vllm_fp8_overlay.sync.wire`).
+PROTOCOL_VERSION = 3
 #: Fixed size of the binary header in bytes.
 HEADER_SIZE = 64
 #: Bytes appended to every BUCKET payload transfer (see :func:`encode_seal`).
 SEAL_SIZE = 32
+#: Fixed size of every control transfer: header, manifest, zero padding. A
+#: manifest must fit in ``CONTROL_SIZE - HEADER_SIZE`` bytes (the sender
+#: closes a bucket before its manifest would not); 1 MiB holds the manifest
+#: of a 1 GiB bucket of MoE expert weights (about 1,400 entries) several
+#: times over and costs a few microseconds on NVLink.
+CONTROL_SIZE = 1 << 20
+#: The largest manifest a control block carries.
+MAX_INLINE_MANIFEST = CONTROL_SIZE - HEADER_SIZE
 #: Sender-side alignment of tensor offsets inside a bucket payload. The
 #: decoder only requires ``offset % itemsize == 0`` (needed for ``.view``).
 ALIGNMENT = 64
@@ -184,11 +202,38 @@ def check_manifest_crc(header: Header, manifest: bytes | bytearray | memoryview)
         raise ChecksumError("manifest crc32 mismatch")
 
 
+def encode_control(header: bytes, manifest: bytes) -> bytes:
+    """The control transfer of a message: ``header || manifest``, zero padded
+    to :data:`CONTROL_SIZE`."""
+    n = len(header) + len(manifest)
+    if len(header) != HEADER_SIZE or n > CONTROL_SIZE:
+        raise LimitExceededError(f"manifest of {len(manifest)} bytes does not fit a control block "
+                                 f"(at most {MAX_INLINE_MANIFEST})")
+    return header + manifest + bytes(CONTROL_SIZE - n)
+
+
+def decode_control(data: bytes | bytearray | memoryview, limits=None) -> tuple[Header, bytes]:
+    """``(header, manifest bytes)`` of a control transfer; the manifest's crc
+    is checked here, its content by the decoder of its kind."""
+    if len(data) != CONTROL_SIZE:
+        raise HeaderError(f"control block must be {CONTROL_SIZE} bytes, got {len(data)}")
+    h = decode_header(data[:HEADER_SIZE], limits)
+    if h.manifest_len > MAX_INLINE_MANIFEST:
+        raise LimitExceededError(f"manifest_len {h.manifest_len} exceeds the control block "
+                                 f"({MAX_INLINE_MANIFEST} bytes)")
+    manifest = bytes(data[HEADER_SIZE: HEADER_SIZE + h.manifest_len])
+    check_manifest_crc(h, manifest)
+    return h, manifest
+
+
 # --------------------------------------------------------------------------
 # Payload seal
 # --------------------------------------------------------------------------
 
 _SEAL_MAGIC = b"VF8S"
+#: A payload the sender gave up on (its step is aborted; the ABORT control
+#: follows): the transfer still has the announced size, its bytes mean nothing.
+_VOID_MAGIC = b"VF8V"
 # 4s magic | I index | q step | Q payload_len | I manifest_crc32 | I seal crc32
 _SEAL_STRUCT = struct.Struct("<4sIqQII")
 assert _SEAL_STRUCT.size == SEAL_SIZE
@@ -207,8 +252,18 @@ def encode_seal(h: Header) -> bytes:
     return body[:-4] + struct.pack("<I", zlib.crc32(body[:-4]))
 
 
+def encode_void_seal(h: Header) -> bytes:
+    """The seal of a payload the sender voided (see :data:`_VOID_MAGIC`)."""
+    return _VOID_MAGIC + encode_seal(h)[4:]
+
+
 def check_seal(data: bytes | bytearray | memoryview, h: Header) -> None:
-    if bytes(data) != encode_seal(h):
+    data = bytes(data)
+    if data[:4] == _VOID_MAGIC and data == encode_void_seal(h):
+        from .errors import StepAbortedError
+
+        raise StepAbortedError(f"trainer voided bucket {h.index} of step {h.step} (the step is aborted)")
+    if data != encode_seal(h):
         raise ChecksumError(
             f"payload seal of bucket {h.index} of step {h.step} missing or wrong: the transfer did not deliver "
             f"the {h.payload_len} announced bytes (a short or stale transfer)")

@@ -29,7 +29,7 @@ import zlib
 import torch
 
 from .errors import HeaderError
-from .framing import SEAL_SIZE, ChecksumAlgo, Header, check_seal, encode_seal
+from .framing import SEAL_SIZE, ChecksumAlgo, Header, check_seal, encode_seal, encode_void_seal
 
 __all__ = ["payload_checksum", "sum64", "write_seal", "clear_seal", "check_payload_seal"]
 
@@ -71,11 +71,13 @@ def sum64(buf: torch.Tensor) -> int:
     return (total ^ (total >> 32)) & 0xFFFFFFFF
 
 
-def write_seal(region: torch.Tensor, header: Header) -> torch.Tensor:
+def write_seal(region: torch.Tensor, header: Header, void: bool = False) -> torch.Tensor:
     """Write the seal of ``header`` into ``region`` (``SEAL_SIZE`` uint8 bytes
-    right after the payload). Returns the host tensor the bytes came from,
-    which must stay alive until an asynchronous copy to a device has run."""
-    host = torch.frombuffer(bytearray(encode_seal(header)), dtype=torch.uint8)
+    right after the payload); with ``void`` the seal of a payload the sender
+    gave up on. Returns the host tensor the bytes came from, which must stay
+    alive until an asynchronous copy to a device has run."""
+    seal = encode_void_seal(header) if void else encode_seal(header)
+    host = torch.frombuffer(bytearray(seal), dtype=torch.uint8)
     if region.device.type == "cuda":
         host = host.pin_memory()
         region.copy_(host, non_blocking=True)

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .errors import ManifestError
-from .framing import ALIGNMENT, FLAG_LAST, ChecksumAlgo, Header, MessageKind, encode_header, encode_seal
+from .framing import ALIGNMENT, FLAG_LAST, ChecksumAlgo, Header, MessageKind, encode_control, encode_header, encode_seal
 from .integrity import payload_checksum
 from .manifest import DEFAULT_LIMITS, BucketManifest, TensorEntry, WireLimits, dtype_to_str, encode_manifest, validate_name
 
@@ -133,8 +133,23 @@ def encode_bucket(
 
 
 def bucket_transfers(header: Header, manifest: bytes, payload: bytes | torch.Tensor) -> list[bytes]:
-    """The three transfers of a BUCKET message as a conforming sender
-    broadcasts them: header, manifest, payload followed by its seal."""
+    """The two transfers of a BUCKET message: its control block and its
+    payload followed by the seal. A conforming sender puts them on the wire
+    in the order :func:`step_transfers` gives."""
     if isinstance(payload, torch.Tensor):
         payload = payload.cpu().numpy().tobytes()
-    return [encode_header(header), bytes(manifest), bytes(payload) + encode_seal(header)]
+    return [encode_control(encode_header(header), bytes(manifest)), bytes(payload) + encode_seal(header)]
+
+
+def step_transfers(*messages: Sequence[bytes]) -> list[bytes]:
+    """The wire order of ``messages`` (each ``[control]`` or ``[control,
+    payload]``): a payload goes out right after the next message's control,
+    ``C1 C2 P1 C3 P2 ... C_END Pn`` (a last payload with no message after it
+    goes last)."""
+    out: list[bytes] = []
+    owed: list[bytes] = []
+    for m in messages:
+        out.append(m[0])
+        out += owed
+        owed = list(m[1:])
+    return out + owed
