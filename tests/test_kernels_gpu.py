@@ -224,7 +224,7 @@ def test_sender_fast_replay_equals_the_torch_reference():
     NaN in a reused bucket is still refused by name."""
     from vllm_fp8_overlay.formats import FP8Layout
     from vllm_fp8_overlay.formats import quantize as R
-    from vllm_fp8_overlay.sync import WeightReceiver, WeightSender, replay
+    from vllm_fp8_overlay.sync import StepAbortedError, WeightReceiver, WeightSender, replay, wire
     from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
 
     layout = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv")
@@ -283,8 +283,45 @@ def test_sender_fast_replay_equals_the_torch_reference():
     k = "model.layers.2.mlp.experts.5.down_proj.weight"
     bad[k] = sd[k].detach().clone()
     bad[k].view(-1)[7] = float("nan")
+    rec.messages.clear()
     with pytest.raises(ValueError, match=k.replace(".", r"\.")):
         snd.send(bad, step=7)
+    # on the wire: the refused bucket was announced already, so its payload
+    # went out voided, with the ABORT control in the next control's place
+    aborted = list(rec.messages)
+    controls = [wire.decode_control(m)[0] for m in aborted if len(m) == wire.CONTROL_SIZE]
+    assert controls[-1].kind == wire.MessageKind.ABORT
+    voided = [h for h in controls if h.kind == wire.MessageKind.BUCKET
+              and any(m[-wire.SEAL_SIZE:] == wire.encode_void_seal(h) for m in aborted if len(m) != wire.CONTROL_SIZE)]
+    assert voided
+    rec.messages.clear()
+    snd.send(sd, step=70)
+    rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(aborted + list(rec.messages), device="cuda"))
+    handed = []
+    with pytest.raises(StepAbortedError, match=k.replace(".", r"\.")):
+        for b in rx.iter_fresh_buckets(7):
+            handed += [n for n, _ in b.tensors]
+    assert k not in handed and rx.broken is None  # earlier buckets may stream out; the voided one never
+    got = dict(rx.receive_all(expected_step=70).tensors)
+    assert got.keys() == ref.keys()
+    for n, r in ref.items():
+        g = got[n].cpu()
+        assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                           r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"after the abort: {n}"
+    # a NaN in the step's last bucket fails before END goes out (no ABORT may follow an END)
+    last = list(sd)[-1]
+    bad = dict(sd)
+    bad[last] = sd[last].detach().clone()
+    bad[last].view(-1)[0] = float("nan")
+    rec.messages.clear()
+    with pytest.raises(ValueError, match=last.replace(".", r"\.")):
+        snd.send(bad, step=71)
+    kinds = [wire.decode_control(m)[0].kind for m in rec.messages if len(m) == wire.CONTROL_SIZE]
+    assert kinds[-1] == wire.MessageKind.ABORT and wire.MessageKind.END not in kinds
+    rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages), device="cuda"))
+    with pytest.raises(StepAbortedError):
+        rx.receive_all(expected_step=71)
+    assert rx.broken is None and rx.transport.remaining == 0
     k = "model.layers.0.input_layernorm.weight"
     bad = dict(sd)
     bad[k] = sd[k].detach().clone()

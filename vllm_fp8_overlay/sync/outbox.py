@@ -99,7 +99,12 @@ class Outbox:
             stats.wire_bytes += o.transfer.numel()
 
     def _send_terminal(self, header: bytes, manifest: bytes, slot: _Slot, stats: SendStats) -> None:
-        """END: its control, then the last owed payload."""
+        """END: its control, then the last owed payload. The payload is
+        checked first: once END is out no ABORT may follow, so a bucket that
+        fails its check must fail before."""
+        for o in self._owed:
+            if o.ready is not None:
+                o.ready()  # may raise: _abort then puts its ABORT where END would have gone
         self._send_control(header, manifest, slot, stats)
         self._send_owed(0, stats)
 
