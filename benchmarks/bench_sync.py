@@ -405,6 +405,30 @@ def _worker(rank, args, ports):
 
         r["c_grouped_s"], r["c_runs"] = timed(gr0, gr1)
 
+        variants = _variants(args)
+        if variants:
+            # side by side with c, receiving as c does: the sender's bucket ramp
+            # starting larger, and none; launch graphs off. Each variant is
+            # followed by c again, so that it has a neighbour in time.
+            from vllm_fp8_overlay.sync import bucketlaunch as L, grouped as G
+
+            ramp0, graphs0 = G.RAMP_FIRST_BYTES, L.LAUNCH_GRAPHS
+            for vname, (ramp, graphs) in variants.items():
+                def v0(_, ramp=ramp, graphs=graphs):
+                    step[0] += 1
+                    G.RAMP_FIRST_BYTES, L.LAUNCH_GRAPHS = ramp, graphs
+                    try:
+                        snd.send(weights, step=step[0])
+                    finally:
+                        G.RAMP_FIRST_BYTES, L.LAUNCH_GRAPHS = ramp0, graphs0
+
+                def c0(_):
+                    step[0] += 1
+                    snd.send(weights, step=step[0])
+
+                r[vname + "_s"], r[vname + "_runs"] = timed(v0, gr1)
+                r[vname + "_c_s"], r[vname + "_c_runs"] = timed(c0, gr1)
+
         # (c_keep) the same, the receiver keeping its step buffers and views
         def gk0(_):
             step[0] += 1
@@ -440,29 +464,6 @@ def _worker(rank, args, ports):
         r["c_worker_s"], r["c_worker_runs"] = timed(gk0, gw1)
         if rank == 1:
             got["keep"] = got.pop("w")
-        if args.study:
-            # side by side in this run: the sender's bucket ramp starting larger, and none
-            from vllm_fp8_overlay.sync import grouped as G
-
-            ramp0 = G.RAMP_FIRST_BYTES
-            keep = keep_default if rank == 1 else None
-            for vname, ramp, keep in (("c_ramp128", 128 << 20, keep), ("c_ramp256", 256 << 20, keep),
-                                      ("c_noramp", 1 << 50, keep)):
-                def v0(_, ramp=ramp):
-                    step[0] += 1
-                    G.RAMP_FIRST_BYTES = ramp
-                    snd.send(weights, step=step[0])
-
-                def v1(i, keep=keep):
-                    rcv.keep_step_buffers = keep
-                    got.pop("v", None)
-                    got["v"] = recv(i)
-
-                r[vname + "_s"], _ = timed(v0, v1)
-            G.RAMP_FIRST_BYTES = ramp0
-            if rank == 1:
-                got.pop("v", None)
-                rcv.keep_step_buffers = True
         if args.profile:
             # one more c iteration (library defaults) under cProfile on both ranks: where the host time goes
             import cProfile
@@ -632,16 +633,28 @@ def report(res, args):
                      f"{ms('c_grouped_s')} | {ms('validate_s')} | {ms('load_s')} | {1e3 * tot:.1f} | "
                      f"{ms('a_bf16_raw_s')} | {ms('a_bf16_sender_s')} | {ms('c_worker_s')} | {c / a:.2f} | "
                      f"{tot / a:.2f} | {r['a_ws_over_a']:.2f} | {r['c_worker_s'] / a:.2f} |")
-    if args.study:
-        lines += ["", "Study (same run, ms): " + "; ".join(
+    if _variants(args):
+        lines += ["", "Variants, each timed beside c run again right after it (same run, medians, ms): " + "; ".join(
             f"{k}: c {1e3 * res[k]['c_grouped_s']:.1f}, " + ", ".join(
-                f"{v} {1e3 * res[k][v + '_s']:.1f}" for v in ("c_ramp128", "c_ramp256", "c_noramp"))
+                f"{v} {1e3 * res[k][v + '_s']:.1f} (c {1e3 * res[k][v + '_c_s']:.1f})" for v in _variants(args))
             for k in args.models)]
     lines += ["", f"bucket {args.bucket_mb or 'sender default'} MiB, TORCH_NCCL_HIGH_PRIORITY={int(args.nccl_high_priority)}",
               "", f"Medians of {args.iters} iterations after {0 if args.cpu_smoke else 1} warm-up; grouped == per-tensor bytes: "
               + ", ".join(f"{k}: {res[k]['c_grouped_equals_per_tensor']}" for k in args.models)
               + "; c_keep == c bytes: " + ", ".join(f"{k}: {res[k]['c_keep_equals_grouped']}" for k in args.models), ""]
     return "\n".join(lines)
+
+
+def _variants(args) -> dict:
+    """c variants timed side by side: name -> (first bucket bytes, launch graphs)."""
+    from vllm_fp8_overlay.sync import grouped as G
+
+    v = {}
+    if args.study:
+        v.update(c_ramp128=(128 << 20, True), c_ramp256=(256 << 20, True), c_noramp=(1 << 50, True))
+    if args.study or args.graphs_ab:
+        v["c_nograph"] = (G.RAMP_FIRST_BYTES, False)
+    return v
 
 
 def main(argv=None):
@@ -658,6 +671,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="only a, a_ws, c and the fp8 broadcast")
     ap.add_argument("--study", action="store_true",
                     help="also time c with the bucket ramp starting at 128 and 256 MiB, and without it")
+    ap.add_argument("--graphs-ab", action="store_true",
+                    help="also time c with the sender's launch graphs off (bucketlaunch.LAUNCH_GRAPHS), beside c")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one c iteration (defaults) per rank (profile_<model>_rank<r>.txt in --out)")
     ap.add_argument("--trace", action="store_true",

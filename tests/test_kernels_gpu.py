@@ -259,6 +259,9 @@ def test_sender_fast_replay_equals_the_torch_reference():
             if step == 4:
                 sd["model.layers.1.mlp.experts.3.down_proj.weight"].requires_grad_(False)
                 sd["model.layers.2.input_layernorm.weight"] = torch.randn(256, device="cuda")  # float32 now
+            if step == 6:  # new values in place: a replayed launch graph must read them
+                for t in sd.values():
+                    t.data.mul_(-0.5)
             rec.messages.clear()
             st = snd.send(sd, step=step)
             assert st.num_buckets > 3
@@ -277,6 +280,12 @@ def test_sender_fast_replay_equals_the_torch_reference():
                 assert st.reused_buckets == st.num_buckets and len(slow_calls) == 1
             if step == 4:  # a dtype changed: that bucket is laid out afresh
                 assert slow_calls and st.reused_buckets < st.num_buckets
+            if step in (0, 2):  # launch graphs only for work prepared before on the same addresses
+                assert st.graph_buckets == 0, step
+            if step == 1:
+                assert st.graph_buckets > 0
+            if step == 6:  # every bucket but the one copying the non-contiguous gate weights
+                assert st.graph_buckets >= st.num_buckets - 3 > 0, (st.graph_buckets, st.num_buckets)
     finally:
         replay.replay_items = real
     bad = dict(sd)
@@ -329,6 +338,29 @@ def test_sender_fast_replay_equals_the_torch_reference():
     snd.send(sd, step=8)  # a refused step leaves no layout behind: this one lays it out again
     with pytest.raises(ValueError, match=k.replace(".", r"\.")):
         snd.send(bad, step=9)
+    # a NaN written in place, where the bucket's launch work replays as a CUDA graph
+    for step in (10, 11, 12):
+        st = snd.send(sd, step=step)
+    assert st.graph_buckets > 0
+    k = "model.layers.1.mlp.experts.2.down_proj.weight"
+    keep = sd[k].data[5, 9].clone()
+    sd[k].data[5, 9] = float("nan")
+    with pytest.raises(ValueError, match=k.replace(".", r"\.")):
+        snd.send(sd, step=13)
+    sd[k].data[5, 9] = keep
+    for step in (14, 15, 16):
+        rec.messages.clear()
+        st = snd.send(sd, step=step)
+    assert st.graph_buckets > 0
+    got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
+    ref = {n: t.cpu() for n, t in R.quantize_weights(iter([(n, t.detach()) for n, t in sd.items()]), layout,
+                                                     backend="torch")}
+    for n, r in ref.items():
+        g = got[n].cpu()
+        assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                           r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"graphs, step 16: {n}"
+    snd.close()
+    assert not snd._launch_graphs
 
 
 def test_sender_replays_prequantized_and_fused_items_item_by_item():

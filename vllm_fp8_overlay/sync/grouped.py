@@ -4,8 +4,9 @@ Whole buckets are quantized by grouped Triton launches straight into the
 bucket buffer, on a side stream, while the previous bucket is on the wire.
 From the second step on, a bucket whose items arrive with the same names,
 shapes, dtypes and devices as in the previous step reuses that step's layout,
-wire entries, manifest and prepared kernel launch. Kept apart from
-:mod:`.sender` because nothing of it runs without a GPU.
+wire entries, manifest and prepared kernel launch (:mod:`.bucketlaunch`,
+which from then on replays a bucket's launch work as one CUDA graph). Kept
+apart from :mod:`.sender` because nothing of it runs without a GPU.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ import torch
 
 from . import wire
 from . import replay
+from .bucketlaunch import BucketLaunch
 from .replay import Bucket
-from .values import device_values_grouped, value_groups, value_problems
 from .wire import ALIGNMENT
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sendstate import SendStats, _Peekable
 
 _FP8 = torch.float8_e4m3fn
-_CONTIGUOUS, _DATA_PTR = torch.Tensor.is_contiguous, torch.Tensor.data_ptr
 #: end-of-iteration marker of the sender's look-ahead iterator
 _END = object()
 
@@ -35,7 +35,7 @@ _END = object()
 RAMP_FIRST_BYTES = 64 << 20
 
 
-class GroupedSendPath:
+class GroupedSendPath(BucketLaunch):
     """Mixed into :class:`~.sender.WeightSender`: the grouped CUDA path.
 
     Bucket sizes ramp up (64 MiB, 128, 256, ... up to ``bucket_bytes``): the
@@ -335,161 +335,3 @@ class GroupedSendPath:
         stats.transfer_s += time.perf_counter() - t0
         announce()
         self._launch_bucket(b, stats)
-
-    def _launch_bucket(self, b: Bucket, stats: SendStats) -> None:
-        from ..kernels.triton_fp8 import prepare_grouped, quantize_grouped
-
-        t0 = time.perf_counter()
-        slot = self._slots[b.slot_idx]
-        if slot.buf is None:
-            slot.buf = torch.zeros(self.bucket_bytes + wire.SEAL_SIZE, dtype=torch.uint8, device=self.device)
-        if self._flags[b.slot_idx] is None:
-            self._flags[b.slot_idx] = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-        side = self._side
-        main = torch.cuda.current_stream(self.device)
-        recipe = None if self.layout is None else ("hf" if self.layout.method == "fp8" else "ct")
-        with torch.cuda.stream(side):
-            # the buffer is free once its previous broadcast is done: NCCL's
-            # wait() orders the current (side) stream after it, the host does
-            # not block; the main stream follows so that memory released by
-            # the transport is not reused before the wire has read it.
-            t1 = time.perf_counter()
-            slot.wait()
-            stats.transfer_s += time.perf_counter() - t1
-            main.wait_stream(side)
-            side.wait_stream(main)  # sources written on the main stream
-            checks = []
-            for key, jobs in b.qjobs.items():
-                srcs = jobs.srcs
-                am = None
-                if isinstance(key, tuple):
-                    srcs = [t.to(self.device, non_blocking=True) for t in srcs]
-                else:
-                    # sources at the same addresses, shapes and bucket offsets
-                    # as in an earlier step: reuse the prepared launch (no
-                    # per-tensor host work, no table upload)
-                    lkey = None
-                    if b.token is not None and all(map(_CONTIGUOUS, srcs)):
-                        # shapes, strides and offsets follow from the layout
-                        lkey = (key, b.token, tuple(map(_DATA_PTR, srcs)))
-                    if lkey is None:
-                        lkey = (key, tuple([(x.data_ptr(), x.shape, x.stride(), qo, so)
-                                            for x, qo, so in zip(srcs, jobs.q_offsets, jobs.s_offsets)]))
-                    lc = self._launch_cache
-                    prep = lc.get(lkey, False)
-                    if prep is False:
-                        prep = prepare_grouped(srcs, recipe, self.layout.strategy, self.layout.block_size,
-                                               jobs.q_offsets, jobs.s_offsets)
-                        if len(lc) >= 1024:
-                            lc.clear()
-                        lc[lkey] = prep
-                    if prep is not None:
-                        am = prep(srcs, slot.buf)
-                if am is None:
-                    _, _, am = quantize_grouped(
-                        srcs, recipe, self.layout.strategy, self.layout.block_size, out=slot.buf,
-                        q_offsets=jobs.q_offsets, s_offsets=jobs.s_offsets, amax="any", views=False,
-                    )
-                checks.append(torch.isfinite(am).all().reshape(1))
-            t2 = time.perf_counter()
-            if b.csrcs:
-                self._pack_copies(slot.buf, b, checks)
-            stats.pack_s += time.perf_counter() - t2
-            flag = self._flags[b.slot_idx]
-            if checks:
-                ok = checks[0] if len(checks) == 1 else torch.cat(checks).all().reshape(1)
-                flag.copy_(ok, non_blocking=True)
-            else:
-                flag.fill_(True)
-            b.event = torch.cuda.Event()
-            b.event.record(side)
-        b.flag = flag
-        stats.quantize_s += time.perf_counter() - t0
-
-    def _pack_copies(self, buf: torch.Tensor, b: Bucket, checks: list) -> None:
-        """Copy bucket ``b``'s unquantized tensors into ``buf`` and queue their
-        value checks: one multi-tensor copy per dtype for those on this device
-        (a list of mixed dtypes leaves torch's fused path: measured on an H200,
-        480 FP8 weights plus 480 float32 scales took 5.2 ms in one call, 2.2 ms
-        in two), and batched checks. A bucket laid out as in the previous step
-        (same layout token: same entries, and sources with the same names,
-        dtypes, shapes and devices) reuses its destination views and checks,
-        cached per buffer and token (a BF16 step of a large MoE is 18k+
-        tensors: Python per tensor would cost more host time than the wire)."""
-        entries, srcs = b.centries, b.csrcs
-        cache = self._dst_cache
-        key = (id(buf), b.token)
-        hit = cache.get(key) if b.token is not None else None
-        if hit is not None and hit[0] is b.token and hit[1] is buf:
-            _, _, copies, rest, groups = hit
-        else:
-            by_dtype: dict = {}
-            rest = []
-            for i, (entry, x) in enumerate(zip(entries, srcs)):
-                if entry.nbytes == 0:
-                    continue
-                if x.device != buf.device:
-                    rest.append(i)
-                    continue
-                dsts, idx = by_dtype.setdefault(x.dtype, ([], []))
-                dsts.append(buf[entry.offset: entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape))
-                idx.append(i)
-            copies = [(dsts, None if len(idx) == len(srcs) else tuple(idx)) for dsts, idx in by_dtype.values()]
-            groups = self._copy_checks(entries, srcs)
-            if b.token is not None:
-                if len(cache) > 4096:
-                    cache.clear()
-                cache[key] = (b.token, buf, copies, rest, groups)
-        for dsts, idx in copies:
-            torch._foreach_copy_(dsts, srcs if idx is None else replay.pick(srcs, idx))
-        for i in rest:
-            wire.pack_into(buf, entries[i], srcs[i], non_blocking=True)
-        if isinstance(groups, list):
-            for ok in device_values_grouped(groups, srcs):
-                checks.append(ok.to(self.device, non_blocking=True))
-        else:  # one launch per dtype over the copies as they lie in the bucket
-            checks.append((groups.count_bad(buf) == 0).reshape(1))
-
-    def _copy_checks(self, entries: list, srcs: list) -> Any:
-        """How a bucket's copies are value-checked: with Triton, one launch per
-        dtype over the bytes as they lie in the bucket once copied
-        (``kernels.value_check``: multi-tensor reductions return one tensor per
-        input, which for the 12k pre-quantized weights and scales of a sharded
-        MoE step cost more host time than the wire takes); otherwise the
-        batched reductions of :func:`values.device_values_grouped`."""
-        if self._value_kernel is None:
-            from ..kernels import triton_available
-
-            self._value_kernel = triton_available()
-        if self._value_kernel:
-            from ..kernels.value_check import build_payload_check
-            from .values import kind_of
-
-            plan = build_payload_check(entries, self._scale_name, self.device, kind_of)
-            if plan is not None:
-                return plan
-        return value_groups([(e.name, x) for e, x in zip(entries, srcs)], self._scale_name)
-
-    def _bucket_ready(self, b: Bucket, stats: SendStats) -> None:
-        """Wait for bucket ``b``'s quantization; raise if a source was not finite."""
-        if b.qjobs is None and b.csrcs is None:
-            return  # already checked
-        t0 = time.perf_counter()
-        b.event.synchronize()
-        stats.quantize_s += time.perf_counter() - t0
-        if not bool(b.flag[0]):
-            self._raise_nonfinite(b)
-        b.qjobs, b.csrcs = None, None  # sources were read: quantization is complete
-
-    def _raise_nonfinite(self, b: Bucket) -> None:
-        for jobs in b.qjobs.values():
-            for x, name in zip(jobs.srcs, jobs.names):
-                if not bool(torch.isfinite(x).all()):
-                    bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
-                    raise ValueError(f"{name}: weight contains {bad} values; refusing to quantize")
-        bad = value_problems(list(zip([e.name for e in b.centries], b.csrcs)), scale_name=self._scale_name)
-        if bad:
-            raise ValueError("refusing to send step: " + "; ".join(bad))
-        # else the batched check's false alarm (a huge finite tensor whose
-        # squares overflow): the exact checks passed, the bucket goes out
-

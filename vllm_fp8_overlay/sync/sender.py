@@ -165,6 +165,9 @@ class WeightSender(GroupedSendPath, Outbox):
         self._man_cache: dict = {}  # tuple(id(entry)) -> (entries, manifest bytes)
         self._launch_cache: dict = {}  # bucket job key -> prepared grouped launch
         self._dst_cache: dict = {}  # (id(bucket buffer), layout token) -> destination views of its copies
+        self._launch_graphs: dict = {}  # a bucket's launch work as a CUDA graph (bucketlaunch.LAUNCH_GRAPHS)
+        self._graph_pool: Any = None
+        self._graphs_off = False  # a capture failed: plain launches from then on
         # the buckets of the last completed step (grouped path): a step whose
         # items arrive with the same names, shapes, dtypes and devices reuses
         # their layout bucket by bucket without per-item bookkeeping
@@ -228,6 +231,9 @@ class WeightSender(GroupedSendPath, Outbox):
             if not self._broken:
                 for s in (*self._slots, self._oversize):
                     s.wait()
+                if self._launch_graphs:
+                    self._side.synchronize()  # a graph is destroyed only once it has run
+                    self._launch_graphs.clear()
         finally:
             for s in self._slots:
                 s.buf = None

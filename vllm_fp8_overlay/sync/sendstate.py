@@ -48,6 +48,7 @@ class SendStats:
     oversize_tensors: int = 0  # tensors larger than bucket_bytes, sent as their own bucket
     buffers_allocated: int = 0  # bucket buffers held by the sender (once warm: 2 on the grouped CUDA path, else 3)
     reused_buckets: int = 0  # buckets laid out as in the previous step (grouped path)
+    graph_buckets: int = 0  # buckets whose launch work ran as one CUDA graph (grouped path)
     quantize_s: float = 0.0
     pack_s: float = 0.0
     checksum_s: float = 0.0
