@@ -150,6 +150,21 @@ def test_grouped_amax_any_and_cached_plan():
     assert not bool(torch.isfinite(any_).all())
 
 
+def _assert_torch_reference(got: dict, sd: dict, layout, what: str) -> None:
+    """``got`` (received tensors by name) equals the torch reference
+    quantization of ``sd``, bitwise, name for name."""
+    from vllm_fp8_overlay.formats import quantize as R
+
+    ref = {n: t.cpu() for n, t in R.quantize_weights(iter([(n, t.detach()) for n, t in sd.items()]), layout,
+                                                     backend="torch")}
+    assert got.keys() == ref.keys()
+    for n, r in ref.items():
+        g = got[n].cpu()
+        assert g.dtype == r.dtype and tuple(g.shape) == tuple(r.shape), n
+        assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                           r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"{what}: {n}"
+
+
 @pytest.mark.parametrize("method,strat", [("fp8", "block"), ("compressed-tensors", "channel")])
 @pytest.mark.parametrize("bucket_kib", [96, 192])
 def test_sender_grouped_path_repeated_steps(method, strat, bucket_kib):
@@ -161,7 +176,6 @@ def test_sender_grouped_path_repeated_steps(method, strat, bucket_kib):
     weight is larger than a bucket (sent alone; no bucket layout is reused),
     with 192 KiB none is."""
     from vllm_fp8_overlay.formats import FP8Layout
-    from vllm_fp8_overlay.formats import quantize as R
     from vllm_fp8_overlay.sync import WeightReceiver, WeightSender
     from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
 
@@ -196,13 +210,7 @@ def test_sender_grouped_path_repeated_steps(method, strat, bucket_kib):
         assert st.num_buckets > 2
         reused.append((st.reused_buckets, st.num_buckets))
         got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
-        ref = {n: t.cpu() for n, t in R.quantize_weights(iter(list(sd.items())), layout, backend="torch")}
-        assert got.keys() == ref.keys()
-        for n, r in ref.items():
-            g = got[n].cpu()
-            assert g.dtype == r.dtype and tuple(g.shape) == tuple(r.shape), n
-            assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
-                               r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"step {step}: {n}"
+        _assert_torch_reference(got, sd, layout, f"step {step}")
     if bucket_kib == 96:
         assert all(r == 0 for r, _ in reused)
     else:  # every bucket reused from step 1 on, except after the changes of steps 4 and 6
@@ -223,7 +231,6 @@ def test_sender_fast_replay_equals_the_torch_reference():
     (compared item by item then), with a non-contiguous copy source, and a
     NaN in a reused bucket is still refused by name."""
     from vllm_fp8_overlay.formats import FP8Layout
-    from vllm_fp8_overlay.formats import quantize as R
     from vllm_fp8_overlay.sync import StepAbortedError, WeightReceiver, WeightSender, replay, wire
     from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
 
@@ -266,14 +273,7 @@ def test_sender_fast_replay_equals_the_torch_reference():
             st = snd.send(sd, step=step)
             assert st.num_buckets > 3
             got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
-            ref = {n: t.cpu() for n, t in R.quantize_weights(iter([(n, t.detach()) for n, t in sd.items()]), layout,
-                                                             backend="torch")}
-            assert got.keys() == ref.keys()
-            for n, r in ref.items():
-                g = got[n].cpu()
-                assert g.dtype == r.dtype and tuple(g.shape) == tuple(r.shape), n
-                assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
-                                   r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"step {step}: {n}"
+            _assert_torch_reference(got, sd, layout, f"step {step}")
             if step in (1, 2, 5, 6):  # same items as the step before: every bucket reused, none item by item
                 assert st.reused_buckets == st.num_buckets and slow_calls == [], (step, slow_calls)
             if step == 3:  # the grad-requiring tensor's bucket is compared item by item, and still reused
@@ -311,12 +311,7 @@ def test_sender_fast_replay_equals_the_torch_reference():
         for b in rx.iter_fresh_buckets(7):
             handed += [n for n, _ in b.tensors]
     assert k not in handed and rx.broken is None  # earlier buckets may stream out; the voided one never
-    got = dict(rx.receive_all(expected_step=70).tensors)
-    assert got.keys() == ref.keys()
-    for n, r in ref.items():
-        g = got[n].cpu()
-        assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
-                           r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"after the abort: {n}"
+    _assert_torch_reference(dict(rx.receive_all(expected_step=70).tensors), sd, layout, "after the abort")
     # a NaN in the step's last bucket fails before END goes out (no ABORT may follow an END)
     last = list(sd)[-1]
     bad = dict(sd)
@@ -353,12 +348,7 @@ def test_sender_fast_replay_equals_the_torch_reference():
         st = snd.send(sd, step=step)
     assert st.graph_buckets > 0
     got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
-    ref = {n: t.cpu() for n, t in R.quantize_weights(iter([(n, t.detach()) for n, t in sd.items()]), layout,
-                                                     backend="torch")}
-    for n, r in ref.items():
-        g = got[n].cpu()
-        assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
-                           r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r), f"graphs, step 16: {n}"
+    _assert_torch_reference(got, sd, layout, "graphs, step 16")
     snd.close()
     assert not snd._launch_graphs
 

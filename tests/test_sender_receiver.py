@@ -345,16 +345,19 @@ def test_on_bucket_failure_drains_rest_of_step():
     assert r.receive_all().step == 2
 
 
-def test_sender_abort_reaches_receiver():
-    def gen():
-        yield "a.weight", torch.randn(4096)
-        yield "b.weight", torch.randn(4096)
-        raise RuntimeError("quantization exploded")
+def _two_then_fail():
+    """A caller's weights that fail after one full 16 KiB bucket (announced)
+    and one more tensor (packed, never announced)."""
+    yield "a.weight", torch.randn(4096)
+    yield "b.weight", torch.randn(4096)
+    raise RuntimeError("quantization exploded")
 
+
+def test_sender_abort_reaches_receiver():
     rec = RecordingTransport()
     s = WeightSender(None, "", 0, 0, bucket_bytes=16 << 10, transport=rec)
     with pytest.raises(RuntimeError, match="exploded"):
-        s.send(gen(), step=1)
+        s.send(_two_then_fail(), step=1)
     n1 = len(rec.messages)
     s.send({"c": torch.ones(3)}, step=2)
     r = _receiver(rec.messages)
@@ -370,15 +373,10 @@ def test_sender_voids_every_announced_payload_on_abort():
     that payload, with its announced size and a void seal, then its ABORT
     control: the streaming and the whole-step receive hand nothing of it
     out, and the group stays in sync for the next step."""
-    def gen():
-        yield "a.weight", torch.randn(4096)  # one full 16 KiB bucket: announced
-        yield "b.weight", torch.randn(4096)  # packed, never announced
-        raise RuntimeError("quantization exploded")
-
     rec = RecordingTransport()
     s = WeightSender(None, "", 0, 0, bucket_bytes=16 << 10, transport=rec)
     with pytest.raises(RuntimeError, match="exploded"):
-        s.send(gen(), step=1)
+        s.send(_two_then_fail(), step=1)
     msgs = list(rec.messages)
     kinds = [wire.decode_control(m)[0].kind if len(m) == wire.CONTROL_SIZE else "payload" for m in msgs]
     assert kinds == [wire.MessageKind.BUCKET, wire.MessageKind.ABORT, "payload"], kinds
