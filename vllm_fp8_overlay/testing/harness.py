@@ -22,14 +22,23 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .params import assert_params_equal, diff_params, param_snapshot
+from .rogue_peer import (  # noqa: F401  (the fault tests' peers, used as harness.sync_*)
+    sync_bucket_transfers,
+    sync_end_transfers,
+    sync_rogue_group,
+    sync_rogue_hello,
+    sync_send_raw,
+    sync_step_transfers,
+)
+from .vllm_logs import LogCapture, capture_vllm_logs
 
 __all__ = [
     "CPU_ENV_DEFAULTS",
@@ -354,89 +363,6 @@ def greedy(
 
 
 # --------------------------------------------------------------------------
-# parameters
-# --------------------------------------------------------------------------
-
-
-def param_snapshot(model: torch.nn.Module, *, buffers: bool = False) -> dict[str, torch.Tensor]:
-    """``{name: CPU copy}`` of every parameter (and persistent-or-not buffer if asked).
-
-    Copies never alias the live tensors, so a snapshot taken before a reload
-    stays as it was.
-    """
-    items: list[tuple[str, torch.Tensor]] = list(model.named_parameters(remove_duplicate=False))
-    if buffers:
-        items += list(model.named_buffers(remove_duplicate=False))
-    snap: dict[str, torch.Tensor] = {}
-    for name, t in items:
-        t = t.detach()
-        snap[name] = t.clone() if t.device.type == "cpu" else t.to("cpu")
-    return snap
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().reshape(-1).contiguous()
-    if t.dtype == torch.bool:
-        return t.to(torch.uint8)
-    return t.view(torch.uint8)
-
-
-def diff_params(
-    a: Mapping[str, torch.Tensor],
-    b: Mapping[str, torch.Tensor],
-    *,
-    names: Iterable[str] | None = None,
-) -> list[str]:
-    """Human-readable lines, one per tensor that is not bitwise identical."""
-    problems: list[str] = []
-    if names is None:
-        only_a = sorted(set(a) - set(b))
-        only_b = sorted(set(b) - set(a))
-        problems += [f"{n}: only in first" for n in only_a]
-        problems += [f"{n}: only in second" for n in only_b]
-        keys = sorted(set(a) & set(b))
-    else:
-        keys = list(names)
-        for n in keys:
-            if n not in a or n not in b:
-                problems.append(f"{n}: missing from {'first' if n not in a else 'second'}")
-        keys = [n for n in keys if n in a and n in b]
-    for n in keys:
-        x, y = a[n], b[n]
-        if x.shape != y.shape or x.dtype != y.dtype:
-            problems.append(f"{n}: {tuple(x.shape)}/{x.dtype} vs {tuple(y.shape)}/{y.dtype}")
-            continue
-        x, y = x.detach().cpu(), y.detach().cpu()
-        if torch.equal(_bits(x), _bits(y)):
-            continue
-        neq = (_bits(x) != _bits(y)).sum().item()
-        detail = f"{neq} differing bytes of {x.numel() * x.element_size()}"
-        if x.is_floating_point():
-            d = (x.float() - y.float()).abs()
-            d = d[torch.isfinite(d)]
-            if d.numel():
-                detail += f", max |diff| {d.max().item():.3g}"
-            detail += f"; first: {x.reshape(-1)[:4].tolist()} vs {y.reshape(-1)[:4].tolist()}"
-        problems.append(f"{n}: {detail}")
-    return problems
-
-
-def assert_params_equal(
-    a: Mapping[str, torch.Tensor],
-    b: Mapping[str, torch.Tensor],
-    *,
-    names: Iterable[str] | None = None,
-    max_report: int = 20,
-) -> None:
-    """Bitwise equality of two snapshots; the error lists every mismatching name."""
-    problems = diff_params(a, b, names=names)
-    if problems:
-        shown = "\n  ".join(problems[:max_report])
-        more = f"\n  ... and {len(problems) - max_report} more" if len(problems) > max_report else ""
-        raise AssertionError(f"{len(problems)} tensor(s) differ:\n  {shown}{more}")
-
-
-# --------------------------------------------------------------------------
 # layerwise reload (the installed release's own API)
 # --------------------------------------------------------------------------
 
@@ -530,83 +456,6 @@ def worker_reload_weights(
     get_worker(llm).reload_weights(weights_iterator=pairs)
 
 
-# --------------------------------------------------------------------------
-# vLLM log records
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class LogCapture:
-    records: list[logging.LogRecord] = field(default_factory=list)
-
-    @property
-    def messages(self) -> list[str]:
-        return [r.getMessage() for r in self.records]
-
-    def matching(self, substring: str, level: int | None = None) -> list[str]:
-        """Messages containing ``substring`` (at ``level`` or above if given)."""
-        return [
-            r.getMessage()
-            for r in self.records
-            if substring in r.getMessage() and (level is None or r.levelno >= level)
-        ]
-
-    def warnings(self) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelno >= logging.WARNING]
-
-    def clear(self) -> None:
-        self.records.clear()
-
-
-class _ListHandler(logging.Handler):
-    def __init__(self, sink: LogCapture) -> None:
-        super().__init__(logging.DEBUG)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.sink.records.append(record)
-
-
-@contextlib.contextmanager
-def capture_vllm_logs(level: int = logging.INFO, logger_name: str = "vllm") -> Iterator[LogCapture]:
-    """Collect the records of the ``vllm`` logger tree emitted inside the block.
-
-    vLLM's loggers do not propagate to the root logger (pytest's ``caplog``
-    misses them), so a handler is attached to ``logger_name`` directly and its
-    level is lowered to ``level`` for the block (``logging.DEBUG`` to see e.g.
-    the reload module's "Delayed processing" lines). Console output keeps
-    vLLM's own handler level. Note that ``logger.warning_once`` /
-    ``info_once`` messages appear only once per process.
-    """
-    with contextlib.suppress(ImportError):
-        import vllm.logger  # noqa: F401  (configures the vllm logger first)
-    lg = logging.getLogger(logger_name)
-    cap = LogCapture()
-    handler = _ListHandler(cap)
-    old_level = lg.level
-    # child loggers with an explicit level would filter before reaching us
-    children = [
-        logging.getLogger(n)
-        for n in list(logging.root.manager.loggerDict)
-        if n.startswith(logger_name + ".")
-        and isinstance(logging.root.manager.loggerDict[n], logging.Logger)
-    ]
-    old_child = {c.name: c.level for c in children}
-    for c in children:
-        if c.level and c.level > level:
-            c.setLevel(level)
-    lg.addHandler(handler)
-    if lg.getEffectiveLevel() > level or old_level == logging.NOTSET:
-        lg.setLevel(level)
-    try:
-        yield cap
-    finally:
-        lg.removeHandler(handler)
-        lg.setLevel(old_level)
-        for c in children:
-            c.setLevel(old_child[c.name])
-
-
 def model_dir_of(llm: Any) -> Path:
     """Checkpoint directory an engine was started on."""
     return Path(get_model_config(llm).model)
@@ -695,73 +544,3 @@ def assert_warm_equals_cold(llm: Any, model_dir: str | os.PathLike[str], what: s
         from .outputs import assert_outputs_equal_cold
 
         assert_outputs_equal_cold(llm, model_dir, what)
-
-
-# ---------------------------------------------------------------------------
-# Faulty weight-sync peers (the fault tests): a rank 0 that passed the real
-# handshake and then sends whatever a test tells it to
-# ---------------------------------------------------------------------------
-
-
-def sync_rogue_group(port: int, world_size: int, *, host: str = "127.0.0.1", bucket_bytes: int = 1 << 16,
-                     timeout: float = 60.0) -> Any:
-    """Rank 0 of a gloo weight-sync group (real handshake, real gloo)."""
-    from ..sync.transport import BroadcastGroup
-
-    return BroadcastGroup(host, port, world_size, 0, backend="gloo", timeout=timeout, bucket_bytes=bucket_bytes)
-
-
-def sync_send_raw(group: Any, transfers: Sequence[bytes]) -> None:
-    """Broadcast each byte string as one transfer, as it is."""
-    for b in transfers:
-        group.broadcast(torch.frombuffer(bytearray(b), dtype=torch.uint8))
-
-
-def sync_bucket_transfers(tensors: Sequence[tuple[str, torch.Tensor]], step: int, *, index: int = 0,
-                          last: bool = True, layout: dict | None = None, checksum: str = "crc32") -> list[bytes]:
-    """The two transfers of a well-formed BUCKET message, ``[control,
-    payload]`` (edit them to break it; :func:`sync_step_transfers` puts
-    messages in wire order)."""
-    from ..sync import wire
-
-    hdr, man, payload = wire.encode_bucket(tensors, step=step, index=index, last=last, layout=layout,
-                                           checksum=checksum)
-    return wire.bucket_transfers(wire.decode_header(hdr), man, payload)
-
-
-def sync_end_transfers(step: int, num_buckets: int, num_tensors: int, num_bytes: int) -> list[bytes]:
-    from ..sync import wire
-
-    return [wire.encode_control(*wire.encode_end(wire.EndOfStep(step, num_buckets, num_tensors, num_bytes)))]
-
-
-def sync_step_transfers(*messages: Sequence[bytes]) -> list[bytes]:
-    """Messages (``[control]`` or ``[control, payload]``) in wire order: a
-    payload goes out after the next message's control."""
-    from ..sync import wire
-
-    return wire.step_transfers(*messages)
-
-
-def sync_rogue_hello(port: int, world_size: int, *, host: str = "127.0.0.1", timeout: float = 30.0,
-                     group_name: str = "weights", **fields: Any) -> list[Any]:
-    """Play rank 0 of the handshake only, with HELLO fields overridden (e.g.
-    ``header_size=65``, ``wire_version=3``); returns every receiver's ACK."""
-    import datetime as dt
-    import os as _os
-
-    import torch.distributed as dist
-
-    from ..sync import wire
-
-    store = dist.PrefixStore(f"vfo8/{group_name}/", dist.TCPStore(
-        host, port, world_size, is_master=True, timeout=dt.timedelta(seconds=timeout), wait_for_workers=False))
-    hello = dict(world_size=world_size, group_id=_os.urandom(16), backend="gloo", bucket_bytes=1 << 16,
-                 max_manifest_bytes=8 << 20, max_tensor_bytes=1 << 30, max_tensors_per_bucket=1024, max_dims=8)
-    hello.update(fields)
-    store.set("hello", wire.encode_hello(wire.Hello(**hello)))
-    keys = [f"ack/{r}" for r in range(1, world_size)]
-    store.wait(keys, dt.timedelta(seconds=timeout))
-    acks = [wire.decode_ack(store.get(k)) for k in keys]
-    store.set("go", wire.encode_go(False))
-    return acks
