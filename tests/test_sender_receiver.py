@@ -395,17 +395,83 @@ def test_sender_voids_every_announced_payload_on_abort():
         assert [n for n, _ in r.receive_all().tensors] == ["c"]
 
 
+def _voided(transfers):
+    """A bucket's ``[control, payload]`` with the payload's seal made void."""
+    h = wire.decode_control(transfers[0])[0]
+    return [transfers[0], transfers[1][: -wire.SEAL_SIZE] + wire.encode_void_seal(h)]
+
+
 def test_void_seal_without_abort_breaks_the_stream():
     """A voided payload must be followed by the sender's ABORT; a bucket in
     its place means the stream cannot be trusted."""
-    a = harness.sync_bucket_transfers([("a", torch.ones(2))], step=1, last=False)
-    h = wire.decode_control(a[0])[0]
-    a[1] = a[1][: -wire.SEAL_SIZE] + wire.encode_void_seal(h)
+    a = _voided(harness.sync_bucket_transfers([("a", torch.ones(2))], step=1, last=False))
     b = harness.sync_bucket_transfers([("b", torch.ones(2))], step=1, index=1)
     r = _receiver(harness.sync_step_transfers(a, b, harness.sync_end_transfers(1, 2, 2, 16)))
     with pytest.raises(ProtocolError, match="voided"):
         r.receive_all()
     assert r.broken
+
+
+def test_void_seal_after_end_breaks_the_stream():
+    """END promises the step is complete; a voided payload after it (END
+    totals leaving that bucket out) is not a successful step."""
+    a = harness.sync_bucket_transfers([("a", torch.ones(2))], step=1, last=False)
+    b = _voided(harness.sync_bucket_transfers([("b", torch.ones(2))], step=1, index=1))
+    r = _receiver(harness.sync_step_transfers(a, b, harness.sync_end_transfers(1, 1, 1, 8)))
+    with pytest.raises(ProtocolError, match="voided after"):
+        r.receive_all(expected_step=1)
+    assert r.broken
+
+
+def test_nothing_is_handed_out_after_abort():
+    """A payload that follows the ABORT control is consumed, never handed
+    out, even with a valid seal (only a non-conforming peer sends one)."""
+    a = harness.sync_bucket_transfers([("a", torch.ones(2))], step=1)
+    abort = [wire.encode_control(*wire.encode_abort(1, "trainer died"))]
+    r = _receiver(harness.sync_step_transfers(a, abort))
+    seen = []
+    with pytest.raises(StepAbortedError, match="trainer died"):
+        r.receive_step(lambda ts, m: seen.extend(n for n, _ in ts), expected_step=1)
+    assert seen == [] and r.broken is None and r.transport.remaining == 0
+
+
+def test_bucket_of_another_step_inside_a_step_breaks_the_stream():
+    """Every bucket control's step is checked, not only the first's: a bucket
+    of step 2 inside step 1 means step 1's end is missing."""
+    a = harness.sync_bucket_transfers([("a", torch.ones(2))], step=1, last=False)
+    b = harness.sync_bucket_transfers([("b", torch.full((2,), 7.0))], step=2, index=1)
+    r = _receiver(harness.sync_step_transfers(a, b, harness.sync_end_transfers(1, 2, 2, 16)))
+    with pytest.raises(ProtocolError, match="inside step 1"):
+        r.receive_all(expected_step=1)
+    assert r.broken
+
+
+class _Cancelled(BaseException):
+    """An interrupt that is not an Exception (as KeyboardInterrupt is)."""
+
+
+def test_interrupt_during_a_step_breaks_the_receiver_instead_of_misframing():
+    """An interrupt from the caller's manifest check lands between reading a
+    control and recording what it announced: the receiver cannot know where
+    the stream stands, so it breaks (loudly) rather than read the next step
+    out of frame."""
+    msgs = (_record({f"w{i}": torch.full((512,), float(i)) for i in range(8)}, step=1, bucket_bytes=4096)[0]
+            + _record({"v": torch.ones(4)}, step=2)[0])
+    r = _receiver(msgs)
+    calls = []
+
+    def check(manifest):
+        calls.append(manifest)
+        if len(calls) == 2:
+            raise _Cancelled()
+        return []
+
+    with pytest.raises(_Cancelled):
+        r.receive_all(expected_step=1, check_manifest=check)
+    assert r.broken and "_Cancelled" in r.broken
+    with pytest.raises(ReceiverBrokenError):
+        r.receive_all(expected_step=2)
+    assert not r.transport.aborted
 
 
 def test_sender_rejects_bad_input():

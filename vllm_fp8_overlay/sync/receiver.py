@@ -298,10 +298,13 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
                 if prev is not None:
                     p, prev = prev, None
                     bucket = self._take(st, p, check_payload)
-                    if bucket is not None:
+                    if bucket is not None and h.kind != MessageKind.ABORT:  # none is handed out after ABORT
                         yield bucket
                     elif reject_early and st.problems:
                         raise StepRejectedError(st.step, st.problems)
+                if st.voided and h.kind == MessageKind.END:  # a voided payload after END: never valid
+                    raise _Fatal(ProtocolError(f"bucket {st.voided - 1} of step {st.step} was voided after "
+                                               "the step's END"))
                 if cur is None:  # END or ABORT, and every payload of the step arrived
                     st.ended = True
                     st.check_step(h)
@@ -325,6 +328,12 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
         except _Fatal as f:
             self._break(f.args[0])
             raise f.args[0] from None
+        except BaseException as e:
+            if not isinstance(e, (Exception, GeneratorExit)):
+                # an interrupt (KeyboardInterrupt, SystemExit, a cancellation) may land between
+                # reading a control and recording what it announced: where the stream stands is unknown
+                self._break(e)
+            raise
         finally:
             self._busy = False
             if not ok:
@@ -348,8 +357,7 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
             raise _Fatal(e) from None
         a = Announced(h, manifest)
         try:
-            if st.step is None:
-                st.check_step(h)
+            st.check_step(h)  # the first sets the step; another step later is fatal
             st.check_order(h)
             if check_manifest is not None:
                 a.problems = list(check_manifest(manifest))
@@ -410,7 +418,7 @@ class WeightReceiver(ReceiveBuffers, PostedReceives):
         summary = wire.decode_end(header, manifest, self.limits)
         got = (st.next_index, st.num_tensors, st.num_bytes)
         want = (summary.num_buckets, summary.num_tensors, summary.num_bytes)
-        if got != want or (summary.num_buckets > 0 and not st.saw_last):
+        if got != want or st.announced != st.next_index or (summary.num_buckets > 0 and not st.saw_last):
             raise TruncatedStepError(
                 f"step {summary.step}: received (buckets, tensors, bytes)={got}, "
                 f"trainer sent {want}{'' if st.saw_last or not summary.num_buckets else ', last bucket missing'}")

@@ -180,6 +180,9 @@ class PostedReceives:
             self._break(f.args[0])
         except Exception as e:  # pragma: no cover - defensive
             self._break(f"drain failed: {e}")
+        except BaseException as e:  # an interrupt: where the drain stood is unknown
+            self._break(e)
+            raise
         finally:
             self._pend = []
             self._scratch = None
