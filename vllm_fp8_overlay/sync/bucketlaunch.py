@@ -108,7 +108,7 @@ class BucketLaunch:
         for key, jobs in b.qjobs.items():
             if isinstance(key, tuple) or not all(map(_CONTIGUOUS, jobs.srcs)):
                 return None  # host copies, or strides the key does not fix
-            lkey = (key, b.token, tuple(map(_DATA_PTR, jobs.srcs)))
+            lkey = self._launch_key(b, key, jobs.srcs)
             if lc.get(lkey) is None:
                 return None  # not prepared yet, or a tensor the kernels do not take
             parts.append(lkey)
