@@ -52,6 +52,8 @@ from vllm_fp8_overlay.demo import CT_FP8_CHANNEL_DYNAMIC, free_port, write_servi
 from vllm_fp8_overlay.overlay import State  # noqa: E402
 from vllm_fp8_overlay.sync.client import EXTENSION, WeightSyncClient, WeightSyncFailed  # noqa: E402
 from vllm_fp8_overlay.testing import harness  # noqa: E402
+from vllm_fp8_overlay.testing import outputs as out  # noqa: E402
+from vllm_fp8_overlay.testing import tiers  # noqa: E402
 from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -67,8 +69,6 @@ NTOK = 8
 STEPS = 3
 TIMEOUT = 240.0
 STEP = itertools.count(1)
-#: (format, W index) -> (tokens, logprobs) of a freshly started engine
-COLD: dict[tuple[str, int], tuple[list, list]] = {}
 
 
 # ---------------------------------------------------------------- helpers
@@ -111,24 +111,11 @@ def outputs(llm) -> tuple[list, list]:
     return harness.greedy(llm, PROMPTS, NTOK, logprobs=True)
 
 
-def cold_outputs(fmt: str, k: int, ckpts: list[Path]) -> tuple[list, list]:
-    """Greedy tokens and logprobs of a freshly started engine on W_k (cached)."""
-    if (fmt, k) not in COLD:
-        llm = harness.start_sync_engine(ckpts[k])
-        try:
-            COLD[(fmt, k)] = outputs(llm)
-        finally:
-            harness.stop_sync_engine(llm)
-    return COLD[(fmt, k)]
-
-
-def assert_same_as_cold(llm, fmt: str, k: int, ckpts: list[Path], what: str) -> None:
-    """Parameters equal a cold load of W_k, and outputs equal a fresh engine's, exactly."""
+def assert_same_as_cold(llm, k: int, ckpts: list[Path], what: str) -> None:
+    """Parameters equal a cold load of W_k, and greedy tokens and logprobs
+    equal a freshly started engine's, exactly (one fresh engine per
+    checkpoint for the whole test process: ``testing.outputs``)."""
     harness.assert_warm_equals_cold(llm, ckpts[k], what)
-    warm = outputs(llm)
-    cold = cold_outputs(fmt, k, ckpts)
-    assert warm[0] == cold[0], f"{what}: greedy tokens differ from a fresh engine: {warm[0]} vs {cold[0]}"
-    assert warm[1] == cold[1], f"{what}: logprobs differ from a fresh engine: {warm[1]} vs {cold[1]}"
 
 
 def trainer_model(base: Path):
@@ -216,7 +203,10 @@ def module_source(model):
 # ---------------------------------------------------------------- proofs
 
 
-@pytest.mark.parametrize("fmt", [FMT, "bf16"] if FMT != "bf16" else ["bf16"])
+@pytest.mark.parametrize("fmt", [FMT] if FMT == "bf16" else [
+    FMT, pytest.param("bf16", marks=tiers.full_tier_only(
+        "the BF16 reference beside FP8 (three more fresh engines); the native backend runs the "
+        "same code for it, without quantization"))])
 def test_offline_native_api_three_updates(weights, fmt):
     """(1) FP8 (or BF16 where FP8 does not run) and (2) the BF16 reference:
     three updates through vLLM's offline API with ``backend="fp8"``; each
@@ -231,7 +221,7 @@ def test_offline_native_api_three_updates(weights, fmt):
         for k in range(1, STEPS + 1):
             model.load_state_dict(ws[k], strict=True)  # the training step
             trainer.send(source, next(STEP))
-            assert_same_as_cold(llm, fmt, k, ckpt[fmt], f"native {fmt} update {k}")
+            assert_same_as_cold(llm, k, ckpt[fmt], f"native {fmt} update {k}")
         compat.check_observation(harness.vllm_version(), f"native_offline_{fmt}", {
             "updates_equal_cold": STEPS,
             "trainer_api": "WeightTransferTrainerFactory" if VERSION >= (0, 28) else "trainer_send_weights"})
@@ -374,7 +364,7 @@ def test_vllm_serve_native_routes_three_updates(native_server, weights):
             rep = client.push(ws[k], step=next(STEP))
             assert all(r["ok"] for r in rep.workers), rep.workers
             warm = _complete(url, model)
-            cold = cold_outputs(FMT, k, ckpt[FMT])
-            assert warm[0] == cold[0], f"serve update {k}: tokens {warm[0]} vs cold {cold[0]}"
-            assert warm[1] == cold[1], f"serve update {k}: logprobs {warm[1]} vs cold {cold[1]}"
+            cold = out.cold_outputs(ckpt[FMT][k], PROMPTS, NTOK)
+            assert warm[0] == cold.tokens, f"serve update {k}: tokens {warm[0]} vs cold {cold.tokens}"
+            assert warm[1] == cold.logprobs, f"serve update {k}: logprobs {warm[1]} vs cold {cold.logprobs}"
     compat.check_observation(harness.vllm_version(), "native_serve", {"format": FMT, "updates_equal_cold": STEPS})

@@ -53,6 +53,7 @@ pytest.importorskip("vllm")
 from vllm_fp8_overlay.demo import CT_FP8_CHANNEL_DYNAMIC, free_port, write_serving_checkpoint  # noqa: E402
 from vllm_fp8_overlay.sync.client import EXTENSION, WeightSyncClient, WeightSyncFailed  # noqa: E402
 from vllm_fp8_overlay.testing import harness  # noqa: E402
+from vllm_fp8_overlay.testing import tiers  # noqa: E402
 from vllm_fp8_overlay.testing import outputs as out  # noqa: E402
 from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
 
@@ -197,11 +198,13 @@ def test_bf16_warm_equals_cold_three_steps(bf16_engine, weights):
     """(3)/(4) BF16 target (no quantization); on every installed vLLM >= 0.16."""
     ws, ckpt = weights
     check_cold_method(bf16_engine, ckpt["bf16"][0])
+    t0 = greedy(bf16_engine)
     with client_for([bf16_engine]) as client:
         assert client.layout is None
-        toks = sync_steps(client, [bf16_engine], ws, ckpt["bf16"], [1, 2, 3], "bf16")
+        ks = [1, 2, 3] if tiers.FULL else [1, 2]  # CI: one fresh engine less
+        toks = sync_steps(client, [bf16_engine], ws, ckpt["bf16"], ks, "bf16")
         st = client.status()[0][0]
-    assert toks[0] != toks[1] or toks[1] != toks[2]
+    assert any(t != t0 for t in toks), "greedy tokens never changed: updates had no effect?"
     assert st["vllm_version"] == harness.vllm_version()
     assert st["overlay_active"] and st["overlay_plugin_loaded"], st
     if (0, 16) <= VERSION < (0, 20):

@@ -27,14 +27,12 @@ Run from the repository root:
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 
-from vllm_fp8_overlay.testing import family_record
+from vllm_fp8_overlay.testing import family_record, tiers
 
 VLLM = pytest.mark.vllm
-FULL = os.environ.get("FP8_OVERLAY_SOAK") == "1"
 FORMATS = ("bf16", "ct-fp8-channel")
 STEP = itertools.count(1)
 
@@ -52,8 +50,7 @@ def _cases():
 
 @VLLM
 @pytest.mark.slow
-@pytest.mark.skipif(not FULL, reason="full tier: two engine starts per cell; set FP8_OVERLAY_SOAK=1 "
-                                     "(the matrix sessions do); CI proves tied Qwen2 and MoE in test_sync_tied_moe.py")
+@tiers.full_tier_only("two engine starts per cell; CI proves tied Qwen2 and MoE in test_sync_tied_moe.py")
 @pytest.mark.parametrize("family, fmt", _cases(), ids=[f"{f}-{m}" for f, m in _cases()])
 def test_family_update_equals_cold(family, fmt, tmp_path):
     pytest.importorskip("vllm")

@@ -149,11 +149,9 @@ def test_direct_expert_writes_whole_and_stream_equal_cold(tmp_path):
     equals a cold start: parameters after the first, parameters and outputs
     after the second."""
     pytest.importorskip("vllm")
-    import os
+    from vllm_fp8_overlay.testing import harness, tiers
 
-    from vllm_fp8_overlay.testing import harness
-
-    if not SHORTCUT.applies_to(harness.vllm_version()) and os.environ.get("FP8_OVERLAY_SOAK") != "1":
+    if not SHORTCUT.applies_to(harness.vllm_version()) and not tiers.FULL:
         pytest.skip("CI runs it where the shortcut is declared; elsewhere (nothing written directly) in the full tier")
     from vllm_fp8_overlay.demo import free_port, write_serving_checkpoint
     from vllm_fp8_overlay.sync.client import WeightSyncClient

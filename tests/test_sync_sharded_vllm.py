@@ -6,7 +6,7 @@ every rank streams its shards with ``push_sharded`` (FP8 weights quantized
 on the shards and gathered as FP8, one tensor at a time), rank 0 sends.
 
 (b) two ``vllm serve`` engines at TP = 1 fed in one step (one group, rank
-    offsets from the engines' world sizes); after each of two steps each
+    offsets from the engines' world sizes); after each of two steps (one in CI) each
     engine's greedy tokens and logprobs equal a freshly started engine's on
     the same weights, and its parameters a cold load's.
 (a) one engine at TP = 2 (two workers, each loading its own shard of every
@@ -36,7 +36,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,19 +48,19 @@ from vllm_fp8_overlay.demo import CT_FP8_CHANNEL_DYNAMIC, write_serving_checkpoi
 from vllm_fp8_overlay.sync.client import EXTENSION  # noqa: E402
 from vllm_fp8_overlay.sync.transport import free_port  # noqa: E402
 from vllm_fp8_overlay.testing import harness  # noqa: E402
+from vllm_fp8_overlay.testing import tiers  # noqa: E402
+from vllm_fp8_overlay.testing import outputs as out  # noqa: E402
 from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
 from vllm_fp8_overlay.testing.serve import completions, rpc, vllm_serve  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-#: (a) starts two TP = 2 engines (four workers on this 2-core machine): full tier only
-FULL = os.environ.get("FP8_OVERLAY_SOAK") == "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = harness.vllm_version_tuple()
 FMT = "fp8" if VERSION >= (0, 24) else "bf16"
 PROMPTS = [[1, 5, 9, 33, 100], [7, 7, 300, 12], [400, 2, 3, 4, 5, 6, 11]]
 NTOK = 8
-STEPS = 2
+STEPS = tiers.steps(ci=1, full=2)  # each step: a torchrun trainer and a fresh engine
 EXT = ["--worker-extension-cls", EXTENSION]
 
 
@@ -93,15 +92,13 @@ def push(root: Path, base: Path, urls: list[str], step_ckpt: Path, step: int) ->
 
 
 def cold_outputs(model_dir: Path) -> tuple[list, list]:
-    llm = harness.start_sync_engine(model_dir)
-    try:
-        return harness.greedy(llm, PROMPTS, NTOK, logprobs=True)
-    finally:
-        harness.stop_sync_engine(llm)
+    """Greedy tokens and logprobs of a fresh engine on ``model_dir`` (one start per checkpoint)."""
+    cold = out.cold_outputs(model_dir, PROMPTS, NTOK)
+    return cold.tokens, cold.logprobs
 
 
 def test_fsdp2_trainer_feeds_two_engines(weights, tmp_path):
-    """(b) two TP = 1 engines, one group, two steps; each engine == cold by
+    """(b) two TP = 1 engines, one group, two steps (one in CI); each engine == cold by
     outputs and parameters after each step."""
     root, hf, served = weights
     with vllm_serve(served[0], tmp_path / "a.log", args=EXT) as a, \
@@ -122,7 +119,7 @@ def test_fsdp2_trainer_feeds_two_engines(weights, tmp_path):
         print(f"peak RSS per trainer rank: {result['peak_rss_bytes_per_rank']}")
 
 
-@pytest.mark.skipif(not FULL, reason="full tier (FP8_OVERLAY_SOAK=1): two TP=2 engines; CI runs (b)")
+@tiers.full_tier_only("two TP=2 engines (four workers on a 2-core machine); CI runs (b)")
 def test_fsdp2_trainer_feeds_tp2_engine(weights, tmp_path):
     """(a) one TP = 2 engine: each worker loads its own shard through vLLM's
     loader; outputs equal a freshly started TP = 2 engine's on W1."""
@@ -151,7 +148,7 @@ def moe_weights(tmp_path_factory):
     return root, [base, hf1], served
 
 
-@pytest.mark.skipif(not FULL, reason="full tier (FP8_OVERLAY_SOAK=1): two TP=2 expert-parallel engines")
+@tiers.full_tier_only("two TP=2 expert-parallel engines")
 def test_fsdp2_trainer_feeds_expert_parallel_engine(moe_weights, tmp_path):
     """(c) TP = 2 + expert parallelism, one step; parameters == a cold load,
     outputs == a freshly started EP engine's (both with the EP test shim)."""

@@ -37,6 +37,7 @@ from vllm_fp8_overlay.demo import (  # noqa: E402
 )
 from vllm_fp8_overlay.sync.client import WeightSyncClient, WeightSyncFailed  # noqa: E402
 from vllm_fp8_overlay.testing import harness  # noqa: E402
+from vllm_fp8_overlay.testing import tiers  # noqa: E402
 from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -102,7 +103,7 @@ def test_stream_equals_cold_with_straddling_layers(engine, weights):
     with WeightSyncClient([engine], host="127.0.0.1", port=free_port(), timeout=TIMEOUT,
                           bucket_bytes=BUCKET, keep_receive_buffers=True) as client:
         assert engine.collective_rpc("weight_sync_status")[0]["receiver"]["keep_step_buffers"]
-        for k in (3, 4, 1):
+        for k in (3, 4, 1) if tiers.FULL else (3, 1):  # CI: one fresh engine less
             r = client.push(ws[k], step=next(STEP)).workers[0]
             assert r["ok"] and not r["stream"] and r["peak_extra_source"] == "rss_hwm", r
             assert_warm_equals_cold(engine, ckpts[k], f"whole step {k}, kept receive buffers")

@@ -3,15 +3,15 @@
 1. A tied Qwen2 (``tie_word_embeddings``): the trainer is a Hugging Face
    model whose ``state_dict()`` carries ``lm_head.weight`` (the embedding
    again), which the served checkpoint lacks. ``client.push(model.state_dict(),
-   step)``, unchanged, for 3 steps: the client drops the alias (reported in
+   step)``, unchanged, for 3 steps (2 in CI): the client drops the alias (reported in
    ``StepReport.dropped_aliases``) and after each push the engine equals a
    cold start on the offline checkpoint of the same weights: parameters
    bitwise, greedy tokens and per-token logprobs exactly
    (``harness.assert_warm_equals_cold``). On vLLM 0.28+ the served head is a
    ``ParallelLMHead`` sharing the embedding, whose CPU GEMM copy only the
    derived-state refresh (``sync/apply/derived.py``) brings up to date.
-   Formats: BF16 everywhere; compressed-tensors FP8 channel where it runs on
-   CPU (vLLM >= 0.24).
+   Formats: compressed-tensors FP8 channel where it runs on CPU (vLLM >=
+   0.24), BF16 on older releases; BF16 there too in the full tier.
 2. The same trainer with an untied head (it differs from the embedding) is
    refused before anything loads; a client that cannot read the served
    names sends the alias and the receiver's rejection says what to do.
@@ -33,7 +33,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import itertools
-import os
 import re
 
 import pytest
@@ -48,12 +47,12 @@ from vllm_fp8_overlay.sync.aliases import TiedAliases  # noqa: E402
 from vllm_fp8_overlay.sync.client import WeightSyncClient, WeightSyncFailed  # noqa: E402
 from vllm_fp8_overlay.testing import families, family_record, harness  # noqa: E402
 from vllm_fp8_overlay.testing import outputs as out  # noqa: E402
+from vllm_fp8_overlay.testing import tiers  # noqa: E402
 from vllm_fp8_overlay.testing import tiny_models as tm  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 VERSION = harness.vllm_version_tuple()
-FULL = os.environ.get("FP8_OVERLAY_SOAK") == "1"
 FP8_OK = VERSION >= (0, 24)
 DIRECT = next(d for d in DECLARED if d.id == "direct-expert-writes").applies_to(harness.vllm_version())
 FORMATS = {"bf16": None, "fp8": CT_FP8_CHANNEL_DYNAMIC}
@@ -99,10 +98,10 @@ def tied_base(tmp_path_factory):
     return tm.save_checkpoint(root / "trainer_w0", sd, tm.load_config(d)), root
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_tied_qwen2_state_dict_pushed_unchanged_three_steps(fmt, tied_base):
-    if fmt == "fp8" and not FP8_OK:
-        pytest.skip(f"compressed-tensors FP8 does not run on vLLM {harness.vllm_version()} CPU (>= 0.24 only)")
+@pytest.mark.parametrize("fmt", ["fp8", pytest.param("bf16", marks=tiers.full_tier_only(
+    "the BF16 server where FP8 runs (CI proves the tied head on FP8 there, on BF16 on older releases)"))]
+    if FP8_OK else ["bf16"])
+def test_tied_qwen2_state_dict_pushed_unchanged(fmt, tied_base):
     base, root = tied_base
     config = tm.load_config(base)
     model = hf_trainer(base)
@@ -112,7 +111,7 @@ def test_tied_qwen2_state_dict_pushed_unchanged_three_steps(fmt, tied_base):
         before = out.greedy_outputs(llm)
         with client_for(llm) as client:
             assert (client.layout is not None) == (fmt == "fp8")
-            for k in (1, 2, 3):
+            for k in range(1, tiers.steps(ci=2, full=3) + 1):
                 train_step(model, seed=300 + k)
                 sd = model.state_dict()
                 assert "lm_head.weight" in sd and sd["lm_head.weight"].data_ptr() == sd[EMBED].data_ptr()
@@ -160,7 +159,7 @@ MOE = {"qwen3-moe": tm.make_qwen3_moe, "glm4-moe": tm.make_glm4_moe}
 @pytest.mark.parametrize("name", list(MOE))
 def test_moe_update_outputs_equal_cold(name, tmp_path):
     """3. One pushed update of a tiny MoE: parameters and outputs equal a cold start."""
-    if VERSION < (0, 28) and not FULL:
+    if VERSION < (0, 28) and not tiers.FULL:
         pytest.skip("CI runs the MoE output proof on vLLM >= 0.28 (where the experts' prepack must be rebuilt); "
                     "older releases in the full tier (FP8_OVERLAY_SOAK=1)")
     base = MOE[name](tmp_path / "w0")
