@@ -9,6 +9,8 @@ on the shards and gathered as FP8, one tensor at a time), rank 0 sends.
     offsets from the engines' world sizes); after each of two steps (one in CI) each
     engine's greedy tokens and logprobs equal a freshly started engine's on
     the same weights, and its parameters a cold load's.
+(d) the same two engines, each fed by its own trainer rank (every rank
+    holding a client sends; its own group).
 (a) one engine at TP = 2 (two workers, each loading its own shard of every
     weight through vLLM's loader): after the step, outputs equal a freshly
     started TP = 2 engine's.
@@ -78,17 +80,30 @@ def weights(tmp_path_factory):
     return root, hf, served
 
 
-def push(root: Path, base: Path, urls: list[str], step_ckpt: Path, step: int) -> dict:
-    """One step from a fresh 2-rank FSDP2 trainer (it re-joins the group)."""
-    out = root / f"push_{step}.json"
+def push(root: Path, base: Path, urls: list[str], step_ckpt: Path, step: int, per_rank: bool = False) -> dict:
+    """One step from a fresh 2-rank FSDP2 trainer (it re-joins the group):
+    rank 0 sends to every engine, or (``per_rank``) rank r to ``urls[r]``."""
+    out = root / f"push_{step}{'_per_rank' if per_rank else ''}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "vllm_fp8_overlay.testing.fsdp_trainer", "push", "--model", str(base), "--url", *urls,
            "--steps", str(step_ckpt), "--first-step", str(step), "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    r = subprocess.run(cmd + (["--url-per-rank"] if per_rank else []), capture_output=True, text=True, cwd=ROOT,
+                       timeout=900)
     assert r.returncode == 0, r.stderr[-6000:]
     result = json.loads(out.read_text())
     assert [x["ok"] for x in result["reports"]] == [True], result
     return result
+
+
+def assert_serves_cold(url: str, served: list[Path], k: int, cold: tuple[list, list]) -> None:
+    """Every worker of the server at ``url`` equals a cold load of W_k, and its
+    greedy tokens and logprobs a fresh engine's (``cold``)."""
+    for w in rpc(url, "weight_sync_digest"):
+        cold_digest = rpc(url, "weight_sync_cold_digest", model_dir=str(served[k]))[0]["digest"]
+        assert w["digest"] == cold_digest, f"{url} step {k}: parameters differ from a cold load"
+    warm = completions(url, str(served[0]), PROMPTS, NTOK)
+    assert warm[0] == cold[0], f"{url} step {k}: tokens {warm[0]} vs cold {cold[0]}"
+    assert warm[1] == cold[1], f"{url} step {k}: logprobs {warm[1]} vs cold {cold[1]}"
 
 
 def cold_outputs(model_dir: Path) -> tuple[list, list]:
@@ -110,12 +125,27 @@ def test_fsdp2_trainer_feeds_two_engines(weights, tmp_path):
                 assert rep["local_quantized"] == 14, rep
             cold = cold_outputs(served[k])
             for url in (a, b):
-                for w in rpc(url, "weight_sync_digest"):
-                    cold_digest = rpc(url, "weight_sync_cold_digest", model_dir=str(served[k]))[0]["digest"]
-                    assert w["digest"] == cold_digest, f"{url} step {k}: parameters differ from a cold load"
-                warm = completions(url, str(served[0]), PROMPTS, NTOK)
-                assert warm[0] == cold[0], f"{url} step {k}: tokens {warm[0]} vs cold {cold[0]}"
-                assert warm[1] == cold[1], f"{url} step {k}: logprobs {warm[1]} vs cold {cold[1]}"
+                assert_serves_cold(url, served, k, cold)
+        print(f"peak RSS per trainer rank: {result['peak_rss_bytes_per_rank']}")
+
+
+@tiers.full_tier_only("two engines fed by two sending ranks; CI runs (b), one rank feeding both")
+def test_fsdp2_each_rank_feeds_its_own_engine(weights, tmp_path):
+    """(d) several senders: each trainer rank pushes to its own TP = 1 engine
+    (its own group), from the full tensors the gathers put on every rank.
+    Both ranks send the whole step; each engine == cold by outputs and
+    parameters."""
+    root, hf, served = weights
+    with vllm_serve(served[0], tmp_path / "a.log", args=EXT) as a, \
+            vllm_serve(served[0], tmp_path / "b.log", args=EXT) as b:
+        result = push(root, hf[0], [a, b], hf[1], step=1, per_rank=True)
+        per_rank = result["reports_per_rank"]
+        assert [[x["ok"] for x in rank] for rank in per_rank] == [[True], [True]], per_rank
+        sent = [rank[0]["num_bytes"] for rank in per_rank]
+        assert sent[0] == sent[1] > 0, f"each rank sends the whole step to its engine: {sent}"
+        cold = cold_outputs(served[1])
+        for url in (a, b):
+            assert_serves_cold(url, served, 1, cold)
         print(f"peak RSS per trainer rank: {result['peak_rss_bytes_per_rank']}")
 
 

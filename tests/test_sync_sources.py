@@ -88,3 +88,24 @@ def test_gathers_go_in_windows(streamed):
         assert r["collectives"] == 1, (key, r)
         assert r["collectives_window_1"] == n, (key, r)
 
+
+
+def test_push_sharded_ranks_agree_or_all_refuse(tmp_path):
+    """Which ranks send is settled by all of them together: clients serving
+    different layouts, or no client at all, raise the same error on every
+    rank (none left waiting in a gather); when one rank's push fails mid-step
+    that rank still joins every remaining gather, so the other rank finishes
+    its step, and the failing rank raises its push's own error; every rank
+    with a client sends."""
+    base = tm.make_llama(tmp_path / "llama")
+    per_rank = run_trainer(["agree", "--model", str(base)], tmp_path / "agree.json")["per_rank"]
+    r0, r1 = per_rank
+    for case in ("layouts_differ", "no_client"):
+        assert "error" in r0[case] and r0[case]["error"] == r1[case]["error"], (case, r0[case], r1[case])
+    assert "serve different layouts" in r0["layouts_differ"]["error"]
+    assert "no trainer rank passed a client" in r0["no_client"]["error"]
+    fails = r1["one_rank_fails"]
+    assert fails["error"] == "RuntimeError: push failed after 3 tensors", fails
+    assert r0["one_rank_fails"] == {"result": None, "collectives": r0["both_send"]["collectives"]}, r0
+    assert fails["collectives"] == r0["both_send"]["collectives"] > 3, (fails, r0["both_send"])
+    assert r0["both_send"]["result"] == r1["both_send"]["result"] == "pushed"

@@ -25,17 +25,20 @@ and one finiteness flag per window, which every rank sees after the
 gather), instead of one quantization and one host sync per weight. Memory:
 each rank holds, besides its shards, one window of full tensors (twice that
 while a window is cut out of the gathered buffer; a tensor larger than the
-window alone), and rank 0 the sender's buckets (two of ``bucket_bytes``). :func:`push_sharded` is the call every trainer
-rank makes; rank 0's sends, the others only take part in the gathers.
+window alone), and each sending rank the sender's buckets (two of
+``bucket_bytes``). :func:`push_sharded` is the call every trainer rank
+makes; the ranks that hold a client send (one, or one per group of
+engines), the others only take part in the gathers.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 
-__all__ = ["Prequantized", "sharded_stream", "push_sharded", "StreamStats"]
+__all__ = ["Prequantized", "sharded_stream", "push_sharded", "agreed_layout", "StreamStats"]
 
 
 class Prequantized(NamedTuple):
@@ -368,23 +371,61 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
         yield from window.gather(stats)
 
 
-def push_sharded(client: Any, weights: Mapping[str, Any] | Iterable[tuple[str, Any]], step: int, *,
-                 layout: Any = "client", group: Any = None, stats: StreamStats | None = None, **push_kw: Any):
-    """The call every trainer rank makes each step with its sharded state dict.
+def agreed_layout(client: Any, group: Any = None) -> tuple[Any, list[int]]:
+    """The served layout every sending rank's client found, and which ranks send.
 
-    Rank 0 passes its :class:`~.client.WeightSyncClient` (and gets the step
-    report back); the other ranks pass ``None`` and only take part in the
-    gathers. ``layout="client"``: rank 0's client layout, broadcast to the
-    others over ``group`` (the trainer's own, trusted ranks)."""
+    Every trainer rank calls this (a collective over ``group``); ranks with
+    a client report its layout, the others ``None``. All clients must serve
+    the same layout (the ranks quantize their shards for it together): any
+    disagreement, or no client at all, raises the same ``ValueError`` on
+    every rank, so none of them waits in a gather the others never start."""
+    import json
+
     import torch.distributed as dist
 
+    mine = (client is not None,
+            None if client is None or client.layout is None else client.layout.to_dict())
+    boxes: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(boxes, mine, group=group)
+    senders = [r for r, (has, _) in enumerate(boxes) if has]
+    if not senders:
+        raise ValueError("push_sharded: no trainer rank passed a client; at least one must send")
+    seen = {json.dumps(lay, sort_keys=True) for has, lay in boxes if has}
+    if len(seen) > 1:
+        found = {r: boxes[r][1] for r in senders}
+        raise ValueError(f"push_sharded: the sending ranks' engines serve different layouts "
+                         f"(rank -> layout): {found}; every engine a step feeds must serve the same checkpoint format")
+    return boxes[senders[0]][1], senders
+
+
+def push_sharded(client: Any, weights: Mapping[str, Any] | Iterable[tuple[str, Any]], step: int, *,
+                 layout: Any = "client", group: Any = None, stats: StreamStats | None = None,
+                 window_bytes: int = WINDOW_BYTES, **push_kw: Any):
+    """The call every trainer rank makes each step with its sharded state dict.
+
+    A rank that passes a :class:`~.client.WeightSyncClient` sends the step
+    to that client's engines and gets its step report back; the others pass
+    ``None`` and only take part in the gathers. One client (rank 0's, say)
+    feeds every engine from one rank; several ranks with clients for
+    different engines feed them in parallel, each from the full tensors the
+    gathers already put on every rank (no extra trainer traffic).
+    ``layout="client"``: the layout the clients found, which must agree
+    (:func:`agreed_layout`); over ``group``, the trainer's own trusted ranks.
+
+    If a rank's push fails, that rank still takes part in the rest of the
+    step's gathers before it raises, so the other ranks finish their steps."""
     if layout == "client":
-        box = [None if client is None else (client.layout.to_dict() if client.layout is not None else None)]
-        dist.broadcast_object_list(box, src=0, group=group)
-        layout = box[0]
-    stream = sharded_stream(weights, layout, stats=stats)
+        layout, _ = agreed_layout(client, group)
+    stream = sharded_stream(weights, layout, stats=stats, window_bytes=window_bytes)
     if client is None:
         for _ in stream:
             pass
         return None
-    return client.push(stream, step, **push_kw)
+    try:
+        return client.push(stream, step, **push_kw)
+    except BaseException:
+        # the gathers the other ranks still wait for; the push's error is the one raised
+        with contextlib.suppress(Exception):
+            for _ in stream:
+                pass
+        raise

@@ -13,7 +13,11 @@ decoder layer, then the model), and then either
 * ``push``: for each ``--steps`` checkpoint, loads its weights into the
   sharded model (as a training step would change them) and calls
   :func:`~vllm_fp8_overlay.sync.sources.push_sharded` on every rank; rank 0
-  holds a ``WeightSyncClient`` for the ``--url`` servers.
+  holds a ``WeightSyncClient`` for the ``--url`` servers, or with
+  ``--url-per-rank`` every rank r one for the r-th server.
+
+* ``agree``: how ``push_sharded`` settles which ranks send and with which
+  layout (clients that disagree, none, one rank's push failing mid-step).
 
 Rank 0 writes a JSON result to ``--out``.
 """
@@ -125,7 +129,12 @@ def _push(args, model) -> dict:
     from vllm_fp8_overlay.testing import tiny_models as tm
 
     client = None
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    if args.url_per_rank:  # every rank sends, each to its own engine
+        if len(args.url) != dist.get_world_size():
+            raise SystemExit(f"--url-per-rank needs one --url per rank, got {len(args.url)}")
+        client = WeightSyncClient([args.url[rank]], host="127.0.0.1", timeout=args.timeout)
+    elif rank == 0:
         client = WeightSyncClient(args.url, host="127.0.0.1", timeout=args.timeout)
     reports = []
     try:
@@ -141,15 +150,64 @@ def _push(args, model) -> dict:
     finally:
         if client is not None:
             client.close()
-    return {"reports": reports}
+    every = [None] * dist.get_world_size()  # each rank's reports (ranks without a client: ok=True, no bytes)
+    dist.all_gather_object(every, reports)
+    return {"reports": reports, "reports_per_rank": every}
+
+
+class _LayoutClient:
+    """Stands in for a ``WeightSyncClient`` where only its layout and its
+    push failing matter (``agree`` mode: the ranks' collective agreement)."""
+
+    def __init__(self, layout, fail_after: int | None = None) -> None:
+        self.layout = layout
+        self.fail_after = fail_after
+        self.read = 0
+
+    def push(self, stream, step, **_kw):
+        for _ in stream:
+            self.read += 1
+            if self.fail_after is not None and self.read >= self.fail_after:
+                raise RuntimeError(f"push failed after {self.read} tensors")
+        return "pushed"
+
+
+def _agree(args, model) -> dict:
+    """How ``push_sharded`` settles which ranks send: each case's outcome per rank."""
+    from vllm_fp8_overlay.formats import FP8Layout
+    from vllm_fp8_overlay.sync.sources import StreamStats, push_sharded
+
+    rank = dist.get_rank()
+    channel = FP8Layout(method="compressed-tensors", strategy="channel", ignore=("lm_head",))
+    block = FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv",
+                      ignore=("lm_head",))
+    cases = {
+        "layouts_differ": _LayoutClient(channel if rank == 0 else block),
+        "no_client": None,
+        "one_rank_fails": _LayoutClient(channel, fail_after=3) if rank == 1 else None,
+        "both_send": _LayoutClient(channel),
+    }
+    out = {}
+    for case, client in cases.items():
+        stats = StreamStats()
+        try:  # a 1-byte window: one gather per tensor, so a failed push leaves gathers to drain
+            got = push_sharded(client, model.state_dict(), 1, stats=stats, window_bytes=1)
+            out[case] = {"result": got, "collectives": stats.collectives}
+        except (ValueError, RuntimeError) as e:
+            out[case] = {"error": f"{type(e).__name__}: {e}", "collectives": stats.collectives}
+        dist.barrier()
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, out)
+    return {"per_rank": every}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["check", "push"])
+    p.add_argument("mode", choices=["check", "push", "agree"])
     p.add_argument("--model", required=True, help="HF checkpoint every rank starts from")
     p.add_argument("--layouts", default="[]")
     p.add_argument("--url", nargs="*", default=[])
+    p.add_argument("--url-per-rank", action="store_true", help="rank r sends to --url[r] only")
     p.add_argument("--steps", nargs="*", default=[])
     p.add_argument("--first-step", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300.0)
@@ -158,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo")
     try:
         model = _sharded_model(args.model)
-        result = _check(args, model) if args.mode == "check" else _push(args, model)
+        result = {"check": _check, "push": _push, "agree": _agree}[args.mode](args, model)
         # peak resident memory of each rank, for the per-rank bound
         peak = [None] * dist.get_world_size()
         dist.all_gather_object(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
