@@ -111,13 +111,6 @@ def outputs(llm) -> tuple[list, list]:
     return harness.greedy(llm, PROMPTS, NTOK, logprobs=True)
 
 
-def assert_same_as_cold(llm, k: int, ckpts: list[Path], what: str) -> None:
-    """Parameters equal a cold load of W_k, and greedy tokens and logprobs
-    equal a freshly started engine's, exactly (one fresh engine per
-    checkpoint for the whole test process: ``testing.outputs``)."""
-    harness.assert_warm_equals_cold(llm, ckpts[k], what)
-
-
 def trainer_model(base: Path):
     """The trainer's HF model (what ``ModuleSource`` reads); its parameters
     are overwritten in place with each W_k, as a training step would."""
@@ -221,7 +214,7 @@ def test_offline_native_api_three_updates(weights, fmt):
         for k in range(1, STEPS + 1):
             model.load_state_dict(ws[k], strict=True)  # the training step
             trainer.send(source, next(STEP))
-            assert_same_as_cold(llm, k, ckpt[fmt], f"native {fmt} update {k}")
+            harness.assert_warm_equals_cold(llm, ckpt[fmt][k], f"native {fmt} update {k}")
         compat.check_observation(harness.vllm_version(), f"native_offline_{fmt}", {
             "updates_equal_cold": STEPS,
             "trainer_api": "WeightTransferTrainerFactory" if VERSION >= (0, 28) else "trainer_send_weights"})
@@ -256,7 +249,7 @@ def test_client_native_path_rejects_bad_update_model_unchanged(weights):
             rep = client.push(ws[1], step=next(STEP))
             assert all(r["ok"] for r in rep.workers), rep.workers
             assert rep.send.num_bytes > 0
-        assert_same_as_cold(llm, FMT, 1, ckpt[FMT], "native client update after a rejection")
+        harness.assert_warm_equals_cold(llm, ckpt[FMT][1], "native client update after a rejection")
         compat.check_observation(harness.vllm_version(), "native_rejects", {"format": FMT, "model_unchanged": True})
     finally:
         harness.stop_sync_engine(llm)
