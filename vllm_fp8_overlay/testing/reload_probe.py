@@ -165,7 +165,10 @@ class ReloadProbe:
 # Test-side shim, NOT vLLM behaviour: vLLM's CPU fused-MoE path indexes its
 # local experts with global expert ids, so an expert-parallel engine crashes
 # in its start-up dummy run. With FP8_OVERLAY_TEST_EP_SHIM=1 the probe
-# replaces that CPU MoE forward by one that returns zeros, only so that the
+# replaces that CPU MoE forward by one that returns zeros, and makes the layer
+# choose that forward over the C++ grouped-GEMM kernel (which it picks when
+# the sizes allow, AMX or not, and which the replacement would not cover: it
+# read out of bounds and sometimes crashed the worker), only so that the
 # engine can start and a reload be observed. Such an engine's outputs are
 # meaningless and never checked; the reload path it exercises is vLLM's own.
 EP_SHIM_ENV = "FP8_OVERLAY_TEST_EP_SHIM"
@@ -181,8 +184,13 @@ def _install_ep_shim() -> None:
     def forward_torch(self, layer, input, *args, **kwargs):
         return torch.zeros_like(input)
 
+    def check_grouped_gemm(self, layer):
+        return False, "none"
+
     forward_torch._ep_shim = True
     cls.forward_torch = forward_torch
+    if hasattr(cls, "check_grouped_gemm"):
+        cls.check_grouped_gemm = check_grouped_gemm
 
 
 import os as _os  # noqa: E402
