@@ -24,6 +24,7 @@ from pathlib import Path
 
 import nox
 import nox.command
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -107,7 +108,7 @@ def _pytest_per_module(session: nox.Session, rel: vllm_env.Release, venv: Path, 
         paths = [p for p in paths if p.name in modules]
     for module in paths:
         try:
-            _pytest(session, rel, venv, str(module.relative_to(ROOT)), *args, success_codes=(0, 5))
+            _pytest(session, rel, venv, str(module.relative_to(ROOT)), *args, success_codes=(0, 5), **extra_env)
         except nox.command.CommandFailed:
             failed.append(module.name)
     if failed:
@@ -122,8 +123,13 @@ def matrix(session: nox.Session, vllm: str) -> None:
     venv = _matrix_venv(vllm)
     _install(session, rel, venv)
     # the full tier (testing/tiers.py) also runs the 500-update fault soak
-    # (tests/test_sync_faults_soak.py)
-    _pytest(session, rel, venv, *session.posargs, FP8_OVERLAY_SOAK="1")
+    # (tests/test_sync_faults_soak.py). Releases before 0.20 keep in-process
+    # engines' memory: one process per module there, unless the arguments
+    # after -- pick the tests
+    if Version(vllm) < Version("0.20") and not session.posargs:
+        _pytest_per_module(session, rel, venv, FP8_OVERLAY_SOAK="1")
+    else:
+        _pytest(session, rel, venv, *session.posargs, FP8_OVERLAY_SOAK="1")
 
 
 @nox.session(venv_backend="none")
