@@ -430,6 +430,15 @@ def test_interrupt_around_a_transfer_keeps_the_stream_in_frame(at, what, before)
     next step. (Before: a control went out whose payload was never sent, or
     a payload was dropped from the owed list and never sent; the receiver
     then read an ABORT control where a payload was due.)"""
+    # Python's own SIGINT handler (KeyboardInterrupt), whatever earlier tests in this process installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_and_resume(at, before)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_and_resume(at: int, before: bool) -> None:
     rec = _Interrupted(at, before)
     s = WeightSender(None, "", 0, 0, bucket_bytes=16 << 10, transport=rec)
     sd = {n: torch.randn(4096) for n in ("a.weight", "b.weight", "c.weight")}  # one 16 KiB bucket each
@@ -438,7 +447,7 @@ def test_interrupt_around_a_transfer_keeps_the_stream_in_frame(at, what, before)
     s.send({"d": torch.ones(3)}, step=2)
     kinds = [wire.decode_control(m)[0].kind if len(m) == wire.CONTROL_SIZE else "payload" for m in rec.messages]
     step1 = kinds[:kinds.index(wire.MessageKind.ABORT) + 2]
-    assert step1.count("payload") == step1.count(wire.MessageKind.BUCKET), (what, kinds)
+    assert step1.count("payload") == step1.count(wire.MessageKind.BUCKET), (at, before, kinds)
     replay = ReplayTransport(list(rec.messages))
     r = WeightReceiver("", 0, 0, 0, transport=replay)
     with pytest.raises(StepAbortedError, match="KeyboardInterrupt"):
