@@ -371,8 +371,8 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
         yield from window.gather(stats)
 
 
-def agreed_layout(client: Any, group: Any = None) -> tuple[Any, list[int]]:
-    """The served layout every sending rank's client found, and which ranks send.
+def agreed_layout(client: Any, group: Any = None) -> Any:
+    """The served layout every sending rank's client found.
 
     Every trainer rank calls this (a collective over ``group``); ranks with
     a client report its layout, the others ``None``. All clients must serve
@@ -395,7 +395,7 @@ def agreed_layout(client: Any, group: Any = None) -> tuple[Any, list[int]]:
         found = {r: boxes[r][1] for r in senders}
         raise ValueError(f"push_sharded: the sending ranks' engines serve different layouts "
                          f"(rank -> layout): {found}; every engine a step feeds must serve the same checkpoint format")
-    return boxes[senders[0]][1], senders
+    return boxes[senders[0]][1]
 
 
 def push_sharded(client: Any, weights: Mapping[str, Any] | Iterable[tuple[str, Any]], step: int, *,
@@ -415,7 +415,7 @@ def push_sharded(client: Any, weights: Mapping[str, Any] | Iterable[tuple[str, A
     If a rank's push fails, that rank still takes part in the rest of the
     step's gathers before it raises, so the other ranks finish their steps."""
     if layout == "client":
-        layout, _ = agreed_layout(client, group)
+        layout = agreed_layout(client, group)
     stream = sharded_stream(weights, layout, stats=stats, window_bytes=window_bytes)
     if client is None:
         for _ in stream:
