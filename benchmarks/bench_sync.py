@@ -262,6 +262,87 @@ def _trace_one(fn, rank, kind, dev, out):
     (Path(out) / f"timeline_{kind}_rank{rank}.txt").write_text("\n".join(lines) + "\n")
 
 
+#: (class path, method) pairs timed by ``--host-timeline`` (a module's function: (path, "")):
+#: the sender's and the receiver's host work per bucket
+_HOST_SPANS = (
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "send"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_replay_next"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_close_bucket"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_launch_bucket"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_bucket_ready"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_send_control"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_send_owed"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_send_end_of_step"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_grouped_ok"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_new_bucket"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_dispatch"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_manifest"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_header"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_announce"),
+    ("vllm_fp8_overlay.sync.transport.BroadcastGroup", "evicted"),
+    ("vllm_fp8_overlay.sync.wire.write_seal", ""),
+    ("vllm_fp8_overlay.sync.replay.match_fast", ""),
+    ("vllm_fp8_overlay.sync.replay.fill_fast", ""),
+    ("vllm_fp8_overlay.sync.transport.BroadcastGroup", "broadcast"),
+    ("vllm_fp8_overlay.sync.transport._WorkHandle", "wait"),
+    ("vllm_fp8_overlay.sync.receiver.WeightReceiver", "_announce"),
+    ("vllm_fp8_overlay.sync.receiver.WeightReceiver", "_take"),
+    ("vllm_fp8_overlay.sync.receiver.WeightReceiver", "_read_control"),
+    ("vllm_fp8_overlay.sync.receiver.WeightReceiver", "_post_control"),
+    ("vllm_fp8_overlay.sync.receiver.WeightReceiver", "_post_payload"),
+    ("vllm_fp8_overlay.sync.receiver.WeightReceiver", "_consume_payload"),
+)
+
+
+def _host_timeline_one(fn, rank, kind, dev, out):
+    """One more c iteration with host timestamps around the sender's and the
+    receiver's per-bucket calls (``_HOST_SPANS``), no profiler: the host
+    clock is shared by both ranks, so the two files line up
+    (``host_<model>_rank<r>.txt``: start ms after the barrier, duration ms, call, depth)."""
+    import importlib
+
+    spans, depth, saved = [], [0], []
+    for path, attr in _HOST_SPANS:
+        mod, cls = path.rsplit(".", 1)
+        owner = getattr(importlib.import_module(mod), cls)
+        label = f"{cls}.{attr}"
+        if not attr:  # a module's function
+            owner, attr, label = importlib.import_module(mod), cls, cls
+        orig = getattr(owner, attr, None)
+        if orig is None:
+            continue
+
+        def wrapped(*a, _orig=orig, _name=label, **k):
+            t = time.perf_counter()
+            depth[0] += 1
+            try:
+                return _orig(*a, **k)
+            finally:
+                depth[0] -= 1
+                spans.append((t, time.perf_counter() - t, _name, depth[0]))
+
+        saved.append((owner, attr, owner.__dict__.get(attr)))
+        setattr(owner, attr, wrapped)
+    try:
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn(0)
+        _sync(dev)
+        t1 = time.perf_counter()
+        dist.barrier()
+    finally:
+        for owner, attr, orig in saved:
+            if orig is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, orig)
+    lines = [f"{kind} rank {rank}: barrier at host clock {t0:.6f} s, step {1e3 * (t1 - t0):.3f} ms", ""]
+    for t, d, name, dp in sorted(spans):
+        lines.append(f"{1e3 * (t - t0):9.3f} {1e3 * d:8.3f} {'  ' * dp}{name}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"host_{kind}_rank{rank}.txt").write_text("\n".join(lines) + "\n")
+
+
 def worker(rank, args, ports, q):
     try:
         res = _worker(rank, args, ports)
@@ -487,6 +568,11 @@ def _worker(rank, args, ports):
             (Path(args.out) / f"profile_{kind}_rank{rank}.txt").write_text(buf_s.getvalue())
         if args.trace:
             _trace_one(gk0 if rank == 0 else gk1, rank, kind, dev, args.out)
+        if args.host_timeline:
+            if rank == 1:
+                rcv.keep_step_buffers = keep_default
+            for _ in range(2):  # the second is the steady state's
+                _host_timeline_one(gr0 if rank == 0 else gr1, rank, kind, dev, args.out)
         if rank == 1:
             a, b = dict(got.pop("keep")), dict(got["gr"])
             same = a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
@@ -677,6 +763,8 @@ def main(argv=None):
                     help="also profile one c iteration (defaults) per rank (profile_<model>_rank<r>.txt in --out)")
     ap.add_argument("--trace", action="store_true",
                     help="also trace one c iteration per rank with torch.profiler (timeline_<model>_rank<r>.txt)")
+    ap.add_argument("--host-timeline", action="store_true",
+                    help="also time the host calls of one c step per rank, no profiler (host_<model>_rank<r>.txt)")
     args = ap.parse_args(argv)
     if not args.cpu_smoke and torch.cuda.device_count() < 2:
         sys.exit("needs 2 CUDA devices (or --cpu-smoke)")
