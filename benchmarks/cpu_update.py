@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         CT_FP8_CHANNEL_DYNAMIC,
         EXTENSION,
         free_port,
-        push_row,
         write_serving_checkpoint,
     )
+    from vllm_fp8_overlay.demo_report import push_row
     from vllm_fp8_overlay.sync.client import WeightSyncClient
     from vllm_fp8_overlay.testing.harness import vllm_version
     from vllm_fp8_overlay.testing import tiny_models as tm

@@ -66,7 +66,8 @@ def _say(msg: str) -> None:
 
 def run_engine(base: Path, work: Path, path: str, steps: int, cold_check: bool) -> dict:
     """One engine on ``base`` with load path ``path``: ``steps`` pushes, then warm == cold."""
-    from vllm_fp8_overlay.demo import free_port, push_row, write_serving_checkpoint
+    from vllm_fp8_overlay.demo import free_port, write_serving_checkpoint
+    from vllm_fp8_overlay.demo_report import push_row
     from vllm_fp8_overlay.sync.client import WeightSyncClient
     from vllm_fp8_overlay.testing import harness
     from vllm_fp8_overlay.testing import tiny_models as tm
