@@ -2,8 +2,8 @@
 
 One GPU, one run. For a 4096x14336 bf16 matrix and for the 224 quantized
 matrices of a 7B dense model (32 Llama layers), times with CUDA events (warm,
-median) the device copy, the previous kernels and the current ones with one
-suspect toggled at a time, counts Triton compilations during the timed calls,
+median) the device copy and the current kernels with one suspect toggled at
+a time, counts Triton compilations during the timed calls,
 checks bitwise equality with the torch backend and runs the exhaustive check
 of the exact reciprocal+FMA division.
 
@@ -22,14 +22,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (str(ROOT), str(ROOT / "benchmarks")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 from vllm_fp8_overlay.formats import quantize as R  # noqa: E402
 from vllm_fp8_overlay.kernels import triton_fp8 as K  # noqa: E402
 from vllm_fp8_overlay.kernels.exhaustive import exhaustive_check  # noqa: E402
-import _legacy_triton_fp8 as L  # noqa: E402
 
 BLK = (128, 128)
 
@@ -127,23 +125,6 @@ def main(argv=None):
             c0 = n_compiled(kern)
             t, h = bench(fn, iters)
             record(case, variant, t, h, n_el, n_sc, n_compiled(kern) - c0, note)
-
-        # --- previous kernels
-        lam = torch.zeros(len(ws), dtype=torch.float32, device=dev)
-
-        def legacy_grouped():
-            lam.zero_()
-            L.quantize_grouped(ws, "hf", "block", BLK, out=out, q_offsets=qo, s_offsets=so)
-
-        timed("before: grouped (padded grid, atomics, pin+H2D)", legacy_grouped, L._tile_kernel)
-
-        def legacy_single():
-            qb, sb = out.view(torch.float8_e4m3fn), out[: out.numel() // 4 * 4].view(torch.float32)
-            for i, w in enumerate(ws):
-                L._launch("block", "hf", BLK, [w], qb[qo[i]:], sb[so[i] // 4:], [0], [0], lam[i:i + 1], "auto",
-                          single_shape=True)
-
-        timed("before: one SINGLE launch per tensor", legacy_single, L._tile_kernel)
 
         # --- current kernels and one-suspect variants
         def cur(**kw):
