@@ -38,6 +38,7 @@ Writes ``results.json`` and ``results.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -283,6 +284,10 @@ _HOST_SPANS = (
     ("vllm_fp8_overlay.sync.wire.write_seal", ""),
     ("vllm_fp8_overlay.sync.replay.match_fast", ""),
     ("vllm_fp8_overlay.sync.replay.fill_fast", ""),
+    ("vllm_fp8_overlay.sync.replay.plan_of", ""),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_graph_key"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_launch_work"),
+    ("vllm_fp8_overlay.sync.sender.WeightSender", "_capture_launch"),
     ("vllm_fp8_overlay.sync.transport.BroadcastGroup", "broadcast"),
     ("vllm_fp8_overlay.sync.transport._WorkHandle", "wait"),
     ("vllm_fp8_overlay.sync.receiver.WeightReceiver", "_announce"),
@@ -294,20 +299,20 @@ _HOST_SPANS = (
 )
 
 
-def _host_timeline_one(fn, rank, kind, dev, out):
-    """One more c iteration with host timestamps around the sender's and the
-    receiver's per-bucket calls (``_HOST_SPANS``), no profiler: the host
-    clock is shared by both ranks, so the two files line up
-    (``host_<model>_rank<r>.txt``: start ms after the barrier, duration ms, call, depth)."""
+@contextlib.contextmanager
+def host_spans(extra: tuple = ()):
+    """Within the block, every call of ``_HOST_SPANS`` (and ``extra``) is timed on
+    the host: yields the list that collects ``(start, seconds, call, depth)``."""
     import importlib
 
     spans, depth, saved = [], [0], []
-    for path, attr in _HOST_SPANS:
+    for path, attr in (*_HOST_SPANS, *extra):
         mod, cls = path.rsplit(".", 1)
-        owner = getattr(importlib.import_module(mod), cls)
         label = f"{cls}.{attr}"
         if not attr:  # a module's function
             owner, attr, label = importlib.import_module(mod), cls, cls
+        else:
+            owner = getattr(importlib.import_module(mod), cls)
         orig = getattr(owner, attr, None)
         if orig is None:
             continue
@@ -324,23 +329,38 @@ def _host_timeline_one(fn, rank, kind, dev, out):
         saved.append((owner, attr, owner.__dict__.get(attr)))
         setattr(owner, attr, wrapped)
     try:
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn(0)
-        _sync(dev)
-        t1 = time.perf_counter()
-        dist.barrier()
+        yield spans
     finally:
         for owner, attr, orig in saved:
             if orig is None:
                 delattr(owner, attr)
             else:
                 setattr(owner, attr, orig)
-    lines = [f"{kind} rank {rank}: barrier at host clock {t0:.6f} s, step {1e3 * (t1 - t0):.3f} ms", ""]
+
+
+def write_host_spans(spans: list, t0: float, title: str, path: Path) -> None:
+    """One line per timed call: start ms after ``t0``, duration ms, call (indented by depth)."""
+    lines = [title, ""]
     for t, d, name, dp in sorted(spans):
         lines.append(f"{1e3 * (t - t0):9.3f} {1e3 * d:8.3f} {'  ' * dp}{name}")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / f"host_{kind}_rank{rank}.txt").write_text("\n".join(lines) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _host_timeline_one(fn, rank, kind, dev, out):
+    """One more c iteration with host timestamps around the sender's and the
+    receiver's per-bucket calls (``_HOST_SPANS``), no profiler: the host
+    clock is shared by both ranks, so the two files line up
+    (``host_<model>_rank<r>.txt``: start ms after the barrier, duration ms, call)."""
+    with host_spans() as spans:
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn(0)
+        _sync(dev)
+        t1 = time.perf_counter()
+        dist.barrier()
+    write_host_spans(spans, t0, f"{kind} rank {rank}: barrier at host clock {t0:.6f} s, step {1e3 * (t1 - t0):.3f} ms",
+                     Path(out) / f"host_{kind}_rank{rank}.txt")
 
 
 def worker(rank, args, ports, q):

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_sync import LAYOUT, MODELS, build_weights, model_specs  # noqa: E402
+from bench_sync import LAYOUT, MODELS, build_weights, host_spans, model_specs, write_host_spans  # noqa: E402
 from vllm_fp8_overlay.sync import WeightSender  # noqa: E402
 from vllm_fp8_overlay.sync.transport import _Done  # noqa: E402
 
@@ -95,6 +95,18 @@ def _profile(snd: WeightSender, items, dev, path: Path) -> None:
     path.write_text(s.getvalue())
 
 
+def _host_timeline(snd: WeightSender, items, dev, path: Path) -> None:
+    """Host timestamps around the sender's per-bucket calls in one more
+    (replayed) step, no profiler (``bench_sync.host_spans``)."""
+    with host_spans() as spans:
+        _sync(dev)
+        t0 = time.perf_counter()
+        snd.send(items, step=20_000)
+        _sync(dev)
+        t1 = time.perf_counter()
+    write_host_spans(spans, t0, f"one replayed step, no wire: {1e3 * (t1 - t0):.3f} ms", path)
+
+
 def _kernels_s(weights, dev, iters: int) -> float:
     """The sender's prepared grouped launch over every quantized weight, alone."""
     if dev.type != "cuda":
@@ -141,6 +153,8 @@ def run(args) -> dict:
         r["us_per_item"] = 1e6 * (r["host_s"] - (0 if r["kernels_s"] != r["kernels_s"] else r["kernels_s"])) / len(specs)
         if args.profile:
             _profile(snd, weights, dev, Path(args.out) / f"profile_{kind}.txt")
+        if args.host_timeline:
+            _host_timeline(snd, weights, dev, Path(args.out) / f"host_{kind}.txt")
         raw = WeightSender(None, "", 0, 2, transport=NoWire(dev), device=dev)
         r["bf16_host_s"], r["bf16_host_runs"] = _steps(raw, weights, dev, args.iters, 0)
         del raw
@@ -184,6 +198,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (the per-tensor path)")
     ap.add_argument("--profile", action="store_true", help="cProfile of one replayed step per model")
+    ap.add_argument("--host-timeline", action="store_true",
+                    help="host timestamps of the sender's calls in one replayed step per model (host_<model>.txt)")
     args = ap.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         sys.exit("needs a CUDA device (or --cpu-smoke)")

@@ -222,6 +222,41 @@ def test_sender_grouped_path_repeated_steps(method, strat, bucket_kib):
         snd.send(items + [items[0]], step=7)
 
 
+def test_sender_stages_controls_and_seals_per_slot():
+    """On CUDA each bucket slot stages its controls and seals through memory
+    kept for the slot (``outbox._ControlStage``) instead of allocating per
+    bucket. Every control on the wire is exactly ``header || manifest`` and
+    zeros, also when a slot's manifest is shorter than the one it held
+    before (long names, then short ones, then long again), and every payload
+    arrives with its own seal: the receiver takes each step and it equals
+    the torch reference bitwise."""
+    from vllm_fp8_overlay.formats import FP8Layout
+    from vllm_fp8_overlay.sync import WeightReceiver, WeightSender, wire
+    from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+    layout = FP8Layout(method="compressed-tensors", strategy="channel", block_size=None, scale_name="weight_scale")
+
+    def weights(prefix: str) -> dict:
+        return {f"{prefix}.layers.{i}.mlp.experts.{e}.up_proj.weight": _sample((128, 256), torch.bfloat16, "n", 7 * i + e)
+                for i in range(3) for e in range(8)}
+
+    long_sd, short_sd = weights("model.a_rather_long_prefix_that_makes_the_manifest_longer"), weights("m")
+    rec = RecordingTransport(device="cuda")
+    snd = WeightSender(layout, "", 0, 0, bucket_bytes=160 << 10, transport=rec)
+    for step, sd in enumerate([long_sd, short_sd, long_sd, short_sd]):
+        rec.messages.clear()
+        st = snd.send(sd, step=step)
+        assert st.num_buckets >= 4
+        controls = [m for m in rec.messages if len(m) == wire.CONTROL_SIZE]
+        assert len(controls) == st.num_buckets + 1  # the buckets' and END's
+        for c in controls:
+            h, man = wire.decode_control(c)
+            assert c == wire.encode_control(c[:wire.HEADER_SIZE], man), f"step {step}: control not zero padded"
+        got = dict(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(list(rec.messages))).receive_all().tensors)
+        _assert_torch_reference(got, sd, layout, f"step {step}")
+    assert all(s.stage is not None for s in snd._slots[:2])
+
+
 def test_sender_fast_replay_equals_the_torch_reference():
     """A bucket of plain caller tensors is matched list against list on the
     next step (``sync.replay``): every bucket of steps 1.. is reused without

@@ -319,7 +319,9 @@ class GroupedSendPath(BucketLaunch):
         slot = self._slots[b.slot_idx]
 
         def announce() -> None:
-            self._dispatch(slot, b.entries, slot.buf, b.end, last, stats, ready=lambda: self._bucket_ready(b, stats))
+            # the slot was waited for (here, or in _launch_bucket): its staging memory is free
+            self._dispatch(slot, b.entries, slot.buf, b.end, last, stats, ready=lambda: self._bucket_ready(b, stats),
+                           staged=True)
 
         if self._algo != wire.ChecksumAlgo.NONE:
             self._launch_bucket(b, stats)

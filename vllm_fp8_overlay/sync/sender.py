@@ -382,12 +382,14 @@ class WeightSender(GroupedSendPath, Outbox):
         stats.transfer_s += time.perf_counter() - t0
 
     def _dispatch(self, slot: _Slot, entries: list[TensorEntry], buf: torch.Tensor, end: int, last: bool,
-                  stats: SendStats, ready=None) -> None:
+                  stats: SendStats, ready=None, staged: bool = False) -> None:
         """Announce one bucket (its control goes on the wire, followed by the
         previous bucket's payload); ``buf[:end]`` and its seal, written into
         ``buf[end:end + SEAL_SIZE]``, go out after the next control.
         ``ready`` is called before the payload is sent (and before its
-        checksum is computed) and raises if it must not go out."""
+        checksum is computed) and raises if it must not go out. ``staged``:
+        ``slot`` was waited for just before, so the control and the seal go
+        through its kept staging memory (:class:`~.outbox._ControlStage`)."""
         if stats.num_buckets >= self.limits.max_buckets_per_step:
             raise wire.LimitExceededError(f"more than {self.limits.max_buckets_per_step} buckets in one step")
         manifest = self._manifest(entries)
@@ -400,7 +402,7 @@ class WeightSender(GroupedSendPath, Outbox):
         header = self._header(stats.num_buckets, last, manifest, payload, stats.step)
         t1 = time.perf_counter()
         stats.checksum_s += t1 - t0
-        slot.keepalive.append(wire.write_seal(buf[end: end + SEAL_SIZE], header))
+        self._write_seal(slot, buf[end: end + SEAL_SIZE], header, staged)
         self._announce(header, manifest, slot, buf[: end + SEAL_SIZE], stats, ready)
         stats.transfer_s += time.perf_counter() - t1
         stats.max_payload_bytes = max(stats.max_payload_bytes, end)

@@ -132,6 +132,7 @@ class _Slot:
         self.buf: torch.Tensor | None = None
         self.handles: list = []
         self.keepalive: list = []
+        self.stage: Any = None  # the slot's control staging on CUDA (outbox._ControlStage)
 
     def wait(self) -> None:
         handles, self.handles = self.handles, []
