@@ -418,7 +418,7 @@ def _worker(rank, args, ports):
             tr = rcv.transport
         nbytes_bf16 = sum(_numel(s) * 2 for _, s in specs)
 
-        def timed(fn0, fn1):
+        def timed(fn0, fn1, iters=iters):
             """Barrier, run, device sync, barrier: seconds on rank 0."""
             ts = []
             for i in range(warm + iters):
@@ -534,6 +534,23 @@ def _worker(rank, args, ports):
 
                 r[vname + "_s"], r[vname + "_runs"] = timed(v0, gr1)
                 r[vname + "_c_s"], r[vname + "_c_runs"] = timed(c0, gr1)
+
+        if args.drift:
+            # c again, many iterations, with Python's collector off during each one (both ranks)
+            # beside it on (default): does c drift over a run, and is the collector part of it?
+            import gc
+
+            def off(fn):
+                def run(i):
+                    gc.disable()
+                    try:
+                        fn(i)
+                    finally:
+                        gc.enable()
+                return run
+
+            for vname, f0, f1 in (("c_gcoff", off(gr0), off(gr1)), ("c_drift", gr0, gr1)):
+                r[vname + "_s"], r[vname + "_runs"] = timed(f0, f1, iters=3 * iters)
 
         # (c_keep) the same, the receiver keeping its step buffers and views
         def gk0(_):
@@ -749,6 +766,10 @@ def report(res, args):
             f"{k}: c {1e3 * res[k]['c_grouped_s']:.1f}, " + ", ".join(
                 f"{v} {1e3 * res[k][v + '_s']:.1f} (c {1e3 * res[k][v + '_c_s']:.1f})" for v in _variants(args))
             for k in args.models)]
+    if args.drift:
+        lines += ["", "Drift (c again, 3x the iterations; medians ms, then every iteration): " + "; ".join(
+            f"{k}: " + ", ".join(f"{v} {1e3 * res[k][v + '_s']:.1f} [{' '.join(f'{1e3 * t:.1f}' for t in res[k][v + '_runs'])}]"
+                                 for v in ("c_gcoff", "c_drift")) for k in args.models)]
     lines += ["", f"bucket {args.bucket_mb or 'sender default'} MiB, TORCH_NCCL_HIGH_PRIORITY={int(args.nccl_high_priority)}",
               "", f"Medians of {args.iters} iterations after {0 if args.cpu_smoke else 1} warm-up; grouped == per-tensor bytes: "
               + ", ".join(f"{k}: {res[k]['c_grouped_equals_per_tensor']}" for k in args.models)
@@ -788,6 +809,8 @@ def main(argv=None):
                     help="also profile one c iteration (defaults) per rank (profile_<model>_rank<r>.txt in --out)")
     ap.add_argument("--trace", action="store_true",
                     help="also trace one c iteration per rank with torch.profiler (timeline_<model>_rank<r>.txt)")
+    ap.add_argument("--drift", action="store_true",
+                    help="also time c for 3x --iters more iterations with Python's collector off, then on")
     ap.add_argument("--host-timeline", action="store_true",
                     help="also time the host calls of one c step per rank, no profiler (host_<model>_rank<r>.txt)")
     args = ap.parse_args(argv)
