@@ -457,6 +457,80 @@ def _interrupt_and_resume(at: int, before: bool) -> None:
     assert not replay.aborted  # no size mismatch on the way (gloo would have aborted the process)
 
 
+class _InterruptedGroup:
+    """A real gloo group whose ``broadcast`` raises SIGINT in this process
+    just before or just after the post number ``at`` since :meth:`arm`."""
+
+    def __init__(self, group: BroadcastGroup) -> None:
+        self._group = group
+        self._at, self._before, self._posted = -1, False, 0
+
+    def __getattr__(self, name):
+        return getattr(self._group, name)
+
+    def arm(self, at: int, before: bool) -> None:
+        self._at, self._before, self._posted = at, before, 0
+
+    def broadcast(self, tensor, async_op=False):
+        k = self._posted
+        self._posted += 1
+        if self._before and k == self._at:
+            signal.raise_signal(signal.SIGINT)
+        done = self._group.broadcast(tensor, async_op=async_op)
+        if not self._before and k == self._at:
+            signal.raise_signal(signal.SIGINT)
+        return done
+
+
+_INTERRUPT_CASES = [(1, True), (1, False), (2, True), (2, False)]  # (post number, before it?)
+
+
+def _interrupted_receiver_proc(port, q):
+    try:
+        with WeightReceiver("127.0.0.1", port, 2, 1, backend="gloo", timeout=60) as r:
+            for k in range(len(_INTERRUPT_CASES)):
+                try:
+                    r.receive_all(expected_step=2 * k + 1)
+                    q.put((k, "step was not aborted"))
+                except StepAbortedError as e:
+                    q.put((k, "aborted" if "KeyboardInterrupt" in str(e) else repr(e)))
+                q.put((k, [n for n, _ in r.receive_all(expected_step=2 * k + 2).tensors]))
+    except BaseException as e:  # pragma: no cover - reported to the parent
+        q.put((-1, repr(e)))
+
+
+def test_interrupt_around_a_transfer_on_real_gloo():
+    """The same Ctrl-C cases as above on a real gloo group, receiver in its
+    own process: gloo aborts a process on a transfer of the wrong size, which
+    the replay transport only reports. For every case the receiver sees the
+    interrupted step aborted and takes the next step whole, in one group."""
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_interrupted_receiver_proc, args=(port, q), daemon=True)
+    proc.start()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        group = _InterruptedGroup(BroadcastGroup("127.0.0.1", port, 2, 0, backend="gloo", timeout=TIMEOUT_S))
+        s = WeightSender(None, "", 0, 0, bucket_bytes=16 << 10, transport=group)
+        sd = {n: torch.randn(4096) for n in ("a.weight", "b.weight", "c.weight")}  # one 16 KiB bucket each
+        for k, (at, before) in enumerate(_INTERRUPT_CASES):
+            group.arm(at, before)
+            with pytest.raises(KeyboardInterrupt):
+                s.send(sd, step=2 * k + 1)
+            group.arm(-1, False)
+            s.send({"d": torch.ones(3)}, step=2 * k + 2)
+        results = [q.get(timeout=TIMEOUT_S) for _ in range(2 * len(_INTERRUPT_CASES))]
+        group.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        proc.join(timeout=TIMEOUT_S)
+        if proc.is_alive():
+            proc.kill()
+    assert results == [x for k in range(len(_INTERRUPT_CASES)) for x in ((k, "aborted"), (k, ["d"]))], results
+    assert proc.exitcode == 0
+
+
 def _voided(transfers):
     """A bucket's ``[control, payload]`` with the payload's seal made void."""
     h = wire.decode_control(transfers[0])[0]
