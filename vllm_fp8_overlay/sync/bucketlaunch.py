@@ -106,9 +106,11 @@ class BucketLaunch:
         parts: list = [b.slot_idx, id(slot.buf), b.token]
         lc = self._launch_cache
         for key, jobs in b.qjobs.items():
-            if isinstance(key, tuple) or not all(map(_CONTIGUOUS, jobs.srcs)):
-                return None  # host copies, or strides the key does not fix
+            if isinstance(key, tuple):
+                return None  # host copies
             lkey = self._launch_key(b, key, jobs.srcs)
+            if len(lkey) != 3:
+                return None  # strides the key does not fix (a contiguous replay's key is (key, token, addresses))
             if lc.get(lkey) is None:
                 return None  # not prepared yet, or a tensor the kernels do not take
             parts.append(lkey)

@@ -162,7 +162,8 @@ class WeightSender(GroupedSendPath, Outbox):
         self._item_memo: dict = {}  # name -> (shape, dtype, quantize?) of _plan_item
         self._qmemo: dict = {}  # name -> per-item sizes of the grouped loop
         self._ent_cache: dict = {}  # (name, offset) -> TensorEntry
-        self._man_cache: dict = {}  # tuple(id(entry)) -> (entries, manifest bytes)
+        self._man_cache: dict = {}  # tuple(id(entry)) -> (entries, manifest bytes, crc32)
+        self._man_by_list: dict = {}  # id(entries list) -> (the list, its length, manifest bytes, crc32)
         self._launch_cache: dict = {}  # bucket job key -> prepared grouped launch
         self._dst_cache: dict = {}  # (id(bucket buffer), layout token) -> destination views of its copies
         self._launch_graphs: dict = {}  # a bucket's launch work as a CUDA graph (bucketlaunch.LAUNCH_GRAPHS)
@@ -305,17 +306,27 @@ class WeightSender(GroupedSendPath, Outbox):
         self._ent_cache[key] = e
         return e
 
-    def _manifest(self, entries: list[TensorEntry]) -> bytes:
+    def _manifest(self, entries: list[TensorEntry]) -> tuple[bytes, int]:
+        """The encoded manifest of ``entries`` and its crc32, reused while the
+        same entry objects come again: first by the list itself (a replayed
+        bucket hands over its plan's list, so a MoE bucket of a thousand
+        entries costs no per-entry work), then by the entries' ids."""
+        hit = self._man_by_list.get(id(entries))
+        if hit is not None and hit[0] is entries and hit[1] == len(entries):
+            return hit[2], hit[3]
         key = tuple(map(id, entries))
         hit = self._man_cache.get(key)
-        if hit is not None:
-            return hit[1]
-        manifest = wire.encode_manifest(entries, self._layout_dict)
-        if len(self._man_cache) > 4096:
-            self._man_cache.clear()
-        # the value keeps the entries alive, so their ids in the key stay theirs
-        self._man_cache[key] = (tuple(entries), manifest)
-        return manifest
+        if hit is None:
+            manifest = wire.encode_manifest(entries, self._layout_dict)
+            if len(self._man_cache) > 4096:
+                self._man_cache.clear()
+            # the value keeps the entries alive, so their ids in the key stay theirs
+            hit = self._man_cache[key] = (tuple(entries), manifest, zlib.crc32(manifest))
+        if len(self._man_by_list) > 1024:
+            self._man_by_list.clear()
+        # the value keeps the list alive (its id stays its own); lists are not changed once sent
+        self._man_by_list[id(entries)] = (entries, len(entries), hit[1], hit[2])
+        return hit[1], hit[2]
 
     def _check_item(self, item: Any, seen: set[str]) -> tuple[str, torch.Tensor]:
         try:
@@ -363,10 +374,11 @@ class WeightSender(GroupedSendPath, Outbox):
         # D2H copies into a CPU buffer must be synchronous.
         wire.pack_into(buf, entry, t, non_blocking=self.device.type == "cuda")
 
-    def _header(self, index: int, last: bool, manifest: bytes, payload: torch.Tensor, step: int) -> Header:
+    def _header(self, index: int, last: bool, manifest: bytes, payload: torch.Tensor, step: int,
+                manifest_crc: int) -> Header:
         return Header(kind=MessageKind.BUCKET, step=step, index=index, flags=FLAG_LAST if last else 0,
                       manifest_len=len(manifest), payload_len=payload.numel(), checksum_algo=self._algo,
-                      payload_checksum=wire.payload_checksum(payload, self._algo), manifest_crc32=zlib.crc32(manifest))
+                      payload_checksum=wire.payload_checksum(payload, self._algo), manifest_crc32=manifest_crc)
 
     def _send_end_of_step(self, stats: SendStats) -> None:
         """The END message (totals, so receivers detect truncation), then the
@@ -392,14 +404,14 @@ class WeightSender(GroupedSendPath, Outbox):
         through its kept staging memory (:class:`~.outbox._ControlStage`)."""
         if stats.num_buckets >= self.limits.max_buckets_per_step:
             raise wire.LimitExceededError(f"more than {self.limits.max_buckets_per_step} buckets in one step")
-        manifest = self._manifest(entries)
+        manifest, manifest_crc = self._manifest(entries)
         if len(manifest) > min(self.limits.max_manifest_bytes, wire.MAX_INLINE_MANIFEST):
             raise wire.LimitExceededError(f"manifest of {len(manifest)} bytes exceeds the limit")
         payload = buf[:end]
         t0 = time.perf_counter()
         if ready is not None and self._algo != ChecksumAlgo.NONE:
             ready()  # the checksum reads the payload (this stalls the pipeline: checksums are opt-in on GPUs)
-        header = self._header(stats.num_buckets, last, manifest, payload, stats.step)
+        header = self._header(stats.num_buckets, last, manifest, payload, stats.step, manifest_crc)
         t1 = time.perf_counter()
         stats.checksum_s += t1 - t0
         self._write_seal(slot, buf[end: end + SEAL_SIZE], header, staged)
