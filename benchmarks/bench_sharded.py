@@ -8,11 +8,14 @@ Three processes on 2 GPUs, spawned by this script:
   rank 2  receiver, cuda:1 (shares the GPU with trainer rank 1): ``receive_all``
 
 per model (the 7B dense and 10B MoE shapes of ``bench_sync.py``, FP8 128x128
-blocks), two modes side by side in one run:
+blocks), three modes side by side in one run:
 
-  sharded  both trainer ranks run ``sharded_stream`` (what ``push_sharded``
-           does): each weight is quantized on each rank's rows and gathered as
-           FP8 + scales; rank 0 sends the stream
+  sharded  both trainer ranks run ``sharded_stream``: each weight is
+           quantized on each rank's rows and gathered as FP8 + scales into
+           both ranks (what ``push_sharded`` does with several senders); rank 0
+           sends the stream
+  into0    the same, gathered into rank 0 alone (``dst=0``: what
+           ``push_sharded`` does with one sending rank)
   single   rank 0 holds the whole BF16 model and sends it (``WeightSender.send``,
            the grouped path of ``bench_sync.py``'s column c)
 
@@ -150,6 +153,22 @@ def _run(rank: int, args, ports) -> dict:
         r["sharded_s"], r["sharded_runs"] = timed(sharded)
         if rank < 2:
             r[f"sharded_peak_extra_GiB_rank{rank}"] = (torch.cuda.max_memory_allocated(dev) - base) / GiB
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        def into0(i):  # what push_sharded does with one sending rank: windows gathered into it alone
+            step[0] += 1
+            if rank == 0:
+                snd.send(sharded_stream(dts, B.LAYOUT, dst=0), step=step[0])
+            elif rank == 1:
+                for _ in sharded_stream(dts, B.LAYOUT, dst=0):
+                    pass
+            else:
+                held.pop("d", None)
+                held["d"] = rcv.receive_all().tensors
+
+        r["into0_s"], r["into0_runs"] = timed(into0)
+        if rank < 2:
+            r[f"into0_peak_extra_GiB_rank{rank}"] = (torch.cuda.max_memory_allocated(dev) - base) / GiB
         del dts
         torch.cuda.empty_cache()
 
@@ -175,10 +194,10 @@ def _run(rank: int, args, ports) -> dict:
             snd.close()
         same = [None]
         if rank == 2:
-            a, b = dict(held["s"]), dict(held["1"])
-            same[0] = a.keys() == b.keys() and all(
+            b = dict(held["1"])
+            same[0] = all(a.keys() == b.keys() and all(
                 torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) if a[k].dtype == torch.float8_e4m3fn
-                else torch.equal(a[k], b[k]) for k in a)
+                else torch.equal(a[k], b[k]) for k in a) for a in (dict(held["s"]), dict(held["d"])))
             held.clear()
             rcv.close()
         box = [r, same[0]]
@@ -208,12 +227,16 @@ def report(res: dict, args) -> str:
                      f"{f('sharded_peak_extra_GiB_rank0')} | {f('sharded_weights_GiB_rank1')} / "
                      f"{f('sharded_peak_extra_GiB_rank1')} | "
                      + " ".join(f"{1e3 * t:.0f}" for t in r["sharded_runs"]) + " |")
+        lines.append(f"| {kind} | sharded, gathered into rank 0 alone (push_sharded, one sender) | "
+                     f"{1e3 * r['into0_s']:.1f} | {f('sharded_weights_GiB_rank0')} / "
+                     f"{f('into0_peak_extra_GiB_rank0')} | {f('sharded_weights_GiB_rank1')} / "
+                     f"{f('into0_peak_extra_GiB_rank1')} | " + " ".join(f"{1e3 * t:.0f}" for t in r["into0_runs"]) + " |")
         lines.append(f"| {kind} | sharded stream only (gathers + quantization, nothing sent) | "
                      f"{1e3 * r['stream_s']:.1f} | - | - | " + " ".join(f"{1e3 * t:.0f}" for t in r["stream_runs"]) + " |")
         lines.append(f"| {kind} | single rank | {1e3 * r['single_s']:.1f} | {f('single_weights_GiB_rank0')} / "
                      f"{f('single_peak_extra_GiB_rank0')} | - | " + " ".join(f"{1e3 * t:.0f}" for t in r["single_runs"])
                      + " |")
-    lines += ["", "Received bytes of the last sharded step == last single-rank step: "
+    lines += ["", "Received bytes of the last sharded steps (both modes) == last single-rank step: "
               + ", ".join(f"{k}: {res[k]['sharded_equals_single']}" for k in args.models), ""]
     return "\n".join(lines)
 

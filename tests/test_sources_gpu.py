@@ -10,9 +10,11 @@ each holding ``Shard(0)`` of the same weights:
   block layouts of both recipes, with even and uneven row splits (uneven
   splits that break whole blocks are gathered in BF16 and quantized by the
   sender instead);
+* gathered into one rank (one sender, ``dst``), that rank yields the same
+  and the other yields nothing and holds no window of full tensors;
 * a NaN in one rank's shard makes *both* ranks raise the same error naming
   the rank (a rank that raised alone would leave the other in the next
-  gather).
+  gather), either way.
 """
 
 from __future__ import annotations
@@ -48,5 +50,9 @@ def test_grouped_window_quantization_equals_per_tensor_and_nan_stops_every_rank(
         assert got["mismatches"] == [], (rank, got["mismatches"])
         # 4 layouts x 5 weights; grouped: channel all 5, block the 2 whose shards are whole 128-row blocks
         assert got["checked"] == 20 and got["grouped"] == 14, (rank, got)
-        assert "trainer rank(s) [1] hold non-finite values" in got["nan"], (rank, got["nan"])
-    assert NAN_IN in reports[1]["nan"], reports[1]["nan"]
+        for key in ("nan", "nan_dst0"):
+            assert "trainer rank(s) [1] hold non-finite values" in got[key], (rank, got[key])
+    assert NAN_IN in reports[1]["nan"] and NAN_IN in reports[1]["nan_dst0"], reports[1]
+    # gathered into rank 0 alone: it yields every weight, rank 1 none and holds no window
+    assert reports[0]["checked_dst0"] == 20 and reports[0]["max_gathered_dst0"] > 0, reports[0]
+    assert reports[1]["checked_dst0"] == 0 and reports[1]["max_gathered_dst0"] == 0, reports[1]

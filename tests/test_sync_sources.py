@@ -90,6 +90,19 @@ def test_gathers_go_in_windows(streamed):
 
 
 
+def test_one_sender_gathers_into_it_alone(streamed):
+    """With one sending rank the windows are gathered into it alone: it
+    yields every tensor (bitwise the unsharded quantization: ``mismatches``,
+    prefix ``dst=``), the other rank yields nothing and holds no window of
+    full tensors, and both take part in the same collectives."""
+    for key in LAYOUTS:
+        r = streamed[key]
+        other, dst = r["into_one_rank"]
+        assert other == {"yielded": 0, "max_gathered_bytes": 0, "collectives": dst["collectives"]}, (key, r)
+        assert dst["yielded"] == r["local_quantized"] + r["gathered"], (key, r)
+        assert 0 < dst["max_gathered_bytes"] == r["max_gathered_bytes"], (key, r)
+
+
 def test_push_sharded_ranks_agree_or_all_refuse(tmp_path):
     """Which ranks send is settled by all of them together: clients serving
     different layouts, or no client at all, raise the same error on every

@@ -23,12 +23,14 @@ with Triton, the shards a window quantizes are quantized together by the
 grouped kernels straight into the window's gather buffer (a few launches
 and one finiteness flag per window, which every rank sees after the
 gather), instead of one quantization and one host sync per weight. Memory:
-each rank holds, besides its shards, one window of full tensors (twice that
-while a window is cut out of the gathered buffer; a tensor larger than the
-window alone), and each sending rank the sender's buckets (two of
-``bucket_bytes``). :func:`push_sharded` is the call every trainer rank
-makes; the ranks that hold a client send (one, or one per group of
-engines), the others only take part in the gathers.
+a rank that receives the windows holds, besides its shards, one window of
+full tensors (twice that while a window is cut out of the gathered buffer;
+a tensor larger than the window alone), and each sending rank the sender's
+buckets (two of ``bucket_bytes``). :func:`push_sharded` is the call every
+trainer rank makes; the ranks that hold a client send (one, or one per
+group of engines), the others only take part in the gathers. With one
+sending rank, the windows are gathered into it alone: the other ranks hold
+no window of full tensors, and the trainer's links carry each shard once.
 """
 
 from __future__ import annotations
@@ -121,8 +123,8 @@ class _Window:
     quantizes itself, with every other ``g`` entry, by the grouped kernels,
     into its FP8 and scale slots)."""
 
-    def __init__(self, group: Any, device: torch.device, layout: Any = None) -> None:
-        self.group, self.device, self.layout = group, device, layout
+    def __init__(self, group: Any, device: torch.device, layout: Any = None, dst: int | None = None) -> None:
+        self.group, self.device, self.layout, self.dst = group, device, layout, dst
         self.entries: list[tuple[str, str, list[_Part], torch.Tensor | None]] = []
         self.nbytes = _HEAD
 
@@ -156,11 +158,11 @@ class _Window:
             flags.append(torch.isfinite(am).all().reshape(1))
         return torch.cat(flags).all() if len(flags) > 1 else flags[0][0]
 
-    def _nonfinite(self, ranks: torch.Tensor, me: int) -> None:
+    def _nonfinite(self, flags: torch.Tensor, me: int) -> None:
         """Every rank raises the same error when any rank's shards were not
         finite (a rank that raised alone would leave the others in the next
-        gather)."""
-        bad = [r for r, flag in enumerate(ranks[:, 0].tolist()) if not flag]
+        gather). ``flags``: every rank's "all finite" byte."""
+        bad = [r for r, flag in enumerate(flags.tolist()) if not flag]
         if not bad:
             return
         mine = [name for name, kind, parts, src in self.entries
@@ -169,7 +171,11 @@ class _Window:
         raise ValueError(f"trainer rank(s) {bad} hold non-finite values in weights to quantize "
                          f"({', '.join(mine) or f'one of {names[0]} .. {names[-1]}'}); refusing to quantize")
 
-    def gather(self, stats: StreamStats) -> list[tuple[str, Any]]:
+    def gather(self, stats: StreamStats, dst: int | None = None) -> list[tuple[str, Any]]:
+        """The window's full tensors. ``dst`` (a global rank in this window's
+        group): only that rank receives them (one ``gather``; the others hold
+        none and get ``[]``), else every rank does (``all_gather``). Either
+        way every rank learns every rank's finiteness flag first."""
         import torch.distributed as dist
 
         world = dist.get_world_size(self.group)
@@ -187,16 +193,24 @@ class _Window:
                 if n and p.local is not None:
                     buf[off:off + n].copy_(p.local.contiguous().view(-1).view(torch.uint8))
                 off += p.slot
-        out = torch.empty(world * self.nbytes, dtype=torch.uint8, device=self.device)
-        if out.device.type == "cuda":
-            dist.all_gather_into_tensor(out, buf, group=self.group)
-        else:  # gloo: the list form
-            dist.all_gather(list(out.chunk(world)), buf, group=self.group)
-        del buf
         stats.collectives += 1
-        stats._seen(out.numel())
-        ranks = out.view(world, self.nbytes)
-        self._nonfinite(ranks, me)
+        if dst is None:
+            out = _all_gather(buf, world, self.group)
+            del buf
+            stats._seen(out.numel())
+            ranks = out.view(world, self.nbytes)
+            self._nonfinite(ranks[:, 0], me)
+        else:
+            self._nonfinite(_all_gather(buf[:_HEAD], world, self.group).view(world, _HEAD)[:, 0], me)
+            mine = dist.get_global_rank(self.group, me) == dst
+            out = torch.empty(world * self.nbytes, dtype=torch.uint8, device=self.device) if mine else None
+            dist.gather(buf, list(out.chunk(world)) if mine else None, dst=dst, group=self.group)
+            del buf
+            if not mine:
+                self.entries, self.nbytes = [], _HEAD
+                return []
+            stats._seen(out.numel())
+            ranks = out.view(world, self.nbytes)
         done = self._cut(ranks, world)
         del out, ranks  # the cut tensors are copies: only they stay while the sender takes them
         self.entries, self.nbytes = [], _HEAD
@@ -235,6 +249,18 @@ class _Window:
             i += len(ps)
             done.append((name, got[0]) if kind == "raw" else (name, Prequantized(got[0], got[1])))
         return done
+
+
+def _all_gather(buf: torch.Tensor, world: int, group: Any) -> torch.Tensor:
+    """Every rank's ``buf``, rank by rank, in one flat tensor."""
+    import torch.distributed as dist
+
+    out = torch.empty(world * buf.numel(), dtype=buf.dtype, device=buf.device)
+    if out.device.type == "cuda":
+        dist.all_gather_into_tensor(out, buf, group=group)
+    else:  # gloo: the list form
+        dist.all_gather(list(out.chunk(world)), buf, group=group)
+    return out
 
 
 _HOW: dict[tuple, str] = {}
@@ -300,14 +326,20 @@ def _scale_part(layout: Any, rows: list[int], cols: int, dtype: torch.dtype) -> 
 
 
 def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layout: Any, *,
-                   stats: StreamStats | None = None, window_bytes: int = WINDOW_BYTES) -> Iterator[tuple[str, Any]]:
+                   stats: StreamStats | None = None, window_bytes: int = WINDOW_BYTES,
+                   dst: int | None = None) -> Iterator[tuple[str, Any]]:
     """``(name, tensor | Prequantized)`` for every entry of ``weights``, lazily
     and in order. Run it on every rank of the trainer's mesh, in the same
     order (it gathers as it goes). ``layout``: the served ``FP8Layout`` (or
     ``None`` for BF16). Plain tensors pass through (a rank holding them
     whole sends them as they are). Row-sharded tensors are gathered in
     windows of about ``window_bytes`` of full tensors (one collective each);
-    other ``DTensor`` placements one at a time (``full_tensor``)."""
+    other ``DTensor`` placements one at a time (``full_tensor``).
+
+    ``dst``: the global rank of the only rank that sends. It alone receives
+    the windows (a ``gather`` into it instead of an ``all_gather`` into
+    every rank) and yields; the other ranks only take part, hold no window
+    of full tensors and yield nothing. ``None``: every rank yields."""
     from ..formats import FP8Layout, quantize_tensor
 
     if isinstance(layout, Mapping):
@@ -316,27 +348,33 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
     items = weights.items() if isinstance(weights, Mapping) else weights
     window: _Window | None = None
     meshes: dict[int, tuple[int, Any, int]] = {}  # id(mesh) -> (size, group, this rank's index)
+    import torch.distributed as dist
+
+    yields = dst is None or dist.get_rank() == dst
     for name, t in items:
         if not hasattr(t, "full_tensor"):
             if window is not None and window.entries:
-                yield from window.gather(stats)
-            yield name, t
+                yield from _flushed(window, stats, yields)
+            if yields:
+                yield name, t
             continue
         if not _is_row_sharded(t):
             if window is not None and window.entries:
-                yield from window.gather(stats)
+                yield from _flushed(window, stats, yields)
             full = t.full_tensor()
             stats.gathered += 1
             stats.collectives += 1
-            stats._seen(full.numel() * full.element_size())
-            yield name, full
+            stats._seen(full.numel() * full.element_size())  # every rank holds it for a moment
+            if yields:
+                yield name, full
             del full
             continue
         mesh = t.device_mesh
         m = meshes.get(id(mesh))
         if m is None:
-            m = meshes[id(mesh)] = (mesh.size(), mesh.get_group(), mesh.get_local_rank())
-        world, group, me = m
+            group = mesh.get_group()
+            m = meshes[id(mesh)] = (mesh.size(), group, mesh.get_local_rank(), _member(group, dst))
+        world, group, me, group_dst = m
         # the shard itself, without to_local()'s autograd wrapper (a third of a MoE step's host time;
         # the shard is only read): DTensor's own attribute where this torch has it
         local = getattr(t, "_local_tensor", None)
@@ -349,8 +387,8 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
                              f"{rows[me]} an even Shard(0) split gives")
         if window is None or window.group is not group:
             if window is not None and window.entries:
-                yield from window.gather(stats)
-            window = _Window(group, local.device, layout)
+                yield from _flushed(window, stats, yields)
+            window = _Window(group, local.device, layout, group_dst)
         how = _how(name, shape, t.dtype, rows, layout, local.device)
         if how == "g":
             window.add(name, "g", [_Part(None, rows, shape[1:], torch.float8_e4m3fn),
@@ -366,9 +404,34 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
             window.add(name, "raw", [_Part(local.detach(), rows, shape[1:], t.dtype)])
             stats.gathered += 1
         if window.nbytes * world >= window_bytes:
-            yield from window.gather(stats)
+            yield from _flushed(window, stats, yields)
     if window is not None and window.entries:
-        yield from window.gather(stats)
+        yield from _flushed(window, stats, yields)
+
+
+def _flushed(window: _Window, stats: StreamStats, yields: bool) -> list[tuple[str, Any]]:
+    """Gather ``window``; what this rank yields of it."""
+    done = window.gather(stats, window.dst)
+    return done if yields else []
+
+
+#: backends whose ``gather`` into one rank is proven here (the rest all-gather)
+GATHER_INTO_ONE_BACKENDS = frozenset({"gloo"})
+
+
+def _member(group: Any, rank: int | None) -> int | None:
+    """``rank`` if it belongs to ``group`` and the group's backend gathers
+    into one rank (:data:`GATHER_INTO_ONE_BACKENDS`), else ``None`` (every
+    rank of the group receives its windows)."""
+    import torch.distributed as dist
+
+    if rank is None or dist.get_backend(group) not in GATHER_INTO_ONE_BACKENDS:
+        return None
+    try:
+        dist.get_group_rank(group, rank)
+    except (ValueError, RuntimeError):
+        return None
+    return rank
 
 
 def agreed_layout(client: Any, group: Any = None) -> Any:
@@ -379,6 +442,11 @@ def agreed_layout(client: Any, group: Any = None) -> Any:
     the same layout (the ranks quantize their shards for it together): any
     disagreement, or no client at all, raises the same ``ValueError`` on
     every rank, so none of them waits in a gather the others never start."""
+    return _agree(client, group)[0]
+
+
+def _agree(client: Any, group: Any) -> tuple[Any, list[int]]:
+    """:func:`agreed_layout`, and the global ranks that send."""
     import json
 
     import torch.distributed as dist
@@ -395,7 +463,8 @@ def agreed_layout(client: Any, group: Any = None) -> Any:
         found = {r: boxes[r][1] for r in senders}
         raise ValueError(f"push_sharded: the sending ranks' engines serve different layouts "
                          f"(rank -> layout): {found}; every engine a step feeds must serve the same checkpoint format")
-    return boxes[senders[0]][1]
+    glob = [r if group is None else dist.get_global_rank(group, r) for r in senders]
+    return boxes[senders[0]][1], glob
 
 
 def push_sharded(client: Any, weights: Mapping[str, Any] | Iterable[tuple[str, Any]], step: int, *,
@@ -412,11 +481,18 @@ def push_sharded(client: Any, weights: Mapping[str, Any] | Iterable[tuple[str, A
     ``layout="client"``: the layout the clients found, which must agree
     (:func:`agreed_layout`); over ``group``, the trainer's own trusted ranks.
 
+    With one sending rank (and ``layout="client"``, where the ranks agree on
+    who sends) the windows are gathered into that rank alone: the others
+    send it their shards and hold no window of full tensors. With several,
+    every rank receives every window (each sender needs all of it).
+
     If a rank's push fails, that rank still takes part in the rest of the
     step's gathers before it raises, so the other ranks finish their steps."""
+    dst = None
     if layout == "client":
-        layout = agreed_layout(client, group)
-    stream = sharded_stream(weights, layout, stats=stats, window_bytes=window_bytes)
+        layout, senders = _agree(client, group)
+        dst = senders[0] if len(senders) == 1 else None
+    stream = sharded_stream(weights, layout, stats=stats, window_bytes=window_bytes, dst=dst)
     if client is None:
         for _ in stream:
             pass

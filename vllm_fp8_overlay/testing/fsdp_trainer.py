@@ -100,8 +100,22 @@ def _check(args, model) -> dict:
         got = list(sharded_stream(model.state_dict(), layout, stats=stats))
         one_by_one = StreamStats()  # a window of 1 byte: one gather per tensor, same bytes
         single = list(sharded_stream(model.state_dict(), layout, stats=one_by_one, window_bytes=1))
+        # gathered into the last rank alone (one sender): it yields the same, the others nothing
+        last = dist.get_world_size() - 1
+        into = StreamStats()
+        to_last = list(sharded_stream(model.state_dict(), layout, stats=into, dst=last))
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, {"yielded": len(to_last), "max_gathered_bytes": into.max_gathered_bytes,
+                                      "collectives": into.collectives})
+        if dist.get_rank() == last:
+            rebuilt = dict(quantize_weights(iter(to_last), layout))
         if dist.get_rank() != 0:
+            if dist.get_rank() == last:
+                dist.send_object_list([{n: bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                                        for n, t in rebuilt.items()}], dst=0)
             continue
+        to_last_bytes = [None]
+        dist.recv_object_list(to_last_bytes, src=last)
         flat = list(quantize_weights(iter(got), layout))  # what the sender sends: gathered ones quantized there
         sharded_names = list(model.state_dict())
         want = dict(quantize_weights(((n, full[n]) for n in sharded_names), layout))
@@ -115,11 +129,14 @@ def _check(args, model) -> dict:
         bad += [f"window=1: {n}" for n in want if n not in single_d or not torch.equal(bits(single_d[n]), bits(want[n]))]
         bad += [n for n in want if n in got_d and (got_d[n].dtype != want[n].dtype or got_d[n].shape != want[n].shape
                                                    or not torch.equal(bits(got_d[n]), bits(want[n])))]
+        bad += [f"dst={last}: {n}" for n in want
+                if to_last_bytes[0].get(n) != bytes(want[n].contiguous().reshape(-1).view(torch.uint8).numpy())]
         largest = max(t.numel() * t.element_size() for t in full.values())
         out[f"{layout.method}/{layout.strategy}"] = {
             "mismatches": bad, "local_quantized": stats.local_quantized, "gathered": stats.gathered,
             "max_gathered_bytes": stats.max_gathered_bytes, "largest_full_bytes": largest,
-            "collectives": stats.collectives, "collectives_window_1": one_by_one.collectives}
+            "collectives": stats.collectives, "collectives_window_1": one_by_one.collectives,
+            "into_one_rank": seen}
     return out
 
 

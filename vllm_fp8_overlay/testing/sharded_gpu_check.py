@@ -5,8 +5,10 @@ Run by ``tests/test_sources_gpu.py`` under ``torch.distributed.run``
 rank holds ``Shard(0)`` of the same seeded weights (``distribute_tensor``);
 every weight the stream yields is compared bitwise with the torch backend's
 quantization of the full tensor (no Triton code involved), for channel and
-128x128 block layouts of both recipes; then a NaN in rank 1's rows of one
-weight must make every rank raise the same error.
+128x128 block layouts of both recipes, with the windows gathered into
+every rank and into rank 0 alone (one sender: rank 1 yields nothing and
+holds no window); then a NaN in rank 1's rows of one weight must make every
+rank raise the same error, either way.
 """
 
 from __future__ import annotations
@@ -44,32 +46,37 @@ def check(mesh, device) -> dict:
     from vllm_fp8_overlay.formats import quantize_tensor
     from vllm_fp8_overlay.sync.sources import Prequantized, StreamStats, sharded_stream
 
-    report = {"checked": 0, "grouped": 0, "mismatches": []}
+    report = {"checked": 0, "grouped": 0, "mismatches": [], "checked_dst0": 0, "max_gathered_dst0": 0}
     for layout in layouts():
         full = weights(7, device)
         sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
-        stats = StreamStats()
-        for name, got in sharded_stream(sharded, layout, stats=stats, window_bytes=1 << 20):
-            if isinstance(got, Prequantized):
-                q, sc = got
-            else:  # gathered in BF16: the sender quantizes it
-                q, sc = quantize_tensor(got, layout, name=name)
-            rq, rs = quantize_tensor(full[name], layout, name=name, backend="torch")
-            same = (q.shape == rq.shape and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
-                    and sc.dtype == rs.dtype and sc.shape == rs.shape and torch.equal(sc, rs))
-            if not same:
-                report["mismatches"].append(f"{layout.method}/{layout.strategy} {name}")
-            report["checked"] += 1
-        report["grouped"] += stats.local_quantized
+        for dst in (None, 0):  # every rank receives the windows; rank 0 alone does (one sender)
+            stats = StreamStats()
+            for name, got in sharded_stream(sharded, layout, stats=stats, window_bytes=1 << 20, dst=dst):
+                if isinstance(got, Prequantized):
+                    q, sc = got
+                else:  # gathered in BF16: the sender quantizes it
+                    q, sc = quantize_tensor(got, layout, name=name)
+                rq, rs = quantize_tensor(full[name], layout, name=name, backend="torch")
+                same = (q.shape == rq.shape and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+                        and sc.dtype == rs.dtype and sc.shape == rs.shape and torch.equal(sc, rs))
+                if not same:
+                    report["mismatches"].append(f"{layout.method}/{layout.strategy} {name} dst={dst}")
+                report["checked" if dst is None else "checked_dst0"] += 1
+            if dst is None:
+                report["grouped"] += stats.local_quantized
+            else:
+                report["max_gathered_dst0"] = max(report["max_gathered_dst0"], stats.max_gathered_bytes)
     full = weights(8, device)
     full[NAN_IN][200, 3] = float("nan")
     sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
-    try:
-        for _ in sharded_stream(sharded, layouts()[0]):
-            pass
-        report["nan"] = "no error"
-    except ValueError as e:
-        report["nan"] = str(e)
+    for key, dst in (("nan", None), ("nan_dst0", 0)):
+        try:
+            for _ in sharded_stream(sharded, layouts()[0], dst=dst):
+                pass
+            report[key] = "no error"
+        except ValueError as e:
+            report[key] = str(e)
     return report
 
 
