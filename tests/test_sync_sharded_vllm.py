@@ -205,10 +205,15 @@ def test_fsdp2_trainer_feeds_expert_parallel_engine(moe_weights, tmp_path):
     assert warm[1] == cold[1], f"EP: logprobs {warm[1]} vs cold {cold[1]}"
     # The shim computes the MoE, not something merely deterministic: a TP = 1 engine on the same
     # weights picks the same first token for every prompt with nearly the same logprob. Not exactly:
-    # the EP ranks' partial sums are added by an all-reduce in BF16, in another order than one
-    # rank's sum (measured: |dlogprob| ~3e-4; a later near-tie token may then differ), so the
-    # bound is 0.01, far below what a wrong or missing expert does to a logprob.
+    # each EP rank rounds its partial sum to BF16 and the all-reduce adds them in BF16, where one
+    # rank sums all routed experts before rounding once (measured |dlogprob|: ~3e-4 where the CPU MoE
+    # runs its vector kernels; 0.0145 on vLLM 0.19.1 with its AMX BF16 grouped-GEMM kernel, on
+    # 2026-12-01; a later near-tie token may then differ). The bound is 0.05. What it catches,
+    # measured with transformers on this model (one expert's down projection zeroed in every
+    # layer): 4 of the 8 experts change a first token, 3 move a logprob by 0.106-0.176; the
+    # weakest moves it by 0.0175, which no first-token bound can tell from the AMX rounding. This
+    # checks the test shim only; the sync's proofs are the exact comparisons above.
     tp1 = cold_outputs(served[1])
     for i in range(len(PROMPTS)):
         assert tp1[0][i][0] == cold[0][i][0], f"EP shim: prompt {i}: first token {cold[0][i][0]} vs TP=1 {tp1[0][i][0]}"
-        assert abs(tp1[1][i][0] - cold[1][i][0]) < 0.01, f"EP shim: prompt {i}: {cold[1][i][0]} vs TP=1 {tp1[1][i][0]}"
+        assert abs(tp1[1][i][0] - cold[1][i][0]) < 0.05, f"EP shim: prompt {i}: {cold[1][i][0]} vs TP=1 {tp1[1][i][0]}"
