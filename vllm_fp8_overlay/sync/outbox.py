@@ -69,8 +69,13 @@ class _ControlStage:
         self.used = 0  # bytes of the last control in ``dev``; the rest is zero
         self.copied = torch.cuda.Event()  # recorded after each copy out of ``host``
         self._pending = False
+        self._sealed = False  # the seal of the announce under way is staged; its control comes next
 
     def _host_free(self) -> None:
+        """Wait for the copies out of ``host`` of this slot's previous announce.
+        Never for the current one's: its copies queue behind the wire's last
+        read of the slot (:meth:`~.sendstate._Slot.wait`), and waiting for
+        them would keep the host from posting until that payload is through."""
         if self._pending:
             self.copied.synchronize()
             self._pending = False
@@ -80,11 +85,14 @@ class _ControlStage:
         ctypes.memmove(self.host.data_ptr() + CONTROL_SIZE, seal, SEAL_SIZE)
         region.copy_(self.host[CONTROL_SIZE:], non_blocking=True)
         self.copied.record()
-        self._pending = True
+        self._pending = self._sealed = True
 
     def control(self, data: bytes) -> torch.Tensor:
-        """The device control block holding ``data``, zero padded."""
-        self._host_free()
+        """The device control block holding ``data``, zero padded (after this
+        announce's seal, whose bytes lie apart in ``host``)."""
+        if not self._sealed:
+            self._host_free()
+        self._sealed = False
         n = len(data)
         ctypes.memmove(self.host.data_ptr(), data, n)
         if n < self.used:
