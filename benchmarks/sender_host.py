@@ -20,6 +20,11 @@ warm-ups (the second one replays the first one's bucket layout):
   yields): the sender copies FP8 weights and scales as they are.
 
 ``--profile`` writes a cProfile of one replayed step per model.
+``--wire-gbps R`` also sends over an emulated wire of R GB/s (``EmulatedWire``:
+each broadcast waits for the current stream and then occupies a wire stream
+for 10 us + bytes / R, in posting order, as NCCL's stream does): what a step
+takes above that wire's own time is the sender's start-up and the gaps where
+the wire waits for the sender's host (the receiver is not emulated).
 
     python benchmarks/sender_host.py --out DIR          # one CUDA GPU
     python benchmarks/sender_host.py --cpu-smoke --out DIR
@@ -63,6 +68,74 @@ class NoWire:
 
     def close(self) -> None:
         pass
+
+
+class _EmulatedWork:
+    """An emulated transfer's handle: ``wait()`` orders the current stream
+    after it and returns at once, as an NCCL work's does."""
+
+    def __init__(self, event) -> None:
+        self.event = event
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.event)
+
+
+class EmulatedWire(NoWire):
+    """Rank 0 of a group whose broadcasts take the time a real wire would:
+    each one waits for the current stream (as NCCL's stream does), then
+    keeps an emulated wire stream busy for ``latency + bytes / rate``
+    (``torch.cuda._sleep``), in posting order. What a step then takes above
+    the wire's own time is the sender's: its start-up, and the gaps where
+    the wire waits for the host. No receiver: its side is not emulated."""
+
+    def __init__(self, device: torch.device, gbps: float, latency_us: float = 10.0) -> None:
+        super().__init__(device)
+        self.rate, self.latency = gbps * 1e9, latency_us * 1e-6
+        self.stream = torch.cuda.Stream(device=device)
+        self.wire_s = 0.0  # emulated wire time of the broadcasts since the last reset
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1 << 20)  # warm
+        a.record()
+        torch.cuda._sleep(1 << 26)
+        b.record()
+        b.synchronize()
+        self.cycles_per_s = (1 << 26) / (a.elapsed_time(b) / 1e3)
+
+    def broadcast(self, tensor: torch.Tensor, async_op: bool = False):
+        t = self.latency + tensor.numel() * tensor.element_size() / self.rate
+        self.wire_s += t
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            torch.cuda._sleep(int(t * self.cycles_per_s))
+            done = torch.cuda.Event()
+            done.record()
+        work = _EmulatedWork(done)
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+
+def _emulated(weights, dev, iters: int, gbps: float, path: Path | None) -> dict:
+    """``send()`` over :class:`EmulatedWire`: medians of the step (until the
+    wire is through) and of the wire's own time, and their difference."""
+    tr = EmulatedWire(dev, gbps)
+    snd = WeightSender(LAYOUT, "", 0, 2, transport=tr, device=dev)
+    steps, wires = [], []
+    for i in range(2 + iters):
+        _sync(dev)
+        tr.wire_s = 0.0
+        t0 = time.perf_counter()
+        snd.send(weights, step=i)
+        _sync(dev)
+        if i >= 2:
+            steps.append(time.perf_counter() - t0)
+            wires.append(tr.wire_s)
+    if path is not None:
+        _host_timeline(snd, weights, dev, path)
+    med, wire = statistics.median(steps), statistics.median(wires)
+    return {"emul_step_s": med, "emul_wire_s": wire, "emul_over_s": med - wire, "emul_runs": steps}
 
 
 def _sync(dev: torch.device) -> None:
@@ -155,6 +228,9 @@ def run(args) -> dict:
             _profile(snd, weights, dev, Path(args.out) / f"profile_{kind}.txt")
         if args.host_timeline:
             _host_timeline(snd, weights, dev, Path(args.out) / f"host_{kind}.txt")
+        if args.wire_gbps and dev.type == "cuda":
+            r.update(_emulated(weights, dev, args.iters, args.wire_gbps,
+                               Path(args.out) / f"host_emulated_{kind}.txt" if args.host_timeline else None))
         raw = WeightSender(None, "", 0, 2, transport=NoWire(dev), device=dev)
         r["bf16_host_s"], r["bf16_host_runs"] = _steps(raw, weights, dev, args.iters, 0)
         del raw
@@ -173,6 +249,7 @@ def run(args) -> dict:
         del flat, weights, snd
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    res["wire_gbps"] = args.wire_gbps
     res["card"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     res["torch"] = torch.__version__
     res["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -188,6 +265,13 @@ def report(res: dict, iters: int) -> str:
         pre = f"{1e3 * r['pre_host_s']:.1f}" if "pre_host_s" in r else "-"
         lines.append(f"| {kind} | {r['tensors']} | {1e3 * r['host_s']:.1f} | {1e3 * r['kernels_s']:.1f} | "
                      f"{r['us_per_item']:.2f} | {1e3 * r['bf16_host_s']:.1f} | {pre} |")
+    emul = {k: r for k, r in res["models"].items() if "emul_step_s" in r}
+    if emul:
+        lines += ["", f"Over an emulated wire ({res['wire_gbps']:g} GB/s, 10 us per transfer, no receiver; medians):", "",
+                  "| model | step ms | its wire ms | step - wire ms | steps ms |", "|---|---|---|---|---|"]
+        for kind, r in emul.items():
+            lines.append(f"| {kind} | {1e3 * r['emul_step_s']:.2f} | {1e3 * r['emul_wire_s']:.2f} | "
+                         f"{1e3 * r['emul_over_s']:.2f} | " + " ".join(f"{1e3 * t:.2f}" for t in r["emul_runs"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,6 +282,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (the per-tensor path)")
     ap.add_argument("--profile", action="store_true", help="cProfile of one replayed step per model")
+    ap.add_argument("--wire-gbps", type=float, default=0.0,
+                    help="also send over an emulated wire of this rate (374: NVLink broadcast of 1 GiB on 2x H200)")
     ap.add_argument("--host-timeline", action="store_true",
                     help="host timestamps of the sender's calls in one replayed step per model (host_<model>.txt)")
     args = ap.parse_args(argv)
