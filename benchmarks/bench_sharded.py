@@ -125,50 +125,43 @@ def _run(rank: int, args, ports) -> dict:
 
         r["stream_s"], r["stream_runs"] = timed(stream_only)
 
-        def sharded(i):
-            step[0] += 1
-            if rank == 0 and i == 1 and args.profile:
-                import cProfile
-                import io
-                import pstats
+        def sharded_mode(dst, key):
+            """Rank 0 sends the sharded stream (windows into every rank, or into ``dst``
+            alone), rank 1 takes part, rank 2 receives into ``held[key]``."""
 
-                prof = cProfile.Profile()
-                prof.enable()
-                snd.send(sharded_stream(dts, B.LAYOUT), step=step[0])
-                torch.cuda.synchronize(dev)
-                prof.disable()
-                buf = io.StringIO()
-                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
-                Path(args.out).mkdir(parents=True, exist_ok=True)
-                (Path(args.out) / f"profile_rank0_{kind}.txt").write_text(buf.getvalue())
-            elif rank == 0:
-                snd.send(sharded_stream(dts, B.LAYOUT), step=step[0])
-            elif rank == 1:
-                for _ in sharded_stream(dts, B.LAYOUT):
-                    pass
-            else:
-                held.pop("s", None)
-                held["s"] = rcv.receive_all().tensors
+            def run(i):
+                step[0] += 1
+                if rank == 0 and i == 1 and args.profile and dst is None:
+                    import cProfile
+                    import io
+                    import pstats
 
-        r["sharded_s"], r["sharded_runs"] = timed(sharded)
-        if rank < 2:
-            r[f"sharded_peak_extra_GiB_rank{rank}"] = (torch.cuda.max_memory_allocated(dev) - base) / GiB
-            torch.cuda.reset_peak_memory_stats(dev)
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    snd.send(sharded_stream(dts, B.LAYOUT), step=step[0])
+                    torch.cuda.synchronize(dev)
+                    prof.disable()
+                    buf = io.StringIO()
+                    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+                    Path(args.out).mkdir(parents=True, exist_ok=True)
+                    (Path(args.out) / f"profile_rank0_{kind}.txt").write_text(buf.getvalue())
+                elif rank == 0:
+                    snd.send(sharded_stream(dts, B.LAYOUT, dst=dst), step=step[0])
+                elif rank == 1:
+                    for _ in sharded_stream(dts, B.LAYOUT, dst=dst):
+                        pass
+                else:
+                    held.pop(key, None)
+                    held[key] = rcv.receive_all().tensors
 
-        def into0(i):  # what push_sharded does with one sending rank: windows gathered into it alone
-            step[0] += 1
-            if rank == 0:
-                snd.send(sharded_stream(dts, B.LAYOUT, dst=0), step=step[0])
-            elif rank == 1:
-                for _ in sharded_stream(dts, B.LAYOUT, dst=0):
-                    pass
-            else:
-                held.pop("d", None)
-                held["d"] = rcv.receive_all().tensors
+            return run
 
-        r["into0_s"], r["into0_runs"] = timed(into0)
-        if rank < 2:
-            r[f"into0_peak_extra_GiB_rank{rank}"] = (torch.cuda.max_memory_allocated(dev) - base) / GiB
+        # every rank receives the windows (several senders), then rank 0 alone (push_sharded, one sender)
+        for mode, dst, key in (("sharded", None, "s"), ("into0", 0, "d")):
+            r[f"{mode}_s"], r[f"{mode}_runs"] = timed(sharded_mode(dst, key))
+            if rank < 2:
+                r[f"{mode}_peak_extra_GiB_rank{rank}"] = (torch.cuda.max_memory_allocated(dev) - base) / GiB
+                torch.cuda.reset_peak_memory_stats(dev)
         del dts
         torch.cuda.empty_cache()
 
