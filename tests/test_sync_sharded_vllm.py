@@ -192,6 +192,9 @@ def test_fsdp2_trainer_feeds_expert_parallel_engine(moe_weights, tmp_path):
         before = completions(warm_url, str(served[0]), PROMPTS, NTOK)
         result = push(root, hf[0], [warm_url], hf[1], step=1)
         assert result["reports"][0]["gathered"] > 0, result  # the fused 3-D experts travel gathered
+        # each EP worker left the other rank's experts out of vLLM's loader (skip-other-ranks-experts):
+        # 4 of 8 experts x 3 projections x 2 layers
+        assert result["reports"][0]["other_ranks_expert_tensors"] == [24, 24], result
         warm_digests = rpc(warm_url, "weight_sync_digest")
         cold_digests = rpc(warm_url, "weight_sync_cold_digest", model_dir=str(served[1]))
         assert len(warm_digests) == 2

@@ -51,6 +51,18 @@ DECLARED: tuple[Shortcut, ...] = (
         verified=("0.28.0", "0.32.0"),
         test="tests/test_sync_moe_load.py",
     ),
+    Shortcut(
+        id="skip-other-ranks-experts",
+        releases=">=0.19",
+        platform="any",
+        applies="expert-parallel fused-MoE layers: checkpoint tensors of experts that vLLM maps to no local "
+                "expert of the worker (`_map_global_expert_id_to_local_expert_id` < 0)",
+        does="leaves them out of the update before vLLM's loader (which loads nothing from them, but binds, "
+             "sizes, buffers and replays each one inside the layerwise reload)",
+        off="`FP8_OVERLAY_SKIP_OTHER_RANKS_EXPERTS=0` in the worker's environment",
+        verified=("0.19.1", "0.32.0"),
+        test="tests/test_sync_sharded_vllm.py (c)",
+    ),
 )
 
 
@@ -60,8 +72,9 @@ def render_section(versions: list[str]) -> str:
         "## Loader shortcuts",
         "",
         "Where vLLM's per-tensor loader is the cost of an update, the receiver writes some tensors itself",
-        "(`vllm_fp8_overlay/sync/apply/experts.py`); each shortcut is declared with its releases and proven",
-        "equal to a cold start by outputs. Everything else goes through vLLM's loader.",
+        "(`vllm_fp8_overlay/sync/apply/experts.py`) or leaves some out (`ep_experts.py`); each shortcut is",
+        "declared with its releases and proven equal to a cold start by outputs. Everything else goes through",
+        "vLLM's loader.",
         "",
         "| shortcut | releases | platform | applies to | instead of vLLM's loader | off switch | verified on |",
         "|---|---|---|---|---|---|---|",

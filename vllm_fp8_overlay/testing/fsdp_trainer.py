@@ -162,7 +162,9 @@ def _push(args, model) -> dict:
             reports.append({"step": args.first_step + i, "ok": rep is None or all(w.get("ok") for w in rep.workers),
                             "local_quantized": stats.local_quantized, "gathered": stats.gathered,
                             "max_gathered_bytes": stats.max_gathered_bytes,
-                            "num_bytes": None if rep is None else rep.send.num_bytes})
+                            "num_bytes": None if rep is None else rep.send.num_bytes,
+                            "other_ranks_expert_tensors": None if rep is None else
+                            [w.get("other_ranks_expert_tensors") for w in rep.workers]})
             dist.barrier()
     finally:
         if client is not None:

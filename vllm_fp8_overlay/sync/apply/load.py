@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .derived import refresh_derived_state
+from .ep_experts import other_ranks_experts
 from .experts import leave_out_of_reload, plan_direct_expert_writes
 
 logger = logging.getLogger("vllm.fp8_overlay.sync")
@@ -66,9 +67,11 @@ def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mod
     error re-raised. ``after_load()`` runs last, whatever happened (the
     worker extension drops its runner's derived caches there).
     ``served_specs`` (the served checkpoint's ``name -> spec``) lets the
-    layerwise mode plan direct expert writes (:mod:`.experts`). Returns
-    ``{"direct_expert_tensors": n}`` (0: every tensor went through vLLM's loader)."""
-    info = {"direct_expert_tensors": 0}
+    layerwise mode plan direct expert writes (:mod:`.experts`); an
+    expert-parallel worker leaves other ranks' experts out of vLLM's loader
+    (:mod:`.ep_experts`). Returns ``{"direct_expert_tensors": n,
+    "other_ranks_expert_tensors": m}`` (0, 0: every tensor went through vLLM's loader)."""
+    info = {"direct_expert_tensors": 0, "other_ranks_expert_tensors": 0}
     ctx: Any = contextlib.nullcontext()
     if vllm_config is not None:
         from vllm.config import set_current_vllm_config
@@ -93,10 +96,15 @@ def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mod
                 )
 
                 experts = plan_direct_expert_writes(model, vllm_config, served_specs)
+                remote = other_ranks_experts(model)
+                if remote is not None:
+                    tensors = remote.only_mine(tensors)
                 with torch.device(device):
                     initialize_layerwise_reload(model)
                     try:
                         model.load_weights(experts.others(tensors) if experts else iter(tensors))
+                        if remote is not None:
+                            info["other_ranks_expert_tensors"] = remote.dropped
                         if before_finalize is not None:
                             before_finalize()
                         if experts:
@@ -110,8 +118,11 @@ def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mod
             elif mode == "load_weights":
                 from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
+                remote = other_ranks_experts(model)
                 with torch.device(device):
-                    model.load_weights(iter(tensors))
+                    model.load_weights(remote.only_mine(tensors) if remote is not None else iter(tensors))
+                    if remote is not None:
+                        info["other_ranks_expert_tensors"] = remote.dropped
                     if before_finalize is not None:
                         before_finalize()
                     process_weights_after_loading(model, model_config, device)
