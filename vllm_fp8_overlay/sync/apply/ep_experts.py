@@ -3,11 +3,12 @@
 Why: with expert parallelism every worker of an engine receives every
 expert tensor (the update is broadcast), but a worker serves only its own
 experts. vLLM's fused-MoE weight loader skips another rank's expert, yet
-inside a layerwise reload each such call is still bound, sized (the loader
-runs once on fake tensors to count what it would load), buffered until the
-layer is complete and replayed: the same ~300 us per tensor on CPU as a
-tensor the worker keeps (``apply/experts.py``). At EP = N that is N - 1 of
-every N expert tensors, loaded for nothing.
+inside a layerwise reload each such call still goes through the reload's
+bookkeeping: bound, sized (the loader runs once on fake tensors to count
+what it would load), buffered until the layer is complete and replayed
+(per call, what costs ~300 us per expert tensor the worker keeps on CPU,
+``apply/experts.py``). At EP = N that is N - 1 of every N expert tensors,
+for nothing.
 
 How: before vLLM's loader sees the update, a checkpoint tensor
 ``<experts>.<e>.<proj>.<...>`` of an expert-parallel fused-MoE layer is
