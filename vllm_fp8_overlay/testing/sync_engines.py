@@ -50,9 +50,11 @@ def worker_class_restored() -> Iterator[None]:
             CPUWorker.__bases__ = bases
 
 
-def start_sync_engine(model_dir: str | os.PathLike[str]) -> Any:
+def start_sync_engine(model_dir: str | os.PathLike[str], **llm_kw: Any) -> Any:
     """A real ``vllm.LLM`` with the weight-sync worker extension; its engine
-    core and worker run in subprocesses, as in a deployment."""
+    core and worker run in subprocesses, as in a deployment. ``llm_kw``
+    override or add ``LLM`` arguments (another ``worker_extension_cls``,
+    parallelism)."""
     from ..sync.client import EXTENSION
 
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -60,8 +62,9 @@ def start_sync_engine(model_dir: str | os.PathLike[str]) -> Any:
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     from vllm import LLM
 
-    return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
-               max_model_len=128, max_num_seqs=4, seed=0, worker_extension_cls=EXTENSION)
+    kw = dict(skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True, max_model_len=128, max_num_seqs=4,
+              seed=0, worker_extension_cls=EXTENSION)
+    return LLM(model=str(model_dir), **{**kw, **llm_kw})
 
 
 def stop_sync_engine(llm: Any) -> None:
