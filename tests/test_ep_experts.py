@@ -21,23 +21,24 @@ from vllm_fp8_overlay.sync.apply import ep_experts
 class _Experts(torch.nn.Module):
     """Stands in for a fused-MoE layer: 8 global experts, this rank holds ``local``."""
 
-    def __init__(self, local: range, use_ep: bool = True) -> None:
+    def __init__(self, local: range, use_ep: bool = True, eplb: bool = False, logical: int = 8) -> None:
         super().__init__()
         self.global_num_experts = 8
         self._local = list(local)
-        self.moe_config = SimpleNamespace(moe_parallel_config=SimpleNamespace(use_ep=use_ep))
+        self.moe_config = SimpleNamespace(moe_parallel_config=SimpleNamespace(use_ep=use_ep, enable_eplb=eplb),
+                                          num_logical_experts=logical)
 
     def _map_global_expert_id_to_local_expert_id(self, e: int) -> int:
         return self._local.index(e) if e in self._local else -1
 
 
-def _model(use_ep: bool = True) -> torch.nn.Module:
+def _model(**kw) -> torch.nn.Module:
     m = torch.nn.Module()
     m.layers = torch.nn.ModuleList()
     for _ in range(2):
         layer = torch.nn.Module()
         layer.mlp = torch.nn.Module()
-        layer.mlp.experts = _Experts(range(4, 8), use_ep)
+        layer.mlp.experts = _Experts(range(4, 8), **kw)
         m.layers.append(layer)
     return m
 
@@ -77,6 +78,9 @@ def test_other_ranks_experts_are_left_out(release):
 
 def test_off_without_expert_parallelism_or_release_or_switch(release, monkeypatch):
     assert ep_experts.other_ranks_experts(_model(use_ep=False)) is None  # TP-sharded experts: every rank needs all
+    # checkpoint experts with replicas on several ranks: vLLM's loader places them
+    assert ep_experts.other_ranks_experts(_model(eplb=True)) is None
+    assert ep_experts.other_ranks_experts(_model(logical=6)) is None  # 2 redundant experts
     release("0.18.1")
     assert ep_experts.other_ranks_experts(_model()) is None  # not declared there
     release("0.32.0")

@@ -55,8 +55,9 @@ DECLARED: tuple[Shortcut, ...] = (
         id="skip-other-ranks-experts",
         releases=">=0.19",
         platform="any",
-        applies="expert-parallel fused-MoE layers: checkpoint tensors of experts that vLLM maps to no local "
-                "expert of the worker (`_map_global_expert_id_to_local_expert_id` < 0)",
+        applies="expert-parallel fused-MoE layers without the expert load balancer or redundant experts: "
+                "checkpoint tensors of experts that vLLM maps to no local expert of the worker "
+                "(`_map_global_expert_id_to_local_expert_id` < 0)",
         does="leaves them out of the update before vLLM's loader (which loads nothing from them, but binds, "
              "sizes, buffers and replays each one inside the layerwise reload)",
         off="`FP8_OVERLAY_SKIP_OTHER_RANKS_EXPERTS=0` in the worker's environment",

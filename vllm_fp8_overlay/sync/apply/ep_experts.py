@@ -13,7 +13,9 @@ for nothing.
 How: before vLLM's loader sees the update, a checkpoint tensor
 ``<experts>.<e>.<proj>.<...>`` of an expert-parallel fused-MoE layer is
 dropped when the layer maps global expert ``e`` to no local expert
-(``_map_global_expert_id_to_local_expert_id(e) < 0``, vLLM's own mapping).
+(``_map_global_expert_id_to_local_expert_id(e) < 0``, vLLM's own mapping;
+not with the expert load balancer or redundant experts, whose replicas
+vLLM's loader places).
 Those calls loaded nothing (vLLM counts 0 elements for them), so the
 reload's accounting of a complete layer is unchanged. Everything else goes
 to vLLM's loader as before.
@@ -74,11 +76,16 @@ class OtherRanksExperts:
 
 def _remote_ids(layer: torch.nn.Module) -> frozenset[int] | None:
     """Global expert ids ``layer`` does not serve here; ``None`` where it is
-    not an expert-parallel fused-MoE layer this release lets us read."""
+    not an expert-parallel fused-MoE layer this release lets us read, or
+    where checkpoint expert ids are not the layer's ids: with the expert
+    load balancer or redundant experts a checkpoint (logical) expert can
+    have replicas on several ranks, and vLLM's loader places them."""
     to_local = getattr(layer, "_map_global_expert_id_to_local_expert_id", None)
     total = getattr(layer, "global_num_experts", None)
     par = _moe_parallel(layer)
     if not callable(to_local) or not isinstance(total, int) or par is None or not getattr(par, "use_ep", False):
+        return None
+    if getattr(par, "enable_eplb", True) or getattr(layer.moe_config, "num_logical_experts", None) != total:
         return None
     return frozenset(e for e in range(total) if int(to_local(e)) < 0)
 
