@@ -171,11 +171,12 @@ class _Window:
         raise ValueError(f"trainer rank(s) {bad} hold non-finite values in weights to quantize "
                          f"({', '.join(mine) or f'one of {names[0]} .. {names[-1]}'}); refusing to quantize")
 
-    def gather(self, stats: StreamStats, dst: int | None = None) -> list[tuple[str, Any]]:
-        """The window's full tensors. ``dst`` (a global rank in this window's
-        group): only that rank receives them (one ``gather``; the others hold
-        none and get ``[]``), else every rank does (``all_gather``). Either
-        way every rank learns every rank's finiteness flag first."""
+    def gather(self, stats: StreamStats) -> list[tuple[str, Any]]:
+        """The window's full tensors. With :attr:`dst` (a global rank in this
+        window's group) only that rank receives them (one ``gather``; the
+        others hold none and get ``[]``), else every rank does
+        (``all_gather``). Either way every rank learns every rank's
+        finiteness flag first."""
         import torch.distributed as dist
 
         world = dist.get_world_size(self.group)
@@ -194,25 +195,20 @@ class _Window:
                     buf[off:off + n].copy_(p.local.contiguous().view(-1).view(torch.uint8))
                 off += p.slot
         stats.collectives += 1
-        if dst is None:
+        if self.dst is None:
             out = _all_gather(buf, world, self.group)
-            del buf
-            stats._seen(out.numel())
-            ranks = out.view(world, self.nbytes)
-            self._nonfinite(ranks[:, 0], me)
+            self._nonfinite(out.view(world, self.nbytes)[:, 0], me)
         else:
             self._nonfinite(_all_gather(buf[:_HEAD], world, self.group).view(world, _HEAD)[:, 0], me)
-            mine = dist.get_global_rank(self.group, me) == dst
+            mine = dist.get_global_rank(self.group, me) == self.dst
             out = torch.empty(world * self.nbytes, dtype=torch.uint8, device=self.device) if mine else None
-            dist.gather(buf, list(out.chunk(world)) if mine else None, dst=dst, group=self.group)
-            del buf
-            if not mine:
-                self.entries, self.nbytes = [], _HEAD
-                return []
+            dist.gather(buf, list(out.chunk(world)) if mine else None, dst=self.dst, group=self.group)
+        del buf
+        done = []
+        if out is not None:
             stats._seen(out.numel())
-            ranks = out.view(world, self.nbytes)
-        done = self._cut(ranks, world)
-        del out, ranks  # the cut tensors are copies: only they stay while the sender takes them
+            done = self._cut(out.view(world, self.nbytes), world)
+        del out  # the cut tensors are copies: only they stay while the sender takes them
         self.entries, self.nbytes = [], _HEAD
         return done
 
@@ -347,7 +343,7 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
     stats = stats if stats is not None else StreamStats()
     items = weights.items() if isinstance(weights, Mapping) else weights
     window: _Window | None = None
-    meshes: dict[int, tuple[int, Any, int]] = {}  # id(mesh) -> (size, group, this rank's index)
+    meshes: dict[int, tuple] = {}  # id(mesh) -> (size, group, this rank's index, the gather's dst in it)
     import torch.distributed as dist
 
     yields = dst is None or dist.get_rank() == dst
@@ -411,7 +407,7 @@ def sharded_stream(weights: Mapping[str, Any] | Iterable[tuple[str, Any]], layou
 
 def _flushed(window: _Window, stats: StreamStats, yields: bool) -> list[tuple[str, Any]]:
     """Gather ``window``; what this rank yields of it."""
-    done = window.gather(stats, window.dst)
+    done = window.gather(stats)
     return done if yields else []
 
 
