@@ -82,6 +82,10 @@ def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mod
     except StopIteration:
         device = torch.device("cpu")
     try:
+        # both loader modes: vLLM's loader never sees other ranks' experts (kernel mode copies by name)
+        remote = other_ranks_experts(model) if mode != "kernel" else None
+        if remote is not None:
+            tensors = remote.only_mine(tensors)
         with ctx, torch.no_grad():
             if mode == "kernel":
                 params = dict(model.named_parameters())
@@ -96,15 +100,10 @@ def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mod
                 )
 
                 experts = plan_direct_expert_writes(model, vllm_config, served_specs)
-                remote = other_ranks_experts(model)
-                if remote is not None:
-                    tensors = remote.only_mine(tensors)
                 with torch.device(device):
                     initialize_layerwise_reload(model)
                     try:
                         model.load_weights(experts.others(tensors) if experts else iter(tensors))
-                        if remote is not None:
-                            info["other_ranks_expert_tensors"] = remote.dropped
                         if before_finalize is not None:
                             before_finalize()
                         if experts:
@@ -118,16 +117,15 @@ def load_update(model: torch.nn.Module, model_config: Any, vllm_config: Any, mod
             elif mode == "load_weights":
                 from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-                remote = other_ranks_experts(model)
                 with torch.device(device):
-                    model.load_weights(remote.only_mine(tensors) if remote is not None else iter(tensors))
-                    if remote is not None:
-                        info["other_ranks_expert_tensors"] = remote.dropped
+                    model.load_weights(iter(tensors))
                     if before_finalize is not None:
                         before_finalize()
                     process_weights_after_loading(model, model_config, device)
             else:  # pragma: no cover - validated before
                 raise ValueError(mode)
+            if remote is not None:
+                info["other_ranks_expert_tensors"] = remote.dropped
             refresh_derived_state(model, vllm_config, reprocessed=mode != "kernel")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
