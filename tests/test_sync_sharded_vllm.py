@@ -80,15 +80,17 @@ def weights(tmp_path_factory):
     return root, hf, served
 
 
-def push(root: Path, base: Path, urls: list[str], step_ckpt: Path, step: int, per_rank: bool = False) -> dict:
+def push(root: Path, base: Path, urls: list[str], step_ckpt: Path, step: int, per_rank: bool = False,
+         expert_parts: bool = False) -> dict:
     """One step from a fresh 2-rank FSDP2 trainer (it re-joins the group):
-    rank 0 sends to every engine, or (``per_rank``) rank r to ``urls[r]``."""
-    out = root / f"push_{step}{'_per_rank' if per_rank else ''}.json"
+    rank 0 sends to every engine, or (``per_rank``) rank r to ``urls[r]``;
+    with ``expert_parts`` every rank sends the experts it holds itself."""
+    out = root / f"push_{step}{'_per_rank' if per_rank else ''}{'_parts' if expert_parts else ''}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "vllm_fp8_overlay.testing.fsdp_trainer", "push", "--model", str(base), "--url", *urls,
            "--steps", str(step_ckpt), "--first-step", str(step), "--out", str(out)]
-    r = subprocess.run(cmd + (["--url-per-rank"] if per_rank else []), capture_output=True, text=True, cwd=ROOT,
-                       timeout=900)
+    cmd += (["--url-per-rank"] if per_rank else []) + (["--expert-parts"] if expert_parts else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-6000:]
     result = json.loads(out.read_text())
     assert [x["ok"] for x in result["reports"]] == [True], result
@@ -220,3 +222,72 @@ def test_fsdp2_trainer_feeds_expert_parallel_engine(moe_weights, tmp_path):
     for i in range(len(PROMPTS)):
         assert tp1[0][i][0] == cold[0][i][0], f"EP shim: prompt {i}: first token {cold[0][i][0]} vs TP=1 {tp1[0][i][0]}"
         assert abs(tp1[1][i][0] - cold[1][i][0]) < 0.05, f"EP shim: prompt {i}: {cold[1][i][0]} vs TP=1 {tp1[1][i][0]}"
+
+
+def _assert_each_rank_sent_its_experts(result: dict, workers: list[int]) -> None:
+    """Rank r of 2 holds experts 4r..4r+3 of 8 (Shard(0)) and sent each of
+    ``workers`` exactly those: 4 experts x 3 projections x 2 layers."""
+    for rank, reports in enumerate(result["reports_per_rank"]):
+        sent = reports[0]["expert_parts"]
+        assert [(p["worker"], p["expert_ids"], p["tensors"]) for p in sent] == \
+            [(w, list(range(4 * rank, 4 * rank + 4)), 24) for w in workers], (rank, sent)
+
+
+def test_fsdp2_ranks_send_their_experts_to_one_engine(moe_weights, tmp_path):
+    """(e) expert parts into a TP = 1 engine: each trainer rank sends the
+    experts it holds (nothing of them gathered), rank 0 the rest; the worker
+    loads the three streams as one update. Parameters == a cold load, greedy
+    tokens and logprobs == a freshly started engine's."""
+    root, hf, served = moe_weights
+    with vllm_serve(served[0], tmp_path / "warm.log", args=EXT) as url:
+        before = completions(url, str(served[0]), PROMPTS, NTOK)
+        result = push(root, hf[0], [url], hf[1], step=1, expert_parts=True)
+        rep = result["reports"][0]
+        _assert_each_rank_sent_its_experts(result, workers=[0])
+        assert rep["worker_parts"] == [2], rep  # the main stream and one part per trainer rank
+        assert rep["worker_tensors"] == [69], rep  # 21 from rank 0's main stream, 24 + 24 from the parts
+        # gathered: the 21 other tensors only, not the 4 fused expert parameters
+        assert [r[0]["gathered"] for r in result["reports_per_rank"]] == [21, 21], result
+        assert rpc(url, "weight_sync_digest")[0]["digest"] == \
+            rpc(url, "weight_sync_cold_digest", model_dir=str(served[1]))[0]["digest"], "parameters differ from a cold load"
+        warm = completions(url, str(served[0]), PROMPTS, NTOK)
+    assert warm != before, "the update changed no output"
+    cold = cold_outputs(served[1])
+    assert warm[0] == cold[0], f"tokens {warm[0]} vs cold {cold[0]}"
+    assert warm[1] == cold[1], f"logprobs {warm[1]} vs cold {cold[1]}"
+
+
+@tiers.full_tier_only("two TP=2 expert-parallel engines")
+def test_fsdp2_ranks_feed_expert_parallel_workers_their_own_experts(moe_weights, tmp_path):
+    """(f) expert parts into a TP = 2 + EP engine: trainer rank r holds the
+    experts EP worker r serves and sends them to it alone; neither worker
+    receives the other's experts. Parameters == a cold load per worker,
+    outputs == a freshly started EP engine's (both with the EP test shim)."""
+    from vllm_fp8_overlay.testing.ep_shim import EXTENSION as EP_EXTENSION
+
+    root, hf, served = moe_weights
+    ep = ["--tensor-parallel-size", "2", "--enable-expert-parallel", "--distributed-executor-backend", "mp",
+          "--worker-extension-cls", EP_EXTENSION]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    with vllm_serve(served[0], tmp_path / "warm.log", args=ep, env=env) as warm_url:
+        before = completions(warm_url, str(served[0]), PROMPTS, NTOK)
+        result = push(root, hf[0], [warm_url], hf[1], step=1, expert_parts=True)
+        rep = result["reports"][0]
+        per_rank = result["reports_per_rank"]
+        assert [[p["worker"] for p in r[0]["expert_parts"]] for r in per_rank] == [[0], [1]], per_rank
+        for rank, r in enumerate(per_rank):
+            assert r[0]["expert_parts"][0]["expert_ids"] == list(range(4 * rank, 4 * rank + 4)), per_rank
+        assert rep["worker_parts"] == [1, 1], rep
+        # each worker received 21 non-expert tensors and its own 24 expert tensors, none of the other's
+        assert rep["worker_tensors"] == [45, 45], rep
+        assert rep["other_ranks_expert_tensors"] == [0, 0], rep
+        warm_digests = rpc(warm_url, "weight_sync_digest")
+        cold_digests = rpc(warm_url, "weight_sync_cold_digest", model_dir=str(served[1]))
+        for rank, (w, c) in enumerate(zip(warm_digests, cold_digests)):
+            assert w["digest"] == c["digest"], f"EP rank {rank}: parameters differ from a cold load"
+        warm = completions(warm_url, str(served[0]), PROMPTS, NTOK)
+    assert warm != before, "the update changed no output"
+    with vllm_serve(served[1], tmp_path / "cold.log", args=ep, env=env) as cold_url:
+        cold = completions(cold_url, str(served[1]), PROMPTS, NTOK)
+    assert warm[0] == cold[0], f"EP: tokens {warm[0]} vs cold {cold[0]}"
+    assert warm[1] == cold[1], f"EP: logprobs {warm[1]} vs cold {cold[1]}"

@@ -294,7 +294,7 @@ _FUSED_EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj
 
 
 def expand_fused_experts(
-    name: str, t: torch.Tensor, hidden_size: int | None = None
+    name: str, t: torch.Tensor, hidden_size: int | None = None, first: int = 0
 ) -> Iterator[tuple[str, torch.Tensor]] | None:
     """Split transformers-5 fused expert tensors into per-expert 2-D weights.
 
@@ -304,7 +304,8 @@ def expand_fused_experts(
     ``(I, H)``; ``...experts.down_proj`` ``(E, H, I)`` (or ``(E, I, H)``)
     becomes ``...experts.{e}.down_proj.weight`` ``(H, I)``.  Returns ``None``
     when ``name`` is not a fused expert tensor.  The transposed orientation is
-    only used when ``hidden_size`` proves it.
+    only used when ``hidden_size`` proves it. ``first``: the global id of
+    ``t``'s first expert (``t`` a rank's shard of the experts).
     """
     m = _FUSED_EXPERTS_RE.match(name)
     if m is None or t.ndim != 3:
@@ -329,13 +330,13 @@ def expand_fused_experts(
             i = two_i // 2
             for e in range(E):
                 te = t[e].t() if transposed else t[e]
-                yield f"{prefix}.{e}.gate_proj.weight", te[:i].contiguous()
-                yield f"{prefix}.{e}.up_proj.weight", te[i:].contiguous()
+                yield f"{prefix}.{first + e}.gate_proj.weight", te[:i].contiguous()
+                yield f"{prefix}.{first + e}.up_proj.weight", te[i:].contiguous()
         else:
             transposed = hidden_size is not None and b == hidden_size and a != hidden_size
             for e in range(E):
                 te = t[e].t() if transposed else t[e]
-                yield f"{prefix}.{e}.down_proj.weight", te.contiguous()
+                yield f"{prefix}.{first + e}.down_proj.weight", te.contiguous()
 
     return gen()
 

@@ -26,21 +26,19 @@ gather), instead of one quantization and one host sync per weight. Memory:
 a rank that receives the windows holds, besides its shards, one window of
 full tensors (twice that while a window is cut out of the gathered buffer;
 a tensor larger than the window alone), and each sending rank the sender's
-buckets (two of ``bucket_bytes``). :func:`push_sharded` is the call every
-trainer rank makes; the ranks that hold a client send (one, or one per
-group of engines), the others only take part in the gathers. With one
-sending rank, the windows are gathered into it alone: the other ranks hold
-no window of full tensors, and the trainer's links carry each shard once.
+buckets (two of ``bucket_bytes``). :func:`.sharded_push.push_sharded` is
+the call every trainer rank makes with it. With one sending rank
+(``dst``), the windows are gathered into it alone: the other ranks hold no
+window of full tensors, and the trainer's links carry each shard once.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 
-__all__ = ["Prequantized", "sharded_stream", "push_sharded", "agreed_layout", "StreamStats"]
+__all__ = ["Prequantized", "sharded_stream", "StreamStats", "WINDOW_BYTES"]
 
 
 class Prequantized(NamedTuple):
@@ -428,76 +426,3 @@ def _member(group: Any, rank: int | None) -> int | None:
     except (ValueError, RuntimeError):
         return None
     return rank
-
-
-def agreed_layout(client: Any, group: Any = None) -> Any:
-    """The served layout every sending rank's client found.
-
-    Every trainer rank calls this (a collective over ``group``); ranks with
-    a client report its layout, the others ``None``. All clients must serve
-    the same layout (the ranks quantize their shards for it together): any
-    disagreement, or no client at all, raises the same ``ValueError`` on
-    every rank, so none of them waits in a gather the others never start."""
-    return _agree(client, group)[0]
-
-
-def _agree(client: Any, group: Any) -> tuple[Any, list[int]]:
-    """:func:`agreed_layout`, and the global ranks that send."""
-    import json
-
-    import torch.distributed as dist
-
-    mine = (client is not None,
-            None if client is None or client.layout is None else client.layout.to_dict())
-    boxes: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(boxes, mine, group=group)
-    senders = [r for r, (has, _) in enumerate(boxes) if has]
-    if not senders:
-        raise ValueError("push_sharded: no trainer rank passed a client; at least one must send")
-    seen = {json.dumps(lay, sort_keys=True) for has, lay in boxes if has}
-    if len(seen) > 1:
-        found = {r: boxes[r][1] for r in senders}
-        raise ValueError(f"push_sharded: the sending ranks' engines serve different layouts "
-                         f"(rank -> layout): {found}; every engine a step feeds must serve the same checkpoint format")
-    glob = [r if group is None else dist.get_global_rank(group, r) for r in senders]
-    return boxes[senders[0]][1], glob
-
-
-def push_sharded(client: Any, weights: Mapping[str, Any] | Iterable[tuple[str, Any]], step: int, *,
-                 layout: Any = "client", group: Any = None, stats: StreamStats | None = None,
-                 window_bytes: int = WINDOW_BYTES, **push_kw: Any):
-    """The call every trainer rank makes each step with its sharded state dict.
-
-    A rank that passes a :class:`~.client.WeightSyncClient` sends the step
-    to that client's engines and gets its step report back; the others pass
-    ``None`` and only take part in the gathers. One client (rank 0's, say)
-    feeds every engine from one rank; several ranks with clients for
-    different engines feed them in parallel, each from the full tensors the
-    gathers already put on every rank (no extra trainer traffic).
-    ``layout="client"``: the layout the clients found, which must agree
-    (:func:`agreed_layout`); over ``group``, the trainer's own trusted ranks.
-
-    With one sending rank (and ``layout="client"``, where the ranks agree on
-    who sends) the windows are gathered into that rank alone: the others
-    send it their shards and hold no window of full tensors. With several,
-    every rank receives every window (each sender needs all of it).
-
-    If a rank's push fails, that rank still takes part in the rest of the
-    step's gathers before it raises, so the other ranks finish their steps."""
-    dst = None
-    if layout == "client":
-        layout, senders = _agree(client, group)
-        dst = senders[0] if len(senders) == 1 else None
-    stream = sharded_stream(weights, layout, stats=stats, window_bytes=window_bytes, dst=dst)
-    if client is None:
-        for _ in stream:
-            pass
-        return None
-    try:
-        return client.push(stream, step, **push_kw)
-    except BaseException:
-        # the gathers the other ranks still wait for; the push's error is the one raised
-        with contextlib.suppress(Exception):
-            for _ in stream:
-                pass
-        raise

@@ -12,9 +12,11 @@ decoder layer, then the model), and then either
   weights; or
 * ``push``: for each ``--steps`` checkpoint, loads its weights into the
   sharded model (as a training step would change them) and calls
-  :func:`~vllm_fp8_overlay.sync.sources.push_sharded` on every rank; rank 0
+  :func:`~vllm_fp8_overlay.sync.sharded_push.push_sharded` on every rank; rank 0
   holds a ``WeightSyncClient`` for the ``--url`` servers, or with
-  ``--url-per-rank`` every rank r one for the r-th server.
+  ``--url-per-rank`` every rank r one for the r-th server; with
+  ``--expert-parts`` every rank sends the routed experts it holds itself
+  (:class:`~vllm_fp8_overlay.sync.expert_parts.ExpertParts`).
 
 * ``agree``: how ``push_sharded`` settles which ranks send and with which
   layout (clients that disagree, none, one rank's push failing mid-step).
@@ -142,7 +144,8 @@ def _check(args, model) -> dict:
 
 def _push(args, model) -> dict:
     from vllm_fp8_overlay.sync.client import WeightSyncClient
-    from vllm_fp8_overlay.sync.sources import StreamStats, push_sharded
+    from vllm_fp8_overlay.sync.sharded_push import push_sharded
+    from vllm_fp8_overlay.sync.sources import StreamStats
     from vllm_fp8_overlay.testing import tiny_models as tm
 
     client = None
@@ -153,20 +156,32 @@ def _push(args, model) -> dict:
         client = WeightSyncClient([args.url[rank]], host="127.0.0.1", timeout=args.timeout)
     elif rank == 0:
         client = WeightSyncClient(args.url, host="127.0.0.1", timeout=args.timeout)
+    parts = None
+    if args.expert_parts:  # every rank sends the experts it holds to the workers that load them
+        from vllm_fp8_overlay.sync.expert_parts import ExpertParts
+
+        parts = ExpertParts(client, host="127.0.0.1", timeout=args.timeout)
     reports = []
     try:
         for i, ckpt in enumerate(args.steps):
             _load_full(model, tm.load_checkpoint(ckpt))
             stats = StreamStats()
-            rep = push_sharded(client, model.state_dict(), args.first_step + i, stats=stats)
+            rep = push_sharded(client, model.state_dict(), args.first_step + i, stats=stats, experts=parts)
             reports.append({"step": args.first_step + i, "ok": rep is None or all(w.get("ok") for w in rep.workers),
                             "local_quantized": stats.local_quantized, "gathered": stats.gathered,
                             "max_gathered_bytes": stats.max_gathered_bytes,
                             "num_bytes": None if rep is None else rep.send.num_bytes,
                             "other_ranks_expert_tensors": None if rep is None else
-                            [w.get("other_ranks_expert_tensors") for w in rep.workers]})
+                            [w.get("other_ranks_expert_tensors") for w in rep.workers],
+                            "worker_tensors": None if rep is None else [w.get("num_tensors") for w in rep.workers],
+                            "worker_parts": None if rep is None else [w.get("parts") for w in rep.workers],
+                            "expert_parts": None if parts is None else
+                            [{"expert_ids": ids, "target": ti, "worker": li, "tensors": st.num_tensors,
+                              "bytes": st.num_bytes} for (ti, li, ids), st in zip(parts.pairs, parts.last)]})
             dist.barrier()
     finally:
+        if parts is not None:
+            parts.close()
         if client is not None:
             client.close()
     every = [None] * dist.get_world_size()  # each rank's reports (ranks without a client: ok=True, no bytes)
@@ -194,7 +209,8 @@ class _LayoutClient:
 def _agree(args, model) -> dict:
     """How ``push_sharded`` settles which ranks send: each case's outcome per rank."""
     from vllm_fp8_overlay.formats import FP8Layout
-    from vllm_fp8_overlay.sync.sources import StreamStats, push_sharded
+    from vllm_fp8_overlay.sync.sharded_push import push_sharded
+    from vllm_fp8_overlay.sync.sources import StreamStats
 
     rank = dist.get_rank()
     channel = FP8Layout(method="compressed-tensors", strategy="channel", ignore=("lm_head",))
@@ -227,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", default="[]")
     p.add_argument("--url", nargs="*", default=[])
     p.add_argument("--url-per-rank", action="store_true", help="rank r sends to --url[r] only")
+    p.add_argument("--expert-parts", action="store_true",
+                   help="every rank sends the experts it holds to the workers that load them (ExpertParts)")
     p.add_argument("--steps", nargs="*", default=[])
     p.add_argument("--first-step", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300.0)

@@ -66,6 +66,8 @@ class WorkerSync:
         self.lock = threading.RLock()
         self.served: Served | None = None
         self.receiver: Any = None
+        #: receivers of expert parts: one 2-rank group per trainer rank that sends this worker experts
+        self.parts: list[Any] = []
         self.info: dict = {}
         self.job: StepJob | None = None
         self.last: dict | None = None
@@ -109,6 +111,7 @@ class WorkerSync:
             "num_tensors": len(served.specs), "local_rank": self.local_rank(), "vllm_version": vllm_version(),
             "owner": None if rx is None or rx.closed else rx.group_id,
             "tied_aliases": served_aliases(served.specs, _tie_word_embeddings(self.model_config)),
+            "experts": _experts(self.model()),
         }
 
     # ---- group membership --------------------------------------------------
@@ -161,12 +164,42 @@ class WorkerSync:
         logger.info("weight sync: joined group %s:%s as rank %d/%d", host, port, rank, world_size)
         return dict(self.info)
 
+    def join_parts(self, parts: list[dict], backend: str = "auto", timeout: float = 300.0) -> dict:
+        """Join one 2-rank group per trainer rank that sends this worker its
+        expert part (:mod:`..expert_parts`), in the order given (the trainer
+        ranks build theirs in the same order, so no join waits on another).
+        From then on every step is the main group's stream plus one part per
+        group, received together and loaded as one update."""
+        from ..receiver import WeightReceiver
+
+        rx = self.receiver
+        if rx is None or rx.closed:
+            raise WeightSyncError("join the trainer's group (init_weight_receiver) before its expert parts")
+        self._close_parts()
+        joined = []
+        try:
+            for p in parts:
+                joined.append(WeightReceiver(str(p["host"]), int(p["port"]), 2, 1, backend=backend, device=rx.device,
+                                             timeout=timeout, keep_step_buffers=rx.keep_step_buffers,
+                                             group_id=rx.group_id, limits=rx.limits))
+        except BaseException:
+            for r in joined:
+                with contextlib.suppress(Exception):
+                    r.close()
+            raise
+        with self.lock:
+            self.parts = joined
+            self.info["expert_parts"] = [f"{p['host']}:{p['port']}" for p in parts]
+        logger.info("weight sync: joined %d expert part group(s)", len(joined))
+        return {"ok": True, "parts": len(joined), "local_rank": self.local_rank()}
+
     def close(self, reason: str = "the receiver was closed") -> bool:
-        """Leave the group (idempotent); a step in flight is cancelled."""
+        """Leave the group and its part groups (idempotent); a step in flight is cancelled."""
         with self.lock:
             job, self.job = self.job, None
             if job is not None and job.pending:
                 job.cancelled = reason  # its thread ends when the old trainer's side does
+            self._close_parts()
             rx, self.receiver = self.receiver, None
             if rx is None:
                 return False
@@ -174,12 +207,22 @@ class WorkerSync:
                 rx.close()
             return True
 
+    def _close_parts(self) -> None:
+        parts, self.parts = self.parts, []
+        self.info.pop("expert_parts", None)
+        for r in parts:
+            with contextlib.suppress(Exception):
+                r.close()
+
     # ---- one step ------------------------------------------------------------
 
     def receive(self, step: int, mode: str = "auto", stream: bool = False, max_wait_s: float | None = None,
-                allow_non_increasing: bool = False, group_id: str | None = None) -> dict:
+                allow_non_increasing: bool = False, group_id: str | None = None, expert_parts: bool = False) -> dict:
         """Receive step ``step``, validate it, load it (see
-        ``WeightSyncExtension.receive_weights`` for the arguments)."""
+        ``WeightSyncExtension.receive_weights`` for the arguments).
+        ``expert_parts``: the trainer ranks send this step's experts through
+        the part groups (:meth:`join_parts`) too; without it the step is the
+        main stream alone and the part groups are left untouched."""
         rx = self.checked_receiver(step, group_id)
         served = self.served_model()
         job = self.job
@@ -191,12 +234,19 @@ class WorkerSync:
             discard = (f"step {step} does not come after the last loaded step {self.last_step} "
                        "(pass allow_non_increasing=True to load it anyway)")
         peak = PeakMemory(self.model_device())
+        parts = list(self.parts) if expert_parts else []
+        if expert_parts and not parts:
+            raise WeightUpdateRejected(f"step {step} rejected, model unchanged: the trainer sends expert parts "
+                                       "but this worker joined no part group (weight_sync_join_parts)")
+        if stream and parts:
+            discard = "stream=True does not take expert parts (they arrive in their own groups): use stream=False"
         if stream and discard is None:
             with self.lock:
                 self.job = None
                 result = receive_stream(rx, step, mode, served, self.load)
             return self._record(result, peak)
-        job = StepJob(rx, step, mode, served, self.load, discard=discard)
+        job = StepJob(rx, step, mode, served, self.load, discard=discard, parts=parts,
+                      expected=self._expected_from_parts() if parts else None)
         job.peak = peak
         self.job = job
         return self.collect(job, max_wait_s)
@@ -228,6 +278,14 @@ class WorkerSync:
             return {"ok": False, "step": step, "error": self.last_error, "error_type": type(err).__name__,
                     "cause": getattr(err, "cause", None), "model_touched": isinstance(err, WeightLoadFailed)}
         raise err
+
+    def _expected_from_parts(self) -> Callable[[str], bool] | None:
+        """With expert parts an expert-parallel worker receives only its own
+        experts: the names a step must bring are the served ones minus other
+        ranks' experts (``None``: every served name)."""
+        from .ep_experts import ownership_filter
+
+        return ownership_filter(self.model())
 
     def load(self, mode: str, tensors: Any, before_finalize: Any = None) -> dict:
         served = self.served
@@ -279,6 +337,15 @@ class WorkerSync:
         self.steps_loaded += 1
         self.last_error = None
         return dict(result)
+
+
+def _experts(model: torch.nn.Module) -> dict | None:
+    from .ep_experts import expert_ownership
+
+    try:
+        return expert_ownership(model)
+    except Exception as e:  # describe must answer whatever the model is
+        return {"num_experts": None, "owned": None, "refused": f"expert ownership unreadable: {e}"}
 
 
 def _tie_word_embeddings(model_config: Any) -> bool | None:

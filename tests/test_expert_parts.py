@@ -1,0 +1,169 @@
+"""Expert parts on the worker: a step is its main stream plus one stream per
+trainer rank that sends this worker experts (``sync/expert_parts.py``),
+checked and loaded as one (``apply.steps.StepJob(parts=...)``).
+
+Streams are recorded from real ``WeightSender``s and replayed into real
+``WeightReceiver``s; real groups (gloo) and real vLLM are in
+``tests/test_sync_sharded_vllm.py`` (e) and (f)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_fp8_overlay.sync import WeightReceiver, WeightSender
+from vllm_fp8_overlay.sync.apply.errors import WeightUpdateRejected
+from vllm_fp8_overlay.sync.apply.steps import Served, StepJob
+from vllm_fp8_overlay.sync.apply.validate import dtype_name
+from vllm_fp8_overlay.sync.expert_parts import fused_expert_range
+from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
+
+E = 4
+
+
+@pytest.fixture(autouse=True, params=["threads", "in-turn"])
+def receive_mode(request, monkeypatch):
+    """Parts received in threads beside the main stream (releases where a
+    background receive is verified) and one after the other (the others)."""
+    monkeypatch.setenv("FP8_OVERLAY_BACKGROUND_RECEIVE", "1" if request.param == "threads" else "0")
+    return request.param
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {"model.embed_tokens.weight": torch.randn(32, 8, generator=g).bfloat16(),
+           "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=g).bfloat16()}
+    for e in range(E):
+        for proj, shape in (("gate_proj", (6, 8)), ("up_proj", (6, 8)), ("down_proj", (8, 6))):
+            out[f"model.layers.0.mlp.experts.{e}.{proj}.weight"] = torch.randn(*shape, generator=g).bfloat16()
+    return out
+
+
+def _is_expert(name: str) -> bool:
+    return ".experts." in name
+
+
+def _expert_id(name: str) -> int:
+    return int(name.split(".experts.")[1].split(".")[0])
+
+
+def _stream(weights: dict[str, torch.Tensor], step: int = 1) -> list[bytes]:
+    rec = RecordingTransport()
+    WeightSender(None, "", 0, 0, bucket_bytes=1 << 10, transport=rec).send(weights, step=step)
+    return rec.messages
+
+
+def _aborted_stream(weights: dict[str, torch.Tensor], step: int = 1) -> list[bytes]:
+    def failing():
+        yield from weights.items()
+        raise RuntimeError("the part's sender failed")
+
+    rec = RecordingTransport()
+    with pytest.raises(RuntimeError, match="part's sender failed"):
+        WeightSender(None, "", 0, 0, bucket_bytes=1 << 10, transport=rec).send(failing(), step=step)
+    return rec.messages
+
+
+def _served(weights: dict[str, torch.Tensor]) -> Served:
+    specs = {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in weights.items()}
+    return Served(dir="", specs=specs, layout=None, layout_full=None, layout_error=None, param_specs={})
+
+
+class _Loader:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, mode: str, tensors, before_finalize=None) -> dict:
+        self.calls.append({n: t.clone() for n, t in tensors})
+        return {}
+
+
+def _job(main: list[bytes], parts: list[list[bytes]], served: Served, expected=None):
+    rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(main))
+    prx = [WeightReceiver("", 0, 0, 0, transport=ReplayTransport(p)) for p in parts]
+    load = _Loader()
+    job = StepJob(rx, 1, "load_weights", served, load, parts=prx, expected=expected)
+    return job, load, [rx, *prx]
+
+
+def _split(weights, owners: list[range]):
+    main = {n: t for n, t in weights.items() if not _is_expert(n)}
+    parts = [{n: t for n, t in weights.items() if _is_expert(n) and _expert_id(n) in r} for r in owners]
+    return main, parts
+
+
+@pytest.mark.parametrize("experts,world", [(8, 2), (128, 8), (6, 4), (3, 4), (1, 2)])
+def test_expert_range_is_where_shard0_puts_the_experts(experts, world):
+    rows = torch.arange(experts)
+    for rank, chunk in enumerate(torch.chunk(rows, world)):
+        assert fused_expert_range(experts, world, rank) == (int(chunk[0]), int(chunk[-1]) + 1)
+    for rank in range(len(torch.chunk(rows, world)), world):  # ranks torch.chunk leaves empty
+        start, stop = fused_expert_range(experts, world, rank)
+        assert start == stop
+
+
+def test_main_stream_and_parts_load_as_one_update():
+    w = _weights(0)
+    main, parts = _split(w, [range(0, 2), range(2, 4)])
+    job, load, rxs = _job(_stream(main), [_stream(p) for p in parts], _served(w))
+    result = job.collect(None)
+    assert result["ok"] and result["parts"] == 2 and result["num_tensors"] == len(w)
+    assert len(load.calls) == 1, "one load for the whole step"
+    got = load.calls[0]
+    assert sorted(got) == sorted(w)
+    for n, t in w.items():
+        assert torch.equal(got[n], t), n
+    assert all(r.transport.remaining == 0 for r in rxs)
+
+
+def test_a_name_in_two_streams_rejects_the_step_and_every_stream_is_drained():
+    w = _weights(1)
+    main, parts = _split(w, [range(0, 3), range(2, 4)])  # expert 2 in both parts
+    job, load, rxs = _job(_stream(main), [_stream(p) for p in parts], _served(w))
+    with pytest.raises(WeightUpdateRejected, match=r"sent in two streams: model\.layers\.0\.mlp\.experts\.2\."):
+        job.collect(None)
+    assert load.calls == []
+    assert all(r.transport.remaining == 0 and r.broken is None for r in rxs)
+
+
+def test_a_missing_part_rejects_the_step():
+    w = _weights(2)
+    main, parts = _split(w, [range(0, 2), range(2, 4)])
+    job, load, _ = _job(_stream(main), [_stream(parts[0])], _served(w))
+    with pytest.raises(WeightUpdateRejected, match=r"missing.*experts\.[23]\."):
+        job.collect(None)
+    assert load.calls == []
+
+
+def test_an_aborted_part_rejects_the_step_and_the_others_finish():
+    w = _weights(3)
+    main, parts = _split(w, [range(0, 2), range(2, 4)])
+    job, load, rxs = _job(_stream(main), [_stream(parts[0]), _aborted_stream(parts[1])], _served(w))
+    with pytest.raises(WeightUpdateRejected, match="part's sender failed"):
+        job.collect(None)
+    assert load.calls == []
+    assert all(r.transport.remaining == 0 and r.broken is None for r in rxs)
+    # the next step is received normally on every group
+    w2 = _weights(4)
+    main2, parts2 = _split(w2, [range(0, 2), range(2, 4)])
+    for r, msgs in zip(rxs, [_stream(main2, 2), *[_stream(p, 2) for p in parts2]]):
+        r.transport._queue.extend(msgs)
+    job2 = StepJob(rxs[0], 2, "load_weights", _served(w2), load, parts=rxs[1:])
+    assert job2.collect(None)["ok"] and sorted(load.calls[0]) == sorted(w2)
+
+
+def test_an_expert_parallel_worker_expects_only_its_own_experts():
+    """``expected`` (the worker's ownership filter): experts 0-1 here, 2-3 on
+    another worker. Its own part completes the step; another rank's expert is
+    not loaded here, it rejects the step."""
+    w = _weights(5)
+    mine = lambda n: not _is_expert(n) or _expert_id(n) < 2  # noqa: E731
+    main, parts = _split(w, [range(0, 2)])
+    job, load, _ = _job(_stream(main), [_stream(parts[0])], _served(w), expected=mine)
+    assert job.collect(None)["num_tensors"] == sum(map(mine, w))
+    assert sorted(load.calls[0]) == sorted(n for n in w if mine(n))
+    _, wrong = _split(w, [range(0, 3)])
+    job, load, _ = _job(_stream(main), [_stream(wrong[0])], _served(w), expected=mine)
+    with pytest.raises(WeightUpdateRejected, match=r"not in this worker's experts of the served checkpoint.*experts\.2\."):
+        job.collect(None)
+    assert load.calls == []

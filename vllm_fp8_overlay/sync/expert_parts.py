@@ -1,0 +1,242 @@
+"""Routed experts sent by the trainer ranks that hold them, to the workers that load them.
+
+Why: a sharded (FSDP2) trainer keeps a MoE layer's experts as transformers'
+fused parameters ``experts.gate_up_proj`` (E, 2I, H) and
+``experts.down_proj`` (E, H, I), sharded over experts (``Shard(0)``): each
+rank holds whole experts. On the broadcast path (:func:`.sharded_push.push_sharded`)
+they are gathered into the sending rank and broadcast to every worker,
+although an expert-parallel worker loads only its own experts, and the
+experts are most of a MoE's bytes (a Qwen3-30B-A3B: 29.0 B of 30.5 B
+parameters). Here each rank sends the experts it holds itself, each to the
+workers that load them, and nothing of them is gathered.
+
+How: :class:`ExpertParts` is set up once, collectively over the trainer's
+ranks, one of which holds the :class:`~.client.WeightSyncClient`:
+
+1. every worker says which experts it loads (``weight_sync_describe``:
+   ``experts``; an expert-parallel worker its own ids, any other every id);
+2. rank r holds experts ``[start_r, stop_r)`` (``torch.chunk`` of E over
+   the ranks, as ``Shard(0)`` places them); it opens a 2-rank group (its own
+   ``WeightSender``) to each worker that loads one of them;
+3. the workers join those groups (``weight_sync_join_parts``), in
+   trainer-rank order while each rank builds its senders in worker order,
+   so no join waits for one that waits for it.
+
+Each step, :func:`.sharded_push.push_sharded` (``experts=``) leaves the fused
+expert parameters out of its gathered stream, and every rank sends, from a
+thread beside the gathers, each worker's share of its experts through that
+worker's group: per-expert checkpoint tensors (``experts.{e}.gate_proj.weight``
+...), quantized into the served layout like any other tensor. A worker
+receives the main stream and its parts together and checks and loads them
+as one update (``apply.steps.StepJob``): a name missing from all streams or
+sent in two rejects the step with the model unchanged.
+
+What it costs and saves: trainer ranks no longer gather experts; an
+expert-parallel worker receives only its experts; a worker that loads every
+expert (TP = 1, or TP without EP) receives each expert once, from the rank
+that holds it, so a TP engine without EP gets each expert once per worker
+instead of one broadcast (docs/multinode.md says when to use which).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import re
+import threading
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from .transport import DEFAULT_TIMEOUT_S, free_port
+
+__all__ = ["ExpertParts", "fused_expert_range"]
+
+_FUSED = re.compile(r"^.*\.experts\.(gate_up_proj|down_proj)$")
+
+
+def fused_expert_range(num_experts: int, world: int, rank: int) -> tuple[int, int]:
+    """Experts ``[start, stop)`` rank ``rank`` of ``world`` holds under
+    ``Shard(0)`` (``torch.chunk``: ceil(E / world) each, the last ranks the
+    rest, possibly none)."""
+    per = -(-num_experts // world)
+    start = min(num_experts, rank * per)
+    return start, min(num_experts, start + per)
+
+
+class ExpertParts:
+    """One trainer rank's senders of routed experts (see the module docstring).
+
+    Construct it on every trainer rank, collectively over ``group`` (the
+    trainer's ranks; default: the default group), after the client: exactly
+    one rank passes its ``WeightSyncClient``, the others ``None``. ``host``:
+    this rank's address as the workers reach it (each rank hosts the stores
+    of its own groups). Raises the same error on every rank when the engines
+    cannot take parts (a worker that reports no experts, expert placement by
+    vLLM's load balancer, engines with different expert counts)."""
+
+    def __init__(self, client: Any, group: Any = None, *, host: str = "127.0.0.1", backend: str = "auto",
+                 device: Any = None, bucket_bytes: int | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        from .sender import WeightSender
+
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        holders = [None] * self.world
+        dist.all_gather_object(holders, client is not None, group=group)
+        if holders.count(True) != 1:
+            raise ValueError(f"ExpertParts needs exactly one trainer rank with a client, got {holders.count(True)}")
+        root = holders.index(True)
+        box = [_plan(client) if client is not None else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, root) if group is not None else root,
+                                   group=group)
+        plan = box[0]
+        if plan["error"]:
+            raise ValueError(f"expert parts cannot be set up: {plan['error']}")
+        layout = plan["layout"]
+        if isinstance(layout, Mapping):
+            from ..formats import FP8Layout
+
+            layout = FP8Layout.from_dict(layout)
+        self.num_experts = int(plan["num_experts"])
+        self.start, self.stop = fused_expert_range(self.num_experts, self.world, self.rank)
+        mine = set(range(self.start, self.stop))
+        #: (target index, worker local rank, expert ids this rank sends it)
+        self.pairs = [(ti, li, sorted(mine if owned is None else mine & set(owned)))
+                      for ti, li, owned in plan["workers"]]
+        self.pairs = [p for p in self.pairs if p[2]]
+        ports = [free_port(host) for _ in self.pairs]
+        every = [None] * self.world
+        dist.all_gather_object(every, [(ti, li, host, port) for (ti, li, _), port in zip(self.pairs, ports)],
+                               group=group)
+        futs = []
+        if client is not None:
+            for ti, target in enumerate(client.targets):
+                parts: dict[str, list[dict]] = {}
+                for rank_pairs in every:  # trainer-rank order
+                    for t, li, h, port in rank_pairs:
+                        if t == ti:
+                            parts.setdefault(str(li), []).append({"host": h, "port": port})
+                futs.append(client._pool.submit(target.call, "weight_sync_join_parts", {
+                    "parts": parts, "backend": backend, "timeout": timeout, "on_error": "return"}, timeout + 60))
+        self.senders: list[Any] = []
+        error = None
+        try:
+            for (ti, li, _), port in zip(self.pairs, ports):
+                self.senders.append(WeightSender(layout, host, port, 2, backend=backend,
+                                                 bucket_bytes=bucket_bytes, device=device, timeout=timeout,
+                                                 group_id=plan["group_id"]))
+        except BaseException as e:  # noqa: BLE001 - every rank raises together below
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        if futs:
+            done, _ = cf.wait(futs, timeout=timeout + 90)
+            for target, f in zip(client.targets, futs):
+                if f not in done or f.exception() is not None:
+                    error = error or f"{target.name}: weight_sync_join_parts: {f.exception() if f in done else 'timed out'}"
+                    continue
+                for i, r in enumerate(f.result()):
+                    if isinstance(r, dict) and r.get("ok") is False:
+                        error = error or f"{target.name} worker {i}: {r.get('error')}"
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error, group=group)
+        if any(errors):
+            self.close()
+            raise RuntimeError("expert parts could not be set up: " + "; ".join(e for e in errors if e))
+        #: per sender, the last step's ``SendStats``
+        self.last: list[Any] = []
+
+    # ------------------------------------------------------------ per step
+
+    def split(self, weights: Mapping[str, Any] | Iterable[tuple[str, Any]]
+              ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        """``(routed, rest)``: the fused expert parameters sharded over experts
+        (sent by :meth:`send`) and everything else (the gathered stream)."""
+        from .sources import _is_row_sharded
+
+        routed, rest = [], []
+        for name, t in (weights.items() if isinstance(weights, Mapping) else weights):
+            if _FUSED.match(name) and _is_row_sharded(t) and t.ndim == 3:
+                if int(t.shape[0]) != self.num_experts:
+                    raise ValueError(f"{name}: {t.shape[0]} experts, the engines serve {self.num_experts}")
+                routed.append((name, t))
+            else:
+                rest.append((name, t))
+        return routed, rest
+
+    def send(self, routed: list[tuple[str, Any]], step: int) -> list[Any]:
+        """Send every worker its share of this rank's experts of ``routed``
+        (one group after another); returns each sender's ``SendStats``."""
+        stats = []
+        for sender, (_, _, ids) in zip(self.senders, self.pairs):
+            stats.append(sender.send(self._tensors(routed, ids), step))
+        self.last = stats
+        return stats
+
+    def send_in_background(self, routed: list[tuple[str, Any]], step: int) -> "_Sending":
+        """:meth:`send` in a thread (beside the gathers of the main stream)."""
+        return _Sending(self, routed, step)
+
+    def _tensors(self, routed: list[tuple[str, Any]], ids: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+        from ..formats.quantize import expand_fused_experts
+
+        for name, t in routed:
+            local = t.to_local()
+            if int(local.shape[0]) != self.stop - self.start:
+                raise ValueError(f"{name}: this rank holds {local.shape[0]} experts, Shard(0) places "
+                                 f"{self.stop - self.start} here ({self.start}..{self.stop - 1})")
+            for e in ids:
+                yield from expand_fused_experts(name, local[e - self.start:e - self.start + 1], first=e)
+
+    def close(self) -> None:
+        for s in self.senders:
+            try:
+                s.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self.senders = []
+
+
+class _Sending:
+    """A background :meth:`ExpertParts.send`; :meth:`result` re-raises its error."""
+
+    def __init__(self, parts: ExpertParts, routed: list[tuple[str, Any]], step: int) -> None:
+        self.stats: list[Any] = []
+        self.error: BaseException | None = None
+        device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+        def run() -> None:
+            try:
+                if device is not None:
+                    torch.cuda.set_device(device)
+                self.stats = parts.send(routed, step)
+            except BaseException as e:  # noqa: BLE001 - re-raised by result()
+                self.error = e
+
+        self._thread = threading.Thread(target=run, name=f"expert-parts-step-{step}", daemon=True)
+        self._thread.start()
+
+    def result(self) -> list[Any]:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.stats
+
+
+def _plan(client: Any) -> dict:
+    """What every rank needs to know, from the client's descriptions."""
+    workers, counts, error = [], set(), None
+    for ti, (target, desc) in enumerate(zip(client.targets, client.descriptions)):
+        for li, w in enumerate(desc):
+            ex = w.get("experts")
+            if not ex:
+                error = error or f"{target.name} worker {li} serves no fused-MoE experts"
+                continue
+            if ex.get("refused"):
+                error = error or f"{target.name} worker {li}: {ex['refused']}"
+            counts.add(ex.get("num_experts"))
+            workers.append((ti, int(w.get("local_rank", li)), ex.get("owned")))
+    if len(counts) > 1:
+        error = error or f"the engines serve different expert counts: {sorted(counts)}"
+    layout = client.layout.to_dict() if hasattr(client.layout, "to_dict") else client.layout
+    return {"error": error, "num_experts": counts.pop() if len(counts) == 1 else 0, "workers": workers,
+            "layout": layout, "group_id": client.group_id}
