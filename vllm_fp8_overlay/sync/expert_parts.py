@@ -50,7 +50,12 @@ import torch.distributed as dist
 
 from .transport import DEFAULT_TIMEOUT_S, free_port
 
-__all__ = ["ExpertParts", "fused_expert_range"]
+__all__ = ["ExpertParts", "PARTS_BACKENDS", "fused_expert_range"]
+
+#: backends whose part groups are proven (real gloo with real vLLM on CPU).
+#: NCCL joins once ``tests/test_expert_parts_gpu.py`` has passed on 2 GPUs: a
+#: worker then drives two communicators at once, and a trainer rank several.
+PARTS_BACKENDS = frozenset({"gloo"})
 
 _FUSED = re.compile(r"^.*\.experts\.(gate_up_proj|down_proj)$")
 
@@ -78,7 +83,12 @@ class ExpertParts:
     def __init__(self, client: Any, group: Any = None, *, host: str = "127.0.0.1", backend: str = "auto",
                  device: Any = None, bucket_bytes: int | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         from .sender import WeightSender
+        from .transport import resolve_backend
 
+        resolved = resolve_backend(backend, device)[0]
+        if resolved not in PARTS_BACKENDS:  # the same on every rank: nobody is left in a collective
+            raise ValueError(f"expert parts over {resolved} are not proven yet (proven: {sorted(PARTS_BACKENDS)}); "
+                             "send the experts on the gathered path (push_sharded without experts=)")
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)

@@ -31,6 +31,7 @@ import json
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -166,7 +167,10 @@ def _push(args, model) -> dict:
         for i, ckpt in enumerate(args.steps):
             _load_full(model, tm.load_checkpoint(ckpt))
             stats = StreamStats()
+            dist.barrier()
+            t0 = time.perf_counter()
             rep = push_sharded(client, model.state_dict(), args.first_step + i, stats=stats, experts=parts)
+            push_s = time.perf_counter() - t0
             reports.append({"step": args.first_step + i, "ok": rep is None or all(w.get("ok") for w in rep.workers),
                             "local_quantized": stats.local_quantized, "gathered": stats.gathered,
                             "max_gathered_bytes": stats.max_gathered_bytes,
@@ -175,6 +179,10 @@ def _push(args, model) -> dict:
                             [w.get("other_ranks_expert_tensors") for w in rep.workers],
                             "worker_tensors": None if rep is None else [w.get("num_tensors") for w in rep.workers],
                             "worker_parts": None if rep is None else [w.get("parts") for w in rep.workers],
+                            "worker_bytes": None if rep is None else [w.get("num_bytes") for w in rep.workers],
+                            "worker_receive_s": None if rep is None else [w.get("receive_s") for w in rep.workers],
+                            "worker_load_s": None if rep is None else [w.get("load_s") for w in rep.workers],
+                            "push_s": push_s,
                             "expert_parts": None if parts is None else
                             [{"expert_ids": ids, "target": ti, "worker": li, "tensors": st.num_tensors,
                               "bytes": st.num_bytes} for (ti, li, ids), st in zip(parts.pairs, parts.last)]})

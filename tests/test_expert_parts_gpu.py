@@ -1,0 +1,44 @@
+"""Expert parts over NCCL on 2 GPUs: a trainer sends a step's main stream and
+an expert part at once, through two communicators, and a worker receives
+both with ``StepJob(parts=...)`` (``vllm_fp8_overlay.testing.parts_gpu_check``
+under ``torch.distributed.run``): every tensor bitwise the torch backend's
+quantization, for a block and a channel layout over four steps each; a step
+whose part repeats a tensor of the main stream is rejected and the next one
+arrives whole on both groups."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2 or importlib.util.find_spec("triton") is None,
+    reason="needs 2 CUDA devices and triton",
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_main_stream_and_part_over_nccl_equal_the_torch_quantization(tmp_path):
+    from vllm_fp8_overlay.sync.transport import free_port
+
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "vllm_fp8_overlay.testing.parts_gpu_check", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-6000:]
+    report = json.loads(out.read_text())
+    assert report["mismatches"] == [], report["mismatches"]
+    cases = [(s["case"], s["ok"]) for s in report["steps"]]
+    assert cases == [("good", True), ("good", True), ("repeat", False), ("good", True)] * 2, report["steps"]
+    for s in report["steps"]:
+        if s["ok"]:
+            assert s["parts"] == 1 and s["tensors"] == 2 * (1 + 3 * 8), s  # weight + scale each
+        else:
+            assert "sent in two streams" in s["error"], s

@@ -1,0 +1,170 @@
+"""Two CUDA ranks check a step sent as a main stream plus an expert part over NCCL.
+
+Run by ``tests/test_expert_parts_gpu.py`` under ``torch.distributed.run``
+(``--nproc_per_node 2``): rank 0 is a trainer on ``cuda:0`` with two
+``WeightSender``s (the main group and one part group, two NCCL
+communicators), sending both streams at once from two threads as
+``push_sharded(..., experts=)`` does; rank 1 is a worker on ``cuda:1``
+receiving them with ``apply.steps.StepJob(parts=...)``. Per step and layout,
+every tensor the worker would load equals, bitwise, the torch backend's
+quantization of the weights (no Triton code involved). A step whose part
+repeats an expert of the main stream is rejected, and the next step arrives
+whole on both groups. Rank 1 writes a JSON report to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+E = 8
+
+
+def layouts():
+    from vllm_fp8_overlay.formats import FP8Layout
+
+    return [FP8Layout(method="fp8", strategy="block", block_size=(128, 128), scale_name="weight_scale_inv",
+                      hidden_size=512),
+            FP8Layout(method="compressed-tensors", strategy="channel", hidden_size=512)]
+
+
+def weights(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {"model.layers.0.self_attn.q_proj.weight": torch.randn(512, 512, generator=g)}
+    for e in range(E):
+        out[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"] = torch.randn(256, 512, generator=g)
+        out[f"model.layers.0.mlp.experts.{e}.up_proj.weight"] = torch.randn(256, 512, generator=g)
+        out[f"model.layers.0.mlp.experts.{e}.down_proj.weight"] = torch.randn(512, 256, generator=g)
+    return {k: (v * 0.03).to(torch.bfloat16).to(device) for k, v in out.items()}
+
+
+def split(w: dict, repeat_expert: bool = False) -> tuple[dict, dict]:
+    main = {k: v for k, v in w.items() if ".experts." not in k or (repeat_expert and ".experts.0." in k)}
+    part = {k: v for k, v in w.items() if ".experts." in k}
+    return main, part
+
+
+def reference(w: dict, layout) -> dict[str, torch.Tensor]:
+    from vllm_fp8_overlay.formats import quantize_weights
+
+    return dict(quantize_weights(iter(w.items()), layout, backend="torch"))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def trainer(ports: list[int], device: torch.device, backend: str) -> None:
+    from vllm_fp8_overlay.sync import WeightSender
+
+    step = 0
+    for k, layout in enumerate(layouts()):  # fresh groups (and ports) per layout
+        main_tx = WeightSender(layout, "127.0.0.1", ports[2 * k], 2, backend=backend, device=device)
+        part_tx = WeightSender(layout, "127.0.0.1", ports[2 * k + 1], 2, backend=backend, device=device)
+        for case in ("good", "good", "repeat", "good"):
+            step += 1
+            main, part = split(weights(step, device), repeat_expert=case == "repeat")
+            errors = []
+
+            def send_part() -> None:
+                try:
+                    part_tx.send(part, step)
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            th = threading.Thread(target=send_part)
+            th.start()
+            main_tx.send(main, step)
+            th.join()
+            if errors:
+                raise errors[0]
+        dist.barrier()
+        main_tx.close()
+        part_tx.close()
+        dist.barrier()
+
+
+def worker(ports: list[int], device: torch.device, backend: str) -> dict:
+    from vllm_fp8_overlay.sync import WeightReceiver
+    from vllm_fp8_overlay.sync.apply import steps
+    from vllm_fp8_overlay.sync.apply.errors import WeightUpdateRejected
+    from vllm_fp8_overlay.sync.apply.steps import Served, StepJob
+    from vllm_fp8_overlay.sync.apply.validate import dtype_name, layout_key
+
+    # the device machine has no vLLM: the load below is a stand-in, so let the
+    # layerwise mode (checkpoint-format FP8 updates) pass its availability check
+    steps.has_layerwise_reload = lambda: True
+
+    report = {"steps": [], "mismatches": []}
+    step = 0
+    for k, layout in enumerate(layouts()):
+        main_rx = WeightReceiver("127.0.0.1", ports[2 * k], 2, 1, backend=backend, device=device)
+        part_rx = WeightReceiver("127.0.0.1", ports[2 * k + 1], 2, 1, backend=backend, device=device)
+        specs_of = reference(weights(0, device), layout)
+        served = Served(dir="", specs={n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in specs_of.items()},
+                        layout=layout_key(layout.to_dict())[0], layout_full=layout.to_dict(), layout_error=None,
+                        param_specs={})
+        for case in ("good", "good", "repeat", "good"):
+            step += 1
+            loaded: dict[str, torch.Tensor] = {}
+
+            def load(mode, tensors, before_finalize=None):
+                loaded.update({n: t.clone() for n, t in tensors})
+                return {}
+
+            job = StepJob(main_rx, step, "layerwise", served, load, parts=[part_rx])
+            try:
+                result = job.collect(None)
+                outcome = {"step": step, "layout": layout.strategy, "case": case, "ok": True,
+                           "tensors": result["num_tensors"], "parts": result["parts"]}
+            except WeightUpdateRejected as e:
+                outcome = {"step": step, "layout": layout.strategy, "case": case, "ok": False, "error": str(e)}
+            report["steps"].append(outcome)
+            if outcome["ok"]:
+                want = reference(weights(step, device), layout)
+                if sorted(loaded) != sorted(want):
+                    report["mismatches"].append(f"step {step}: names differ")
+                for n, t in want.items():
+                    got = loaded.get(n)
+                    if got is None or got.dtype != t.dtype or not torch.equal(_bits(got), _bits(t)):
+                        report["mismatches"].append(f"step {step} {layout.strategy}: {n}")
+        dist.barrier()
+        main_rx.close()
+        part_rx.close()
+        dist.barrier()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--cpu", action="store_true", help="gloo on CPU (to check this script without GPUs)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("FP8_OVERLAY_BACKGROUND_RECEIVE", "1")  # parts in threads, as on current vLLM
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    device = torch.device("cpu") if args.cpu else torch.device("cuda", rank)
+    backend = "gloo" if args.cpu else "nccl"
+    if not args.cpu:
+        torch.cuda.set_device(device)
+    from vllm_fp8_overlay.sync.transport import free_port
+
+    box = [[free_port() for _ in range(2 * len(layouts()))] if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if rank == 0:
+        trainer(box[0], device, backend)
+    else:
+        Path(args.out).write_text(json.dumps(worker(box[0], device, backend), indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
