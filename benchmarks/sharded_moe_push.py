@@ -1,5 +1,5 @@
 """A 2-rank FSDP2 trainer pushing a MoE into an expert-parallel vLLM engine (CPU):
-experts gathered and broadcast vs sent by the ranks that hold them (expert parts).
+gathered and broadcast vs sent by the ranks that hold it (rank parts).
 
 One command::
 
@@ -13,10 +13,11 @@ expert parallelism (CPU MoE kernels behind the test shim
 (``testing/fsdp_trainer.py``) twice against the same engine, ``--steps``
 steps each, alternating:
 
-* ``gathered``: ``push_sharded`` as before: the fused experts gathered into
+* ``gathered``: ``push_sharded`` without parts: every weight gathered into
   rank 0 and broadcast to both workers;
-* ``parts``: ``push_sharded(..., experts=ExpertParts(...))``: rank r sends EP
-  worker r the experts it holds; nothing of them is gathered.
+* ``parts``: ``push_sharded(..., parts=RankParts(...))``: rank r sends EP
+  worker r the experts it holds and both workers its rows of the other
+  weights; nothing is gathered.
 
 Per step: each rank's ``push_sharded`` wall time (from a barrier), the bytes
 each worker received, its receive and load times. Medians over steps 2..
@@ -57,7 +58,7 @@ def _trainer(base: Path, url: str, ckpts: list[Path], first: int, out: Path, par
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "vllm_fp8_overlay.testing.fsdp_trainer", "push", "--model", str(base), "--url", url,
            "--steps", *map(str, ckpts), "--first-step", str(first), "--out", str(out)]
-    r = subprocess.run(cmd + (["--expert-parts"] if parts else []), capture_output=True, text=True, cwd=REPO,
+    r = subprocess.run(cmd + (["--rank-parts"] if parts else []), capture_output=True, text=True, cwd=REPO,
                        timeout=1800)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-6000:])

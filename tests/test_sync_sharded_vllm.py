@@ -25,9 +25,17 @@ on the shards and gathered as FP8, one tensor at a time), rank 0 sends.
     first greedy token and its logprob agree with a TP = 1 engine's on the
     same weights (checked below).
 
+(e), (f), (g): rank parts (``sync/rank_parts.py``): every trainer rank
+sends what it holds itself, nothing gathered: its experts to the workers
+that load them and its rows of every other weight to every worker, which
+put the rows back together. (e) the MoE into a TP = 1 engine; (f) into the
+TP = 2 + EP engine of (c), each EP worker receiving only its own experts;
+(g) the dense model into a TP = 2 engine. Each: parameters == a cold load,
+outputs == a freshly started engine's.
+
 FP8 (compressed-tensors channel) from vLLM 0.24, BF16 before (the MoE of
-(c): BF16, the format MoE runs in on vLLM's CPU builds). CI runs (b); (a)
-and (c) run in the full tier. The trainer ranks leave with ``os._exit`` once
+(c), (e), (f): BF16, the format MoE runs in on vLLM's CPU builds). CI runs
+(b) and (e); (a), (c), (d), (f) and (g) run in the full tier. The trainer ranks leave with ``os._exit`` once
 their results are written (``fsdp_trainer._exit_skipping_teardown``): torch's
 gloo group sometimes aborts a finished process at interpreter exit.
 
@@ -81,15 +89,15 @@ def weights(tmp_path_factory):
 
 
 def push(root: Path, base: Path, urls: list[str], step_ckpt: Path, step: int, per_rank: bool = False,
-         expert_parts: bool = False) -> dict:
+         rank_parts: bool = False) -> dict:
     """One step from a fresh 2-rank FSDP2 trainer (it re-joins the group):
     rank 0 sends to every engine, or (``per_rank``) rank r to ``urls[r]``;
-    with ``expert_parts`` every rank sends the experts it holds itself."""
-    out = root / f"push_{step}{'_per_rank' if per_rank else ''}{'_parts' if expert_parts else ''}.json"
+    with ``rank_parts`` every rank sends what it holds itself (``RankParts``)."""
+    out = root / f"push_{step}{'_per_rank' if per_rank else ''}{'_parts' if rank_parts else ''}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "vllm_fp8_overlay.testing.fsdp_trainer", "push", "--model", str(base), "--url", *urls,
            "--steps", str(step_ckpt), "--first-step", str(step), "--out", str(out)]
-    cmd += (["--url-per-rank"] if per_rank else []) + (["--expert-parts"] if expert_parts else [])
+    cmd += (["--url-per-rank"] if per_rank else []) + (["--rank-parts"] if rank_parts else [])
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-6000:]
     result = json.loads(out.read_text())
@@ -151,21 +159,52 @@ def test_fsdp2_each_rank_feeds_its_own_engine(weights, tmp_path):
         print(f"peak RSS per trainer rank: {result['peak_rss_bytes_per_rank']}")
 
 
+TP2 = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+
+@pytest.fixture(scope="module")
+def tp2_cold(weights, tmp_path_factory):
+    """Greedy tokens and logprobs of a freshly started TP = 2 engine on W1."""
+    _, _, served = weights
+    with vllm_serve(served[1], tmp_path_factory.mktemp("tp2_cold") / "cold.log", args=TP2, env=TP2_ENV) as url:
+        return completions(url, str(served[1]), PROMPTS, NTOK)
+
+
 @tiers.full_tier_only("two TP=2 engines (four workers on a 2-core machine); CI runs (b)")
-def test_fsdp2_trainer_feeds_tp2_engine(weights, tmp_path):
+def test_fsdp2_trainer_feeds_tp2_engine(weights, tp2_cold, tmp_path):
     """(a) one TP = 2 engine: each worker loads its own shard through vLLM's
     loader; outputs equal a freshly started TP = 2 engine's on W1."""
     root, hf, served = weights
-    tp2 = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
-    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    with vllm_serve(served[0], tmp_path / "warm.log", args=EXT + tp2, env=env) as warm_url:
+    with vllm_serve(served[0], tmp_path / "warm.log", args=EXT + TP2, env=TP2_ENV) as warm_url:
         push(root, hf[0], [warm_url], hf[1], step=1)
         assert len(rpc(warm_url, "weight_sync_digest")) == 2
         warm = completions(warm_url, str(served[0]), PROMPTS, NTOK)
-    with vllm_serve(served[1], tmp_path / "cold.log", args=tp2, env=env) as cold_url:
-        cold = completions(cold_url, str(served[1]), PROMPTS, NTOK)
-    assert warm[0] == cold[0], f"TP=2: tokens {warm[0]} vs cold {cold[0]}"
-    assert warm[1] == cold[1], f"TP=2: logprobs {warm[1]} vs cold {cold[1]}"
+    assert warm[0] == tp2_cold[0], f"TP=2: tokens {warm[0]} vs cold {tp2_cold[0]}"
+    assert warm[1] == tp2_cold[1], f"TP=2: logprobs {warm[1]} vs cold {tp2_cold[1]}"
+
+
+@tiers.full_tier_only("two TP=2 engines (four workers on a 2-core machine); CI runs (e)")
+def test_fsdp2_ranks_send_their_rows_to_tp2_engine(weights, tp2_cold, tmp_path):
+    """(g) rank parts into a TP = 2 engine (dense; FP8 channel from vLLM
+    0.24): each trainer rank sends both workers its rows of every weight,
+    quantized on its rows; nothing is gathered; each worker puts the rows
+    back together and vLLM's loader takes its TP slice. Parameters == a cold
+    load per worker, outputs == a freshly started TP = 2 engine's."""
+    root, hf, served = weights
+    with vllm_serve(served[0], tmp_path / "warm.log", args=EXT + TP2, env=TP2_ENV) as warm_url:
+        result = push(root, hf[0], [warm_url], hf[1], step=1, rank_parts=True)
+        rep = result["reports"][0]
+        assert [r[0]["gathered"] for r in result["reports_per_rank"]] == [0, 0], result
+        assert rep["worker_parts"] == [2, 2], rep
+        for rank, r in enumerate(result["reports_per_rank"]):
+            assert [p["worker"] for p in r[0]["rank_parts"]] == [0, 1], (rank, r)
+        for w, c in zip(rpc(warm_url, "weight_sync_digest"),
+                        rpc(warm_url, "weight_sync_cold_digest", model_dir=str(served[1]))):
+            assert w["digest"] == c["digest"], "parameters differ from a cold load"
+        warm = completions(warm_url, str(served[0]), PROMPTS, NTOK)
+    assert warm[0] == tp2_cold[0], f"TP=2 parts: tokens {warm[0]} vs cold {tp2_cold[0]}"
+    assert warm[1] == tp2_cold[1], f"TP=2 parts: logprobs {warm[1]} vs cold {tp2_cold[1]}"
 
 
 @pytest.fixture(scope="module")
@@ -224,30 +263,37 @@ def test_fsdp2_trainer_feeds_expert_parallel_engine(moe_weights, tmp_path):
         assert abs(tp1[1][i][0] - cold[1][i][0]) < 0.05, f"EP shim: prompt {i}: {cold[1][i][0]} vs TP=1 {tp1[1][i][0]}"
 
 
-def _assert_each_rank_sent_its_experts(result: dict, workers: list[int]) -> None:
-    """Rank r of 2 holds experts 4r..4r+3 of 8 (Shard(0)) and sent each of
-    ``workers`` exactly those: 4 experts x 3 projections x 2 layers."""
+def _assert_parts(result: dict, experts_to: dict[int, int]) -> None:
+    """What each trainer rank sent each worker: rank r of 2 holds experts
+    4r..4r+3 of 8 (Shard(0)) and sends them to worker ``experts_to[r]`` (4
+    experts x 3 projections x 2 layers = 24 tensors), and its rows of the 21
+    other tensors (every one is sharded by rows and served as it is) to
+    every worker; nothing is gathered."""
+    workers = sorted(set(experts_to.values()))
     for rank, reports in enumerate(result["reports_per_rank"]):
-        sent = reports[0]["expert_parts"]
+        sent = reports[0]["rank_parts"]
+        mine = list(range(4 * rank, 4 * rank + 4))
         assert [(p["worker"], p["expert_ids"], p["tensors"]) for p in sent] == \
-            [(w, list(range(4 * rank, 4 * rank + 4)), 24) for w in workers], (rank, sent)
+            [(w, mine if experts_to[rank] == w else [], 21 + (24 if experts_to[rank] == w else 0))
+             for w in range(max(workers) + 1)], (rank, sent)
+        assert reports[0]["gathered"] == 0, (rank, reports[0])
 
 
 def test_fsdp2_ranks_send_their_experts_to_one_engine(moe_weights, tmp_path):
-    """(e) expert parts into a TP = 1 engine: each trainer rank sends the
-    experts it holds (nothing of them gathered), rank 0 the rest; the worker
-    loads the three streams as one update. Parameters == a cold load, greedy
-    tokens and logprobs == a freshly started engine's."""
+    """(e) rank parts into a TP = 1 engine: each trainer rank sends the
+    experts it holds and its rows of every other weight; nothing is gathered
+    and rank 0's main stream is empty; the worker puts the rows back
+    together and loads the three streams as one update. Parameters == a cold
+    load, greedy tokens and logprobs == a freshly started engine's."""
     root, hf, served = moe_weights
     with vllm_serve(served[0], tmp_path / "warm.log", args=EXT) as url:
         before = completions(url, str(served[0]), PROMPTS, NTOK)
-        result = push(root, hf[0], [url], hf[1], step=1, expert_parts=True)
+        result = push(root, hf[0], [url], hf[1], step=1, rank_parts=True)
         rep = result["reports"][0]
-        _assert_each_rank_sent_its_experts(result, workers=[0])
+        _assert_parts(result, experts_to={0: 0, 1: 0})
         assert rep["worker_parts"] == [2], rep  # the main stream and one part per trainer rank
-        assert rep["worker_tensors"] == [69], rep  # 21 from rank 0's main stream, 24 + 24 from the parts
-        # gathered: the 21 other tensors only, not the 4 fused expert parameters
-        assert [r[0]["gathered"] for r in result["reports_per_rank"]] == [21, 21], result
+        assert rep["worker_tensors"] == [69], rep  # 21 put together from rows, 24 + 24 experts
+        assert rep["num_bytes"] == 0, rep  # the main stream carried nothing
         assert rpc(url, "weight_sync_digest")[0]["digest"] == \
             rpc(url, "weight_sync_cold_digest", model_dir=str(served[1]))[0]["digest"], "parameters differ from a cold load"
         warm = completions(url, str(served[0]), PROMPTS, NTOK)
@@ -259,9 +305,10 @@ def test_fsdp2_ranks_send_their_experts_to_one_engine(moe_weights, tmp_path):
 
 @tiers.full_tier_only("two TP=2 expert-parallel engines")
 def test_fsdp2_ranks_feed_expert_parallel_workers_their_own_experts(moe_weights, tmp_path):
-    """(f) expert parts into a TP = 2 + EP engine: trainer rank r holds the
-    experts EP worker r serves and sends them to it alone; neither worker
-    receives the other's experts. Parameters == a cold load per worker,
+    """(f) rank parts into a TP = 2 + EP engine: trainer rank r holds the
+    experts EP worker r serves and sends them to it alone (and its rows of
+    the other weights to both); neither worker receives the other's experts.
+    Parameters == a cold load per worker,
     outputs == a freshly started EP engine's (both with the EP test shim)."""
     from vllm_fp8_overlay.testing.ep_shim import EXTENSION as EP_EXTENSION
 
@@ -271,13 +318,10 @@ def test_fsdp2_ranks_feed_expert_parallel_workers_their_own_experts(moe_weights,
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     with vllm_serve(served[0], tmp_path / "warm.log", args=ep, env=env) as warm_url:
         before = completions(warm_url, str(served[0]), PROMPTS, NTOK)
-        result = push(root, hf[0], [warm_url], hf[1], step=1, expert_parts=True)
+        result = push(root, hf[0], [warm_url], hf[1], step=1, rank_parts=True)
         rep = result["reports"][0]
-        per_rank = result["reports_per_rank"]
-        assert [[p["worker"] for p in r[0]["expert_parts"]] for r in per_rank] == [[0], [1]], per_rank
-        for rank, r in enumerate(per_rank):
-            assert r[0]["expert_parts"][0]["expert_ids"] == list(range(4 * rank, 4 * rank + 4)), per_rank
-        assert rep["worker_parts"] == [1, 1], rep
+        _assert_parts(result, experts_to={0: 0, 1: 1})
+        assert rep["worker_parts"] == [2, 2], rep
         # each worker received 21 non-expert tensors and its own 24 expert tensors, none of the other's
         assert rep["worker_tensors"] == [45, 45], rep
         assert rep["other_ranks_expert_tensors"] == [0, 0], rep

@@ -281,7 +281,7 @@ class WeightSyncClient:
 
     def push(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], step: int,
              mode: str | None = None, stream: bool | None = None, allow_non_increasing: bool = False,
-             canary: Any = None, expert_parts: bool = False) -> StepReport:
+             canary: Any = None, rank_parts: bool = False) -> StepReport:
         """Send one step to every worker and wait until all of them loaded it
         (``mode`` / ``stream``: this step only, default the client's).
         ``step`` must be larger than the last step the workers loaded unless
@@ -292,9 +292,9 @@ class WeightSyncClient:
         server's prefix cache is reset afterwards either way. ``canary``: a
         ``sync.canary.Canary`` run after a successful load (``CanaryFailed``
         if an engine's logprobs leave its bound; its report in ``.canary``).
-        ``expert_parts``: the trainer's ranks also send this step's routed
-        experts themselves (:class:`~.expert_parts.ExpertParts`; set by
-        ``push_sharded(..., experts=)``).
+        ``rank_parts``: the trainer's ranks also send parts of this step
+        themselves (:class:`~.rank_parts.RankParts`; set by
+        ``push_sharded(..., parts=)``).
         """
         if self._closed or self.sender is None:
             raise RuntimeError("client is closed")
@@ -306,8 +306,8 @@ class WeightSyncClient:
         kw = {"step": int(step), "mode": mode or self.mode, "on_error": "return",
               "stream": self.stream if stream is None else stream, "max_wait_s": self.max_block_s,
               "allow_non_increasing": bool(allow_non_increasing), "group_id": self.group_id}
-        if expert_parts:
-            kw["expert_parts"] = True
+        if rank_parts:
+            kw["rank_parts"] = True
         futs = [self._pool.submit(self._run_step, t, kw) for t in self.targets]
         send_error: BaseException | None = None
         stats = None

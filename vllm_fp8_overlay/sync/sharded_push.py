@@ -4,8 +4,8 @@ The ranks of a sharded trainer settle together who sends and in which
 layout (:func:`agreed_layout`), stream their shards through
 :func:`.sources.sharded_stream` (gathered into the one sending rank, or
 into every rank when several send) and, with
-:class:`~.expert_parts.ExpertParts`, send the routed experts they hold
-straight to the workers that load them. Every rank runs the same
+:class:`~.rank_parts.RankParts`, send what they hold straight to the
+workers that load it. Every rank runs the same
 collectives in the same order whatever fails, so a failure on one rank
 never leaves another waiting in a gather.
 """
@@ -55,7 +55,7 @@ def _agree(client: Any, group: Any) -> tuple[Any, list[int]]:
 
 def push_sharded(client: Any, weights: Mapping[str, Any] | Iterable[tuple[str, Any]], step: int, *,
                  layout: Any = "client", group: Any = None, stats: StreamStats | None = None,
-                 window_bytes: int = WINDOW_BYTES, experts: Any = None, **push_kw: Any):
+                 window_bytes: int = WINDOW_BYTES, parts: Any = None, **push_kw: Any):
     """The call every trainer rank makes each step with its sharded state dict.
 
     A rank that passes a :class:`~.client.WeightSyncClient` sends the step
@@ -75,20 +75,21 @@ def push_sharded(client: Any, weights: Mapping[str, Any] | Iterable[tuple[str, A
     If a rank's push fails, that rank still takes part in the rest of the
     step's gathers before it raises, so the other ranks finish their steps.
 
-    ``experts``: this rank's :class:`~.expert_parts.ExpertParts`: the fused
-    expert parameters are then not gathered; every rank sends the experts it
-    holds to the workers that load them, beside the gathered stream."""
+    ``parts``: this rank's :class:`~.rank_parts.RankParts`: what it holds
+    that travels as it is (experts sharded over experts, row shards whose
+    served form depends on their own rows) is then not gathered; every rank
+    sends it to the workers that load it, beside the gathered stream."""
     dst = None
     if layout == "client":
         layout, senders = _agree(client, group)
         dst = senders[0] if len(senders) == 1 else None
     sending = None
-    if experts is not None:
-        routed, weights = experts.split(weights)
-        sending = experts.send_in_background(routed, step)
+    if parts is not None:
+        part, weights = parts.split(weights)
+        sending = parts.send_in_background(part, step)
     stream = sharded_stream(weights, layout, stats=stats, window_bytes=window_bytes, dst=dst)
     try:
-        report = _push_stream(client, stream, step, dict(push_kw, expert_parts=True) if experts else push_kw)
+        report = _push_stream(client, stream, step, dict(push_kw, rank_parts=True) if parts else push_kw)
     except BaseException:
         if sending is not None:
             with contextlib.suppress(BaseException):  # its own error, if any, comes second to this one

@@ -122,7 +122,7 @@ class WeightSyncExtension:
     def weight_sync_join_parts(self, parts: dict, backend: str = "auto", timeout: float = 300.0,
                                on_error: str = "raise") -> dict:
         """Join the 2-rank groups of the trainer ranks that send this worker
-        its routed experts themselves (:mod:`vllm_fp8_overlay.sync.expert_parts`).
+        its routed experts themselves (:mod:`vllm_fp8_overlay.sync.rank_parts`).
         ``parts``: local rank (as a string) -> ``[{"host", "port"}, ...]`` in
         trainer-rank order; every worker of a server gets the same dict and
         takes its own entry. Blocks until each of those ranks joined."""
@@ -150,7 +150,7 @@ class WeightSyncExtension:
 
     def receive_weights(self, step: int, mode: str = "auto", on_error: str = "raise", stream: bool = False,
                         max_wait_s: float | None = None, allow_non_increasing: bool = False,
-                        group_id: str | None = None, expert_parts: bool = False) -> dict:
+                        group_id: str | None = None, rank_parts: bool = False) -> dict:
         """Receive step ``step``, validate it, load it.
 
         ``stream=False`` (the default, and the safe choice): the whole step is
@@ -171,7 +171,7 @@ class WeightSyncExtension:
         ``allow_non_increasing``; otherwise the step is received (to keep the
         group in sync) and rejected. ``group_id``: reject at once if this
         worker's receiver belongs to another group (a trainer that was taken
-        over). ``expert_parts``: the step's experts also arrive through the
+        over). ``rank_parts``: the step's experts also arrive through the
         groups of :meth:`weight_sync_join_parts`, one part per trainer rank
         that holds some (all received, checked and loaded as one update). The result carries stage times, bytes and peak extra memory;
         ``on_error="return"`` returns ``{"ok": False, "error", "error_type",
@@ -180,7 +180,7 @@ class WeightSyncExtension:
         try:
             step = int(step)
             return self._ws().receive(step, str(mode), _as_bool(stream), _opt_float(max_wait_s),
-                                      _as_bool(allow_non_increasing), group_id, _as_bool(expert_parts))
+                                      _as_bool(allow_non_increasing), group_id, _as_bool(rank_parts))
         except Exception as e:
             return self._ws().failed(step, e, on_error)
 

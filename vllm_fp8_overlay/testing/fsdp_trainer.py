@@ -15,8 +15,8 @@ decoder layer, then the model), and then either
   :func:`~vllm_fp8_overlay.sync.sharded_push.push_sharded` on every rank; rank 0
   holds a ``WeightSyncClient`` for the ``--url`` servers, or with
   ``--url-per-rank`` every rank r one for the r-th server; with
-  ``--expert-parts`` every rank sends the routed experts it holds itself
-  (:class:`~vllm_fp8_overlay.sync.expert_parts.ExpertParts`).
+  ``--rank-parts`` every rank sends the routed experts it holds itself
+  (:class:`~vllm_fp8_overlay.sync.rank_parts.RankParts`).
 
 * ``agree``: how ``push_sharded`` settles which ranks send and with which
   layout (clients that disagree, none, one rank's push failing mid-step).
@@ -158,10 +158,10 @@ def _push(args, model) -> dict:
     elif rank == 0:
         client = WeightSyncClient(args.url, host="127.0.0.1", timeout=args.timeout)
     parts = None
-    if args.expert_parts:  # every rank sends the experts it holds to the workers that load them
-        from vllm_fp8_overlay.sync.expert_parts import ExpertParts
+    if args.rank_parts:  # every rank sends the experts it holds to the workers that load them
+        from vllm_fp8_overlay.sync.rank_parts import RankParts
 
-        parts = ExpertParts(client, host="127.0.0.1", timeout=args.timeout)
+        parts = RankParts(client, host="127.0.0.1", timeout=args.timeout)
     reports = []
     try:
         for i, ckpt in enumerate(args.steps):
@@ -169,7 +169,7 @@ def _push(args, model) -> dict:
             stats = StreamStats()
             dist.barrier()
             t0 = time.perf_counter()
-            rep = push_sharded(client, model.state_dict(), args.first_step + i, stats=stats, experts=parts)
+            rep = push_sharded(client, model.state_dict(), args.first_step + i, stats=stats, parts=parts)
             push_s = time.perf_counter() - t0
             reports.append({"step": args.first_step + i, "ok": rep is None or all(w.get("ok") for w in rep.workers),
                             "local_quantized": stats.local_quantized, "gathered": stats.gathered,
@@ -183,7 +183,7 @@ def _push(args, model) -> dict:
                             "worker_receive_s": None if rep is None else [w.get("receive_s") for w in rep.workers],
                             "worker_load_s": None if rep is None else [w.get("load_s") for w in rep.workers],
                             "push_s": push_s,
-                            "expert_parts": None if parts is None else
+                            "rank_parts": None if parts is None else
                             [{"expert_ids": ids, "target": ti, "worker": li, "tensors": st.num_tensors,
                               "bytes": st.num_bytes} for (ti, li, ids), st in zip(parts.pairs, parts.last)]})
             dist.barrier()
@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", default="[]")
     p.add_argument("--url", nargs="*", default=[])
     p.add_argument("--url-per-rank", action="store_true", help="rank r sends to --url[r] only")
-    p.add_argument("--expert-parts", action="store_true",
-                   help="every rank sends the experts it holds to the workers that load them (ExpertParts)")
+    p.add_argument("--rank-parts", action="store_true",
+                   help="every rank sends the experts it holds to the workers that load them (RankParts)")
     p.add_argument("--steps", nargs="*", default=[])
     p.add_argument("--first-step", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300.0)

@@ -1,10 +1,10 @@
 """Two CUDA ranks check a step sent as a main stream plus an expert part over NCCL.
 
-Run by ``tests/test_expert_parts_gpu.py`` under ``torch.distributed.run``
+Run by ``tests/test_rank_parts_gpu.py`` under ``torch.distributed.run``
 (``--nproc_per_node 2``): rank 0 is a trainer on ``cuda:0`` with two
 ``WeightSender``s (the main group and one part group, two NCCL
 communicators), sending both streams at once from two threads as
-``push_sharded(..., experts=)`` does; rank 1 is a worker on ``cuda:1``
+``push_sharded(..., parts=)`` does; rank 1 is a worker on ``cuda:1``
 receiving them with ``apply.steps.StepJob(parts=...)``. Per step and layout,
 every tensor the worker would load equals, bitwise, the torch backend's
 quantization of the weights (no Triton code involved). A step whose part

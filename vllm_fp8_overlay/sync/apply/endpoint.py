@@ -166,7 +166,7 @@ class WorkerSync:
 
     def join_parts(self, parts: list[dict], backend: str = "auto", timeout: float = 300.0) -> dict:
         """Join one 2-rank group per trainer rank that sends this worker its
-        expert part (:mod:`..expert_parts`), in the order given (the trainer
+        expert part (:mod:`..rank_parts`), in the order given (the trainer
         ranks build theirs in the same order, so no join waits on another).
         From then on every step is the main group's stream plus one part per
         group, received together and loaded as one update."""
@@ -189,7 +189,7 @@ class WorkerSync:
             raise
         with self.lock:
             self.parts = joined
-            self.info["expert_parts"] = [f"{p['host']}:{p['port']}" for p in parts]
+            self.info["rank_parts"] = [f"{p['host']}:{p['port']}" for p in parts]
         logger.info("weight sync: joined %d expert part group(s)", len(joined))
         return {"ok": True, "parts": len(joined), "local_rank": self.local_rank()}
 
@@ -209,7 +209,7 @@ class WorkerSync:
 
     def _close_parts(self) -> None:
         parts, self.parts = self.parts, []
-        self.info.pop("expert_parts", None)
+        self.info.pop("rank_parts", None)
         for r in parts:
             with contextlib.suppress(Exception):
                 r.close()
@@ -217,10 +217,10 @@ class WorkerSync:
     # ---- one step ------------------------------------------------------------
 
     def receive(self, step: int, mode: str = "auto", stream: bool = False, max_wait_s: float | None = None,
-                allow_non_increasing: bool = False, group_id: str | None = None, expert_parts: bool = False) -> dict:
+                allow_non_increasing: bool = False, group_id: str | None = None, rank_parts: bool = False) -> dict:
         """Receive step ``step``, validate it, load it (see
         ``WeightSyncExtension.receive_weights`` for the arguments).
-        ``expert_parts``: the trainer ranks send this step's experts through
+        ``rank_parts``: the trainer ranks send this step's experts through
         the part groups (:meth:`join_parts`) too; without it the step is the
         main stream alone and the part groups are left untouched."""
         rx = self.checked_receiver(step, group_id)
@@ -234,8 +234,8 @@ class WorkerSync:
             discard = (f"step {step} does not come after the last loaded step {self.last_step} "
                        "(pass allow_non_increasing=True to load it anyway)")
         peak = PeakMemory(self.model_device())
-        parts = list(self.parts) if expert_parts else []
-        if expert_parts and not parts:
+        parts = list(self.parts) if rank_parts else []
+        if rank_parts and not parts:
             raise WeightUpdateRejected(f"step {step} rejected, model unchanged: the trainer sends expert parts "
                                        "but this worker joined no part group (weight_sync_join_parts)")
         if stream and parts:

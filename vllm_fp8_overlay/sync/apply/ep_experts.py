@@ -125,7 +125,7 @@ def _remote_by_prefix(model: torch.nn.Module) -> dict[str, frozenset[int]]:
 
 def expert_ownership(model: torch.nn.Module) -> dict | None:
     """Which routed experts this worker loads, for trainers that send each
-    worker only its experts (:mod:`..expert_parts`): ``{"num_experts": E,
+    worker only its experts (:mod:`..rank_parts`): ``{"num_experts": E,
     "owned": [ids] or None (every expert), "refused": reason or None}``;
     ``None`` for a model without fused-MoE layers. Every layer must own the
     same ids (vLLM places experts the same way in every layer); the expert

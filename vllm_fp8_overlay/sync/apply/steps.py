@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections import Counter
 import os
 import threading
 import time
@@ -156,7 +155,7 @@ class StepJob:
     ``discard``: receive the step only to keep the group in sync and reject
     it with that reason (e.g. a step number that does not increase).
 
-    ``parts``: receivers of expert parts (:mod:`..expert_parts`): each
+    ``parts``: receivers of expert parts (:mod:`..rank_parts`): each
     brings one trainer rank's experts for this worker in its own group. They
     are received beside the main stream, each in its own thread and each to
     its end whatever the others do (so every group stays in sync), and the
@@ -275,31 +274,34 @@ class StepJob:
 
         def take(rx: Any) -> tuple[BucketChecks, Any]:
             checks = BucketChecks([(*served.reference(m), served.want_layout(m)) for m in modes],
-                                  scale_name=served.scale_name, passed=served.passed_manifests)
+                                  scale_name=served.scale_name, passed=served.passed_manifests,
+                                  row_shards=rx is not self.rx)
             return checks, rx.receive_all(expected_step=self.step, check_manifest=checks.check_manifest,
                                           check_payload=checks.check_payload_deferred)
 
         t0 = time.perf_counter()
         streams = self._each_stream(take)
         t1 = time.perf_counter()
-        got = _Step([t for _, g in streams for t in g.tensors], [m for _, g in streams for m in g.manifests],
+        tensors, assembled, problems = _assemble([g.tensors for _, g in streams])
+        got = _Step(tensors, [m for _, g in streams for m in g.manifests],
                     sum(int(g.summary.num_bytes) for _, g in streams))
-        names = {n for n, _ in got.tensors}
-        used = served.resolve_mode(self.mode, names)
+        used = served.resolve_mode(self.mode, {n for n, _ in got.tensors})
         expected, what = served.reference(used)
         if self.expected is not None and used != "kernel":
             expected = {n: spec for n, spec in expected.items() if self.expected(n)}
             what = f"this worker's experts of {what}"
         layouts = {str(layout_key(m.layout)[0]) for m in got.manifests} or {"None"}
         first_layout = next((g.layout for _, g in streams if g.manifests), None)
-        problems = served.mode_problems(used) + served.layout_problems(used, first_layout)
+        problems += served.mode_problems(used) + served.layout_problems(used, first_layout)
         if len(layouts) > 1:
             problems.append(f"buckets carry {len(layouts)} different layouts")
         if not got.tensors:
             problems.append("empty step")
-        if len(names) != len(got.tensors):  # one stream refuses a name twice; two streams may both send it
-            twice = sorted(n for n, k in Counter(n for n, _ in got.tensors).items() if k > 1)
-            problems.append(f"{len(twice)} tensor(s) sent in two streams: {', '.join(twice[:5])}")
+        for name, (k, rows) in assembled.items():
+            want = expected.get(name)
+            if want is not None and len(want[1]) >= 1 and rows != want[1][0]:
+                problems.append(f"{name}: row shards from {k} parts add up to {rows} rows, the served tensor has "
+                                f"{want[1][0]} (a part sent rows twice, or rows are missing)")
         checks = streams[0][0]
         if len(streams) > 1 or not (checks.matched_only(expected, len(got.manifests))
                                     and len(got.tensors) == len(expected)):
@@ -340,6 +342,47 @@ class StepJob:
             "load_s": t1 - t0, "total_s": t1 - self.started, **loaded,
         }
         return self.result
+
+
+def _assemble(streams: list[list[tuple[str, torch.Tensor]]]
+              ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, tuple[int, int]], list[str]]:
+    """One step's tensors from its streams (the main one first, then the
+    parts in trainer-rank order): a name in several parts is that tensor's
+    row shards, put back together in that order (one copy); a name in the
+    main stream and a part was sent twice. Returns the tensors, the
+    assembled ones' (pieces, rows), and the problems found; whether a whole
+    tensor came out (its rows add up) is for the comparison with the served
+    specs."""
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for i, items in enumerate(streams):
+        for name, t in items:
+            pieces.setdefault(name, []).append((i, t))
+    out, twice, mixed, assembled = [], [], [], {}
+    for name, ps in pieces.items():
+        if len(ps) == 1:
+            out.append((name, ps[0][1]))
+        elif ps[0][0] == 0:
+            twice.append(name)
+        elif any(t.dim() == 0 or t.dtype != ps[0][1].dtype or t.shape[1:] != ps[0][1].shape[1:] for _, t in ps):
+            mixed.append(name)
+        else:
+            out.append((name, _cat_rows([t for _, t in ps])))
+            assembled[name] = (len(ps), int(out[-1][1].shape[0]))
+    problems = []
+    if twice:
+        problems.append(f"{len(twice)} tensor(s) sent in two streams: {', '.join(sorted(twice)[:5])}")
+    if mixed:
+        problems.append(f"{len(mixed)} tensor(s) in parts that are not row shards of one tensor: "
+                        f"{', '.join(sorted(mixed)[:5])}")
+    return out, assembled, problems
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Row shards side by side (as bytes: every dtype, FP8 included)."""
+    dtype, rest = parts[0].dtype, tuple(parts[0].shape[1:])
+    rows = sum(int(p.shape[0]) for p in parts)
+    flat = torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
+    return flat.view(dtype).view(rows, *rest)
 
 
 @dataclass

@@ -216,6 +216,19 @@ class PassedManifests:
         self._items[id(entries)] = (entries, specs)  # the entries object keeps its id
 
 
+def _as_whole(got: dict[str, TensorSpec], specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
+    """``got`` with every plausible row shard of a served tensor (its dtype,
+    its trailing dims, at most its rows) given the served shape."""
+    out = {}
+    for name, (dt, shape) in got.items():
+        want = specs.get(name)
+        if (want is not None and dt == want[0] and len(shape) == len(want[1]) and len(shape) >= 1
+                and tuple(shape[1:]) == tuple(want[1][1:]) and 0 < shape[0] <= want[1][0]):
+            shape = want[1]
+        out[name] = (dt, shape)
+    return out
+
+
 class BucketChecks:
     """Per-bucket checks of one step, for ``WeightReceiver.receive_all``.
 
@@ -236,10 +249,14 @@ class BucketChecks:
     per served model)."""
 
     def __init__(self, references: list[tuple[dict[str, TensorSpec], str, Any]], scale_name: str | None = None,
-                 max_report: int = 20, passed: PassedManifests | None = None) -> None:
+                 max_report: int = 20, passed: PassedManifests | None = None, row_shards: bool = False) -> None:
         self.references = references
         self.scale_name = scale_name
         self.max_report = max_report
+        #: a trainer rank's part (``sync/rank_parts.py``): a tensor may be some
+        #: of its rows (shape[1:] and dtype as served, 0 < rows <= served rows);
+        #: the step puts them together and compares the whole tensors after
+        self.row_shards = row_shards
         self.first_layout: Any = ...
         self.passed = passed
         #: per bucket that passed, the specs it matched (see :meth:`matched_only`)
@@ -264,7 +281,8 @@ class BucketChecks:
         best = None
         for specs, what, want in self.references:
             bad = [] if key == want else [f"scheme mismatch: update layout {key} but the served model expects {want}"]
-            bad += spec_problems(got, specs, what=what, max_report=self.max_report, check_missing=False)
+            mine = _as_whole(got, specs) if self.row_shards else got
+            bad += spec_problems(mine, specs, what=what, max_report=self.max_report, check_missing=False)
             if not bad:
                 if self.passed is not None:
                     self.passed.remember(entries, specs)

@@ -1,5 +1,5 @@
 """Expert parts on the worker: a step is its main stream plus one stream per
-trainer rank that sends this worker experts (``sync/expert_parts.py``),
+trainer rank that sends this worker experts (``sync/rank_parts.py``),
 checked and loaded as one (``apply.steps.StepJob(parts=...)``).
 
 Streams are recorded from real ``WeightSender``s and replayed into real
@@ -15,7 +15,7 @@ from vllm_fp8_overlay.sync import WeightReceiver, WeightSender
 from vllm_fp8_overlay.sync.apply.errors import WeightUpdateRejected
 from vllm_fp8_overlay.sync.apply.steps import Served, StepJob
 from vllm_fp8_overlay.sync.apply.validate import dtype_name
-from vllm_fp8_overlay.sync.expert_parts import fused_expert_range
+from vllm_fp8_overlay.sync.rank_parts import fused_expert_range, rows_travel_alone
 from vllm_fp8_overlay.sync.transport import RecordingTransport, ReplayTransport
 
 E = 4
@@ -116,14 +116,26 @@ def test_main_stream_and_parts_load_as_one_update():
     assert all(r.transport.remaining == 0 for r in rxs)
 
 
-def test_a_name_in_two_streams_rejects_the_step_and_every_stream_is_drained():
+def test_an_expert_in_two_parts_rejects_the_step_and_every_stream_is_drained():
     w = _weights(1)
     main, parts = _split(w, [range(0, 3), range(2, 4)])  # expert 2 in both parts
     job, load, rxs = _job(_stream(main), [_stream(p) for p in parts], _served(w))
-    with pytest.raises(WeightUpdateRejected, match=r"sent in two streams: model\.layers\.0\.mlp\.experts\.2\."):
+    with pytest.raises(WeightUpdateRejected, match=r"experts\.2\.down_proj\.weight: row shards from 2 parts add up "
+                                                   r"to 16 rows, the served tensor has 8"):
         job.collect(None)
     assert load.calls == []
     assert all(r.transport.remaining == 0 and r.broken is None for r in rxs)
+
+
+def test_a_tensor_in_the_main_stream_and_a_part_rejects_the_step():
+    w = _weights(6)
+    main, parts = _split(w, [range(0, 4)])
+    main["model.layers.0.mlp.experts.1.up_proj.weight"] = w["model.layers.0.mlp.experts.1.up_proj.weight"]
+    job, load, rxs = _job(_stream(main), [_stream(parts[0])], _served(w))
+    with pytest.raises(WeightUpdateRejected, match=r"1 tensor\(s\) sent in two streams: .*experts\.1\.up_proj"):
+        job.collect(None)
+    assert load.calls == []
+    assert all(r.transport.remaining == 0 for r in rxs)
 
 
 def test_a_missing_part_rejects_the_step():
@@ -165,5 +177,73 @@ def test_an_expert_parallel_worker_expects_only_its_own_experts():
     _, wrong = _split(w, [range(0, 3)])
     job, load, _ = _job(_stream(main), [_stream(wrong[0])], _served(w), expected=mine)
     with pytest.raises(WeightUpdateRejected, match=r"not in this worker's experts of the served checkpoint.*experts\.2\."):
+        job.collect(None)
+    assert load.calls == []
+
+
+def _layouts():
+    from vllm_fp8_overlay.formats import FP8Layout
+
+    return {"bf16": None,
+            "ct-channel": FP8Layout(method="compressed-tensors", strategy="channel", ignore=("lm_head",)),
+            "hf-block": FP8Layout(method="fp8", strategy="block", block_size=(128, 128),
+                                  scale_name="weight_scale_inv", ignore=("lm_head",))}
+
+
+def _dense(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"model.embed_tokens.weight": (torch.randn(96, 128, generator=g) * 0.03).bfloat16(),
+            "model.layers.0.self_attn.q_proj.weight": (torch.randn(256, 128, generator=g) * 0.03).bfloat16(),
+            "model.layers.0.mlp.down_proj.weight": (torch.randn(128, 256, generator=g) * 0.03).bfloat16(),
+            "model.layers.0.input_layernorm.weight": torch.rand(128, generator=g).bfloat16()}
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "ct-channel", "hf-block"])
+def test_row_shards_from_the_parts_equal_the_whole_tensors_served(fmt, monkeypatch):
+    """Two ranks' row shards (``Shard(0)``: 128 rows each of the 256-row
+    weight), each quantized by its own part's sender: the worker puts them
+    back together and gets, bitwise, the served form of the whole tensors
+    (``quantize_weights`` on the full weights); the main stream brings
+    what the layout cannot take in rows (``rows_travel_alone``) whole."""
+    from vllm_fp8_overlay.formats import quantize_weights
+    from vllm_fp8_overlay.sync.apply import steps
+    from vllm_fp8_overlay.sync.apply.validate import layout_key
+
+    monkeypatch.setattr(steps, "has_layerwise_reload", lambda: True)  # the load is a stand-in
+    layout = _layouts()[fmt]
+    w = _dense(7)
+    want = dict(quantize_weights(iter(w.items()), layout, backend="torch")) if layout is not None else w
+    alone = {n for n, t in w.items() if rows_travel_alone(n, tuple(t.shape), t.dtype, 2, layout)}
+    # channel scales: every weight; 128x128 blocks: q_proj (two whole blocks of rows), not down_proj (64 rows each)
+    assert ("model.layers.0.mlp.down_proj.weight" in alone) == (fmt != "hf-block"), alone
+    assert "model.layers.0.self_attn.q_proj.weight" in alone
+    shards = [{n: torch.chunk(t, 2)[r].clone() for n, t in w.items() if n in alone} for r in range(2)]
+    whole = {n: t for n, t in w.items() if n not in alone}
+
+    def record(weights):
+        rec = RecordingTransport()
+        WeightSender(layout, "", 0, 0, bucket_bytes=1 << 14, transport=rec).send(weights, step=1)
+        return rec.messages
+
+    served = Served(dir="", specs={n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in want.items()},
+                    layout=layout_key(None if layout is None else layout.to_dict())[0],
+                    layout_full=None if layout is None else layout.to_dict(), layout_error=None, param_specs={})
+    rx = WeightReceiver("", 0, 0, 0, transport=ReplayTransport(record(whole)))
+    prx = [WeightReceiver("", 0, 0, 0, transport=ReplayTransport(record(s))) for s in shards]
+    load = _Loader()
+    result = StepJob(rx, 1, "layerwise", served, load, parts=prx).collect(None)
+    assert result["num_tensors"] == len(want)
+    got = load.calls[0]
+    assert sorted(got) == sorted(want)
+    for n, t in want.items():
+        a, b = (x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x for x in (got[n], t))
+        assert got[n].dtype == t.dtype and torch.equal(a, b), n
+    # the same shards with one rank's q_proj rows missing: rejected, nothing loaded
+    shards[1].pop("model.layers.0.self_attn.q_proj.weight")
+    prx = [WeightReceiver("", 0, 0, 0, transport=ReplayTransport(record(s))) for s in shards]
+    load = _Loader()
+    job = StepJob(WeightReceiver("", 0, 0, 0, transport=ReplayTransport(record(whole))), 1, "layerwise", served,
+                  load, parts=prx)
+    with pytest.raises(WeightUpdateRejected, match=r"q_proj\.weight: got .*\[128, 128\], expected .*\[256, 128\]"):
         job.collect(None)
     assert load.calls == []
