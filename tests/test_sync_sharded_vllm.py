@@ -30,7 +30,7 @@ sends what it holds itself, nothing gathered: its experts to the workers
 that load them and its rows of every other weight to every worker, which
 put the rows back together. (e) the MoE into a TP = 1 engine; (f) into the
 TP = 2 + EP engine of (c), each EP worker receiving only its own experts;
-(g) the dense model into a TP = 2 engine. Each: parameters == a cold load,
+(g) a tied dense model into a TP = 2 engine. Each: parameters == a cold load,
 outputs == a freshly started engine's.
 
 FP8 (compressed-tensors channel) from vLLM 0.24, BF16 before (the MoE of
@@ -184,18 +184,35 @@ def test_fsdp2_trainer_feeds_tp2_engine(weights, tp2_cold, tmp_path):
     assert warm[1] == tp2_cold[1], f"TP=2: logprobs {warm[1]} vs cold {tp2_cold[1]}"
 
 
+@pytest.fixture(scope="module")
+def tied_weights(tmp_path_factory):
+    """A tied Llama (no lm_head.weight in its checkpoints; the trainer's head is its embedding)."""
+    root = tmp_path_factory.mktemp("sharded_tied")
+    base = tm.make_llama(root / "trainer_w0", tied=True)
+    config = tm.load_config(base)
+    ws = [tm.load_checkpoint(base)]
+    ws.append(tm.perturb_state_dict(ws[0], seed=520, scale=0.05))
+    hf = [base, tm.save_checkpoint(root / "trainer_w1", ws[1], config)]
+    served = [write_serving_checkpoint(root / f"{FMT}_w{k}", w, config,
+                                       CT_FP8_CHANNEL_DYNAMIC if FMT == "fp8" else None) for k, w in enumerate(ws)]
+    return root, hf, served
+
+
 @tiers.full_tier_only("two TP=2 engines (four workers on a 2-core machine); CI runs (e)")
-def test_fsdp2_ranks_send_their_rows_to_tp2_engine(weights, tp2_cold, tmp_path):
-    """(g) rank parts into a TP = 2 engine (dense; FP8 channel from vLLM
-    0.24): each trainer rank sends both workers its rows of every weight,
-    quantized on its rows; nothing is gathered; each worker puts the rows
-    back together and vLLM's loader takes its TP slice. Parameters == a cold
-    load per worker, outputs == a freshly started TP = 2 engine's."""
-    root, hf, served = weights
+def test_fsdp2_ranks_send_their_rows_to_tp2_engine(tied_weights, tmp_path):
+    """(g) rank parts into a TP = 2 engine (a tied dense model; FP8 channel
+    from vLLM 0.24): each trainer rank sends both workers its rows of every
+    weight, quantized on its rows; only the tied embedding is gathered (rank
+    0's main stream checks the head against it, then drops the head); each
+    worker puts the rows back together and vLLM's loader takes its TP slice.
+    Parameters == a cold load per worker, outputs == a freshly started TP = 2
+    engine's."""
+    root, hf, served = tied_weights
     with vllm_serve(served[0], tmp_path / "warm.log", args=EXT + TP2, env=TP2_ENV) as warm_url:
         result = push(root, hf[0], [warm_url], hf[1], step=1, rank_parts=True)
         rep = result["reports"][0]
-        assert [r[0]["gathered"] for r in result["reports_per_rank"]] == [0, 0], result
+        # gathered: the embedding, and its tied head (the same parameter) under its own name
+        assert [r[0]["gathered"] for r in result["reports_per_rank"]] == [2, 2], result
         assert rep["worker_parts"] == [2, 2], rep
         for rank, r in enumerate(result["reports_per_rank"]):
             assert [p["worker"] for p in r[0]["rank_parts"]] == [0, 1], (rank, r)
@@ -203,8 +220,10 @@ def test_fsdp2_ranks_send_their_rows_to_tp2_engine(weights, tp2_cold, tmp_path):
                         rpc(warm_url, "weight_sync_cold_digest", model_dir=str(served[1]))):
             assert w["digest"] == c["digest"], "parameters differ from a cold load"
         warm = completions(warm_url, str(served[0]), PROMPTS, NTOK)
-    assert warm[0] == tp2_cold[0], f"TP=2 parts: tokens {warm[0]} vs cold {tp2_cold[0]}"
-    assert warm[1] == tp2_cold[1], f"TP=2 parts: logprobs {warm[1]} vs cold {tp2_cold[1]}"
+    with vllm_serve(served[1], tmp_path / "cold.log", args=TP2, env=TP2_ENV) as cold_url:
+        cold = completions(cold_url, str(served[1]), PROMPTS, NTOK)
+    assert warm[0] == cold[0], f"TP=2 parts: tokens {warm[0]} vs cold {cold[0]}"
+    assert warm[1] == cold[1], f"TP=2 parts: logprobs {warm[1]} vs cold {cold[1]}"
 
 
 @pytest.fixture(scope="module")

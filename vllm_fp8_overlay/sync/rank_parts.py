@@ -139,6 +139,8 @@ class RankParts:
 
             layout = FP8Layout.from_dict(layout)
         self.layout = layout
+        #: tied aliases and their embeddings: on the main stream, where the client
+        #: checks that the alias equals its embedding before dropping it
         self.aliases = frozenset(plan["aliases"])
         self.num_experts = plan["num_experts"]  # None: the engines serve no fused-MoE experts
         self.start, self.stop = fused_expert_range(self.num_experts or 0, self.world, self.rank)
@@ -287,7 +289,8 @@ def _plan(client: Any) -> dict:
             if ex.get("refused"):
                 error = error or f"{target.name} worker {li}: {ex['refused']}"
             counts.add(ex.get("num_experts"))
-            aliases.update((w.get("tied_aliases") or {}).keys())
+            for alias, target in (w.get("tied_aliases") or {}).items():  # the client checks one against the other
+                aliases.update((alias, target))
             workers.append((ti, int(w.get("local_rank", li)), ex.get("owned")))
     if len(counts) > 1:
         error = error or f"the engines serve different expert counts: {sorted(counts, key=str)}"

@@ -294,17 +294,23 @@ def make_llama(
     head_dim: int | None = None,
     vocab: int = 512,
     seed: int = 0,
+    tied: bool = False,
 ) -> Path:
-    """A tiny ``LlamaForCausalLM`` checkpoint (bf16, untied embeddings, no tokenizer)."""
+    """A tiny ``LlamaForCausalLM`` checkpoint (bf16, no tokenizer; ``tied``:
+    the head is the embedding, and the checkpoint has no ``lm_head.weight``)."""
     head_dim = head_dim or hidden // heads
     base = _common_config(
         vocab=vocab, hidden=hidden, inter=intermediate, layers=layers, heads=heads,
         kv_heads=kv_heads, head_dim=head_dim,
     )
+    base["tie_word_embeddings"] = tied
     base.update({"architectures": ["LlamaForCausalLM"], "attention_bias": False, "mlp_bias": False,
                  "pretraining_tp": 1})
     cfg = _finish_config("llama", base)
-    return save_checkpoint(directory, llama_state_dict(cfg, seed), cfg)
+    sd = llama_state_dict(cfg, seed)
+    if tied:
+        del sd["lm_head.weight"]
+    return save_checkpoint(directory, sd, cfg)
 
 
 # --------------------------------------------------------------------------
