@@ -247,3 +247,34 @@ def test_row_shards_from_the_parts_equal_the_whole_tensors_served(fmt, monkeypat
     with pytest.raises(WeightUpdateRejected, match=r"q_proj\.weight: got .*\[128, 128\], expected .*\[256, 128\]"):
         job.collect(None)
     assert load.calls == []
+
+
+def test_main_stream_and_two_parts_over_real_gloo(tmp_path):
+    """The same step shapes as the 2-GPU check (``testing/parts_gpu_check``),
+    over real gloo groups between two processes: a trainer sends the main
+    stream and two parts (experts, row shards) at once from three threads; the
+    worker's tensors (rows put back together) equal the torch quantization of
+    the whole weights bitwise, block and channel layouts, four steps each; the
+    step whose main stream repeats an expert is rejected and the next arrives
+    whole on every group."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vllm_fp8_overlay.sync.transport import free_port
+
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "vllm_fp8_overlay.testing.parts_gpu_check", "--cpu", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert r.returncode == 0, r.stderr[-6000:]
+    report = json.loads(out.read_text())
+    assert report["mismatches"] == [], report["mismatches"]
+    cases = [(s["case"], s["ok"]) for s in report["steps"]]
+    assert cases == [("good", True), ("good", True), ("repeat", False), ("good", True)] * 2, report["steps"]
+    for s in report["steps"]:
+        if s["ok"]:
+            assert s["parts"] == 2 and s["tensors"] == 2 * (1 + 3 * 8) + 1, s
+        else:
+            assert "sent in two streams" in s["error"], s

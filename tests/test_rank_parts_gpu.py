@@ -1,10 +1,12 @@
-"""Expert parts over NCCL on 2 GPUs: a trainer sends a step's main stream and
-an expert part at once, through two communicators, and a worker receives
-both with ``StepJob(parts=...)`` (``vllm_fp8_overlay.testing.parts_gpu_check``
-under ``torch.distributed.run``): every tensor bitwise the torch backend's
-quantization, for a block and a channel layout over four steps each; a step
-whose part repeats a tensor of the main stream is rejected and the next one
-arrives whole on both groups."""
+"""Rank parts over NCCL on 2 GPUs: a trainer sends a step's main stream and
+two parts (experts and row shards) at once, through three communicators, and
+a worker receives them with ``StepJob(parts=...)``
+(``vllm_fp8_overlay.testing.parts_gpu_check`` under ``torch.distributed.run``):
+every tensor, rows put back together, bitwise the torch backend's
+quantization of the whole weights, for a block and a channel layout over
+four steps each; a step whose main stream repeats a tensor of a part is
+rejected and the next one arrives whole on every group. Passing here is
+what ``rank_parts.PARTS_BACKENDS`` waits for to take NCCL."""
 
 from __future__ import annotations
 
@@ -39,6 +41,6 @@ def test_main_stream_and_part_over_nccl_equal_the_torch_quantization(tmp_path):
     assert cases == [("good", True), ("good", True), ("repeat", False), ("good", True)] * 2, report["steps"]
     for s in report["steps"]:
         if s["ok"]:
-            assert s["parts"] == 1 and s["tensors"] == 2 * (1 + 3 * 8), s  # weight + scale each
+            assert s["parts"] == 2 and s["tensors"] == 2 * (1 + 3 * 8) + 1, s  # weight + scale each; the norm
         else:
             assert "sent in two streams" in s["error"], s

@@ -1,15 +1,18 @@
-"""Two CUDA ranks check a step sent as a main stream plus an expert part over NCCL.
+"""Two CUDA ranks check a step sent as a main stream plus two parts over NCCL.
 
 Run by ``tests/test_rank_parts_gpu.py`` under ``torch.distributed.run``
-(``--nproc_per_node 2``): rank 0 is a trainer on ``cuda:0`` with two
-``WeightSender``s (the main group and one part group, two NCCL
-communicators), sending both streams at once from two threads as
-``push_sharded(..., parts=)`` does; rank 1 is a worker on ``cuda:1``
-receiving them with ``apply.steps.StepJob(parts=...)``. Per step and layout,
-every tensor the worker would load equals, bitwise, the torch backend's
-quantization of the weights (no Triton code involved). A step whose part
-repeats an expert of the main stream is rejected, and the next step arrives
-whole on both groups. Rank 1 writes a JSON report to ``--out``.
+(``--nproc_per_node 2``): rank 0 stands in for two trainer ranks on
+``cuda:0`` with three ``WeightSender``s (the main group and two part groups:
+three NCCL communicators), sending all three streams at once from three
+threads as ``push_sharded(..., parts=)`` does on each rank; each part holds
+half the experts and half the rows of a weight. Rank 1 is a worker on
+``cuda:1`` receiving them with ``apply.steps.StepJob(parts=...)``. Per step
+and layout, every tensor the worker would load (the rows put back
+together) equals, bitwise, the torch backend's quantization of the whole
+weights (no Triton code involved). A step whose main stream repeats an
+expert of a part is rejected, and the next step arrives whole on every
+group. Rank 1 writes a JSON report to ``--out`` (``--cpu``: gloo, to check
+this script without GPUs).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def layouts():
 
 def weights(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    out = {"model.layers.0.self_attn.q_proj.weight": torch.randn(512, 512, generator=g)}
+    out = {"model.layers.0.self_attn.q_proj.weight": torch.randn(512, 512, generator=g),
+           "model.layers.0.input_layernorm.weight": torch.rand(512, generator=g)}
     for e in range(E):
         out[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"] = torch.randn(256, 512, generator=g)
         out[f"model.layers.0.mlp.experts.{e}.up_proj.weight"] = torch.randn(256, 512, generator=g)
@@ -44,10 +48,25 @@ def weights(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: (v * 0.03).to(torch.bfloat16).to(device) for k, v in out.items()}
 
 
-def split(w: dict, repeat_expert: bool = False) -> tuple[dict, dict]:
-    main = {k: v for k, v in w.items() if ".experts." not in k or (repeat_expert and ".experts.0." in k)}
-    part = {k: v for k, v in w.items() if ".experts." in k}
-    return main, part
+PARTS = 2  # part streams, as from two trainer ranks
+
+
+def split(w: dict, repeat_expert: bool = False) -> tuple[dict, list[dict]]:
+    """The main stream (what is not sharded: the norm), and two parts as two
+    trainer ranks would send them: each its half of the experts and its
+    half of the rows of q_proj (256 of 512: two whole 128-row blocks)."""
+    main = {k: v for k, v in w.items() if k.endswith("norm.weight")}
+    parts = [{} for _ in range(PARTS)]
+    for k, v in w.items():
+        if ".experts." in k:
+            e = int(k.split(".experts.")[1].split(".")[0])
+            parts[e * PARTS // E][k] = v
+        elif not k.endswith("norm.weight"):
+            for r, rows in enumerate(torch.chunk(v, PARTS)):
+                parts[r][k] = rows
+    if repeat_expert:  # expert 0's tensors in the main stream too
+        main.update({k: v for k, v in w.items() if ".experts.0." in k})
+    return main, parts
 
 
 def reference(w: dict, layout) -> dict[str, torch.Tensor]:
@@ -64,29 +83,32 @@ def trainer(ports: list[int], device: torch.device, backend: str) -> None:
     from vllm_fp8_overlay.sync import WeightSender
 
     step = 0
+    per = 1 + PARTS
     for k, layout in enumerate(layouts()):  # fresh groups (and ports) per layout
-        main_tx = WeightSender(layout, "127.0.0.1", ports[2 * k], 2, backend=backend, device=device)
-        part_tx = WeightSender(layout, "127.0.0.1", ports[2 * k + 1], 2, backend=backend, device=device)
+        txs = [WeightSender(layout, "127.0.0.1", ports[per * k + i], 2, backend=backend, device=device)
+               for i in range(per)]
         for case in ("good", "good", "repeat", "good"):
             step += 1
-            main, part = split(weights(step, device), repeat_expert=case == "repeat")
+            main, parts = split(weights(step, device), repeat_expert=case == "repeat")
             errors = []
 
-            def send_part() -> None:
+            def send(tx, weights) -> None:
                 try:
-                    part_tx.send(part, step)
+                    tx.send(weights, step)
                 except BaseException as e:  # noqa: BLE001 - reported below
                     errors.append(e)
 
-            th = threading.Thread(target=send_part)
-            th.start()
-            main_tx.send(main, step)
-            th.join()
+            threads = [threading.Thread(target=send, args=(tx, part)) for tx, part in zip(txs[1:], parts)]
+            for th in threads:
+                th.start()
+            send(txs[0], main)
+            for th in threads:
+                th.join()
             if errors:
                 raise errors[0]
         dist.barrier()
-        main_tx.close()
-        part_tx.close()
+        for tx in txs:
+            tx.close()
         dist.barrier()
 
 
@@ -103,9 +125,10 @@ def worker(ports: list[int], device: torch.device, backend: str) -> dict:
 
     report = {"steps": [], "mismatches": []}
     step = 0
+    per = 1 + PARTS
     for k, layout in enumerate(layouts()):
-        main_rx = WeightReceiver("127.0.0.1", ports[2 * k], 2, 1, backend=backend, device=device)
-        part_rx = WeightReceiver("127.0.0.1", ports[2 * k + 1], 2, 1, backend=backend, device=device)
+        main_rx, *part_rx = [WeightReceiver("127.0.0.1", ports[per * k + i], 2, 1, backend=backend, device=device)
+                             for i in range(per)]
         specs_of = reference(weights(0, device), layout)
         served = Served(dir="", specs={n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in specs_of.items()},
                         layout=layout_key(layout.to_dict())[0], layout_full=layout.to_dict(), layout_error=None,
@@ -118,7 +141,7 @@ def worker(ports: list[int], device: torch.device, backend: str) -> dict:
                 loaded.update({n: t.clone() for n, t in tensors})
                 return {}
 
-            job = StepJob(main_rx, step, "layerwise", served, load, parts=[part_rx])
+            job = StepJob(main_rx, step, "layerwise", served, load, parts=part_rx)
             try:
                 result = job.collect(None)
                 outcome = {"step": step, "layout": layout.strategy, "case": case, "ok": True,
@@ -135,8 +158,8 @@ def worker(ports: list[int], device: torch.device, backend: str) -> dict:
                     if got is None or got.dtype != t.dtype or not torch.equal(_bits(got), _bits(t)):
                         report["mismatches"].append(f"step {step} {layout.strategy}: {n}")
         dist.barrier()
-        main_rx.close()
-        part_rx.close()
+        for rx in (main_rx, *part_rx):
+            rx.close()
         dist.barrier()
     return report
 
@@ -155,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     from vllm_fp8_overlay.sync.transport import free_port
 
-    box = [[free_port() for _ in range(2 * len(layouts()))] if rank == 0 else None]
+    box = [[free_port() for _ in range((1 + PARTS) * len(layouts()))] if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     if rank == 0:
         trainer(box[0], device, backend)
