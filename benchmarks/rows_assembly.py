@@ -6,7 +6,7 @@ One command::
 
 With rank parts (``sync/rank_parts.py``) each trainer rank sends its rows of
 every weight whose layout allows it, and the worker puts each tensor's rows
-back together before loading (``apply/steps.py``: ``_cat_rows``, one copy
+back together before loading (``apply/streams.py``: ``cat_rows``, one copy
 per tensor). This times that for the dense 7B shapes of ``bench_sync.py`` in
 the HF 128x128 block layout (FP8 weights and float32 scales; contents do not
 matter to a copy), cut as ``Shard(0)`` cuts them over 2 and over 8 trainer
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=15)
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from vllm_fp8_overlay.sync.apply.steps import _cat_rows
+    from vllm_fp8_overlay.sync.apply.streams import cat_rows
 
     dev = torch.device("cuda", 0)
     full = _step_tensors(dev)
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for ranks in (2, 8):
         shards = [[s for s in torch.chunk(t, ranks) if s.shape[0]] for _, t in full]
-        rows[ranks] = _time(lambda: [_cat_rows(s) for s in shards], args.iters)
-        got = [_cat_rows(s) for s in shards]
+        rows[ranks] = _time(lambda: [cat_rows(s) for s in shards], args.iters)
+        got = [cat_rows(s) for s in shards]
         assert all(torch.equal(g.view(torch.uint8), t.view(torch.uint8)) for g, (_, t) in zip(got, full))
-        del got, shards
+        got = shards = None  # free them before the next split
     copy = _time(lambda: [torch.empty_like(t).copy_(t) for _, t in full], args.iters)
     res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "tensors": len(full),
            "bytes": nbytes, "iters": args.iters,

