@@ -269,12 +269,6 @@ def test_main_stream_and_two_parts_over_real_gloo(tmp_path):
            "-m", "vllm_fp8_overlay.testing.parts_gpu_check", "--cpu", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
     assert r.returncode == 0, r.stderr[-6000:]
-    report = json.loads(out.read_text())
-    assert report["mismatches"] == [], report["mismatches"]
-    cases = [(s["case"], s["ok"]) for s in report["steps"]]
-    assert cases == [("good", True), ("good", True), ("repeat", False), ("good", True)] * 2, report["steps"]
-    for s in report["steps"]:
-        if s["ok"]:
-            assert s["parts"] == 2 and s["tensors"] == 2 * (1 + 3 * 8) + 1, s
-        else:
-            assert "sent in two streams" in s["error"], s
+    from vllm_fp8_overlay.testing.parts_gpu_check import problems
+
+    assert problems(json.loads(out.read_text())) == []

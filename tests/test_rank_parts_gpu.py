@@ -35,12 +35,6 @@ def test_main_stream_and_part_over_nccl_equal_the_torch_quantization(tmp_path):
            "-m", "vllm_fp8_overlay.testing.parts_gpu_check", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-6000:]
-    report = json.loads(out.read_text())
-    assert report["mismatches"] == [], report["mismatches"]
-    cases = [(s["case"], s["ok"]) for s in report["steps"]]
-    assert cases == [("good", True), ("good", True), ("repeat", False), ("good", True)] * 2, report["steps"]
-    for s in report["steps"]:
-        if s["ok"]:
-            assert s["parts"] == 2 and s["tensors"] == 2 * (1 + 3 * 8) + 1, s  # weight + scale each; the norm
-        else:
-            assert "sent in two streams" in s["error"], s
+    from vllm_fp8_overlay.testing.parts_gpu_check import problems
+
+    assert problems(json.loads(out.read_text())) == []

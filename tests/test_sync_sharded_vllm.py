@@ -238,16 +238,21 @@ def moe_weights(tmp_path_factory):
     return root, [base, hf1], served
 
 
+def ep_engine() -> tuple[list[str], dict[str, str]]:
+    """``vllm serve`` arguments and environment of a TP = 2 engine with expert
+    parallelism on CPU (its MoE kernels behind the test shim)."""
+    from vllm_fp8_overlay.testing.ep_shim import EXTENSION as EP_EXTENSION
+
+    return (["--tensor-parallel-size", "2", "--enable-expert-parallel", "--distributed-executor-backend", "mp",
+             "--worker-extension-cls", EP_EXTENSION], {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+
+
 @tiers.full_tier_only("two TP=2 expert-parallel engines")
 def test_fsdp2_trainer_feeds_expert_parallel_engine(moe_weights, tmp_path):
     """(c) TP = 2 + expert parallelism, one step; parameters == a cold load,
     outputs == a freshly started EP engine's (both with the EP test shim)."""
-    from vllm_fp8_overlay.testing.ep_shim import EXTENSION as EP_EXTENSION
-
     root, hf, served = moe_weights
-    ep = ["--tensor-parallel-size", "2", "--enable-expert-parallel", "--distributed-executor-backend", "mp",
-          "--worker-extension-cls", EP_EXTENSION]
-    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    ep, env = ep_engine()
     with vllm_serve(served[0], tmp_path / "warm.log", args=ep, env=env) as warm_url:
         before = completions(warm_url, str(served[0]), PROMPTS, NTOK)
         result = push(root, hf[0], [warm_url], hf[1], step=1)
@@ -329,12 +334,8 @@ def test_fsdp2_ranks_feed_expert_parallel_workers_their_own_experts(moe_weights,
     the other weights to both); neither worker receives the other's experts.
     Parameters == a cold load per worker,
     outputs == a freshly started EP engine's (both with the EP test shim)."""
-    from vllm_fp8_overlay.testing.ep_shim import EXTENSION as EP_EXTENSION
-
     root, hf, served = moe_weights
-    ep = ["--tensor-parallel-size", "2", "--enable-expert-parallel", "--distributed-executor-backend", "mp",
-          "--worker-extension-cls", EP_EXTENSION]
-    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    ep, env = ep_engine()
     with vllm_serve(served[0], tmp_path / "warm.log", args=ep, env=env) as warm_url:
         before = completions(warm_url, str(served[0]), PROMPTS, NTOK)
         result = push(root, hf[0], [warm_url], hf[1], step=1, rank_parts=True)
