@@ -272,3 +272,31 @@ def test_main_stream_and_two_parts_over_real_gloo(tmp_path):
     from vllm_fp8_overlay.testing.parts_gpu_check import problems
 
     assert problems(json.loads(out.read_text())) == []
+
+
+def test_per_expert_rows_go_only_to_workers_that_load_the_expert():
+    """A MoE whose experts are per-expert 2-D parameters (sharded by rows, not
+    over experts): their rows go to a worker only if it loads that expert (an
+    expert-parallel worker would reject another rank's expert)."""
+    from vllm_fp8_overlay.sync.rank_parts import RankParts, Split
+
+    class Held:  # what a DTensor gives: this rank's rows
+        def __init__(self, t):
+            self.t = t
+
+        def to_local(self):
+            return self.t
+
+    parts = object.__new__(RankParts)  # routing only: no groups
+    parts.start = parts.stop = 0
+    rows = Split([], [("model.layers.0.mlp.experts.3.up_proj.weight", Held(torch.ones(2, 4))),
+                      ("model.layers.0.self_attn.q_proj.weight", Held(torch.ones(2, 4))),
+                      ("model.layers.0.mlp.experts.5.up_proj.weight", Held(torch.ones(0, 4)))])  # no rows here
+
+    def sent(owned):
+        return [n for n, _ in parts._tensors(rows, [], owned)]
+
+    both = ["model.layers.0.mlp.experts.3.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    assert sent(None) == both
+    assert sent(frozenset({2, 3})) == both
+    assert sent(frozenset({0, 1})) == ["model.layers.0.self_attn.q_proj.weight"]

@@ -72,6 +72,7 @@ __all__ = ["RankParts", "PARTS_BACKENDS", "Split", "fused_expert_range", "rows_t
 PARTS_BACKENDS = frozenset({"gloo"})
 
 _FUSED = re.compile(r"^.*\.experts\.(gate_up_proj|down_proj)$")
+_EXPERT_ID = re.compile(r"\.experts\.(\d+)\.")  # a per-expert checkpoint tensor
 
 
 def fused_expert_range(num_experts: int, world: int, rank: int) -> tuple[int, int]:
@@ -148,6 +149,9 @@ class RankParts:
         #: (target index, worker local rank, expert ids this rank sends it)
         self.pairs = [(ti, li, sorted(mine if owned is None else mine & set(owned)))
                       for ti, li, owned in plan["workers"]]
+        #: per pair, the experts its worker loads (``None``: all): per-expert
+        #: weights sharded by rows go only where their expert is loaded
+        self.owned = [None if owned is None else frozenset(owned) for _, _, owned in plan["workers"]]
         ports = [free_port(host) for _ in self.pairs]
         every = [None] * self.world
         dist.all_gather_object(every, [(ti, li, host, port) for (ti, li, _), port in zip(self.pairs, ports)],
@@ -213,8 +217,8 @@ class RankParts:
         """Send every worker its part (one group after another); returns each
         sender's ``SendStats``."""
         stats = []
-        for sender, (_, _, ids) in zip(self.senders, self.pairs):
-            stats.append(sender.send(self._tensors(part, ids), step))
+        for sender, (_, _, ids), owned in zip(self.senders, self.pairs, self.owned):
+            stats.append(sender.send(self._tensors(part, ids, owned), step))
         self.last = stats
         return stats
 
@@ -222,7 +226,8 @@ class RankParts:
         """:meth:`send` in a thread (beside the gathers of the main stream)."""
         return _Sending(self, part, step)
 
-    def _tensors(self, part: "Split", ids: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _tensors(self, part: "Split", ids: list[int], owned: frozenset[int] | None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
         from ..formats.quantize import expand_fused_experts
 
         for name, t in part.experts:
@@ -233,6 +238,9 @@ class RankParts:
             for e in ids:
                 yield from expand_fused_experts(name, local[e - self.start:e - self.start + 1], first=e)
         for name, t in part.rows:
+            expert = _EXPERT_ID.search(name)
+            if owned is not None and expert is not None and int(expert.group(1)) not in owned:
+                continue  # another worker's expert (an expert-parallel engine)
             local = t.to_local()
             if local.shape[0]:
                 yield name, local
