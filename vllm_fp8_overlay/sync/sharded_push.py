@@ -89,7 +89,7 @@ def push_sharded(client: Any, weights: Mapping[str, Any] | Iterable[tuple[str, A
         sending = parts.send_in_background(part, step)
     stream = sharded_stream(weights, layout, stats=stats, window_bytes=window_bytes, dst=dst)
     try:
-        report = _push_stream(client, stream, step, dict(push_kw, rank_parts=True) if parts else push_kw)
+        report = _push_stream(client, stream, step, dict(push_kw, rank_parts=True) if parts is not None else push_kw)
     except BaseException:
         if sending is not None:
             with contextlib.suppress(BaseException):  # its own error, if any, comes second to this one

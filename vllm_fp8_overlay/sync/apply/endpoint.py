@@ -66,7 +66,7 @@ class WorkerSync:
         self.lock = threading.RLock()
         self.served: Served | None = None
         self.receiver: Any = None
-        #: receivers of expert parts: one 2-rank group per trainer rank that sends this worker experts
+        #: receivers of rank parts: one 2-rank group per trainer rank that sends this worker what it holds
         self.parts: list[Any] = []
         self.info: dict = {}
         self.job: StepJob | None = None
@@ -166,7 +166,7 @@ class WorkerSync:
 
     def join_parts(self, parts: list[dict], backend: str = "auto", timeout: float = 300.0) -> dict:
         """Join one 2-rank group per trainer rank that sends this worker its
-        expert part (:mod:`..rank_parts`), in the order given (the trainer
+        part (:mod:`..rank_parts`), in the order given (the trainer
         ranks build theirs in the same order, so no join waits on another).
         From then on every step is the main group's stream plus one part per
         group, received together and loaded as one update."""
@@ -174,7 +174,7 @@ class WorkerSync:
 
         rx = self.receiver
         if rx is None or rx.closed:
-            raise WeightSyncError("join the trainer's group (init_weight_receiver) before its expert parts")
+            raise WeightSyncError("join the trainer's group (init_weight_receiver) before its rank parts")
         self._close_parts()
         joined = []
         try:
@@ -190,7 +190,7 @@ class WorkerSync:
         with self.lock:
             self.parts = joined
             self.info["rank_parts"] = [f"{p['host']}:{p['port']}" for p in parts]
-        logger.info("weight sync: joined %d expert part group(s)", len(joined))
+        logger.info("weight sync: joined %d rank part group(s)", len(joined))
         return {"ok": True, "parts": len(joined), "local_rank": self.local_rank()}
 
     def close(self, reason: str = "the receiver was closed") -> bool:
@@ -220,7 +220,7 @@ class WorkerSync:
                 allow_non_increasing: bool = False, group_id: str | None = None, rank_parts: bool = False) -> dict:
         """Receive step ``step``, validate it, load it (see
         ``WeightSyncExtension.receive_weights`` for the arguments).
-        ``rank_parts``: the trainer ranks send this step's experts through
+        ``rank_parts``: the trainer ranks send parts of this step through
         the part groups (:meth:`join_parts`) too; without it the step is the
         main stream alone and the part groups are left untouched."""
         rx = self.checked_receiver(step, group_id)
@@ -236,10 +236,10 @@ class WorkerSync:
         peak = PeakMemory(self.model_device())
         parts = list(self.parts) if rank_parts else []
         if rank_parts and not parts:
-            raise WeightUpdateRejected(f"step {step} rejected, model unchanged: the trainer sends expert parts "
+            raise WeightUpdateRejected(f"step {step} rejected, model unchanged: the trainer sends rank parts "
                                        "but this worker joined no part group (weight_sync_join_parts)")
         if stream and parts:
-            discard = "stream=True does not take expert parts (they arrive in their own groups): use stream=False"
+            discard = "stream=True does not take rank parts (they arrive in their own groups): use stream=False"
         if stream and discard is None:
             with self.lock:
                 self.job = None
@@ -280,7 +280,7 @@ class WorkerSync:
         raise err
 
     def _expected_from_parts(self) -> Callable[[str], bool] | None:
-        """With expert parts an expert-parallel worker receives only its own
+        """With rank parts an expert-parallel worker receives only its own
         experts: the names a step must bring are the served ones minus other
         ranks' experts (``None``: every served name)."""
         from .ep_experts import ownership_filter

@@ -156,12 +156,13 @@ class StepJob:
     ``discard``: receive the step only to keep the group in sync and reject
     it with that reason (e.g. a step number that does not increase).
 
-    ``parts``: receivers of expert parts (:mod:`..rank_parts`): each
-    brings one trainer rank's experts for this worker in its own group. They
-    are received beside the main stream, each in its own thread and each to
-    its end whatever the others do (so every group stays in sync), and the
-    step is checked and loaded as one: a name in two streams, or missing
-    from all of them, rejects it. ``expected``: which served names the
+    ``parts``: receivers of rank parts (:mod:`..rank_parts`): each brings
+    what one trainer rank holds for this worker (its experts, its rows), in
+    its own group. They are received beside the main stream
+    (:mod:`.streams`), each to its end whatever the others do (so every group
+    stays in sync), and the step is checked and loaded as one: a whole tensor
+    in two streams, rows that do not add up, or a name missing from all of
+    them reject it. ``expected``: which served names the
     worker must receive (``None``: all; an expert-parallel worker fed by
     parts gets only its own experts)."""
 
