@@ -62,6 +62,7 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 import torch
 import torch.distributed as dist
 
+from ..formats.quantize import _FUSED_EXPERTS_RE
 from .transport import DEFAULT_TIMEOUT_S, free_port
 
 __all__ = ["RankParts", "PARTS_BACKENDS", "Split", "fused_expert_range", "rows_travel_alone"]
@@ -71,17 +72,17 @@ __all__ = ["RankParts", "PARTS_BACKENDS", "Split", "fused_expert_range", "rows_t
 #: worker then drives two communicators at once, and a trainer rank several.
 PARTS_BACKENDS = frozenset({"gloo"})
 
-_FUSED = re.compile(r"^.*\.experts\.(gate_up_proj|down_proj)$")
 _EXPERT_ID = re.compile(r"\.experts\.(\d+)\.")  # a per-expert checkpoint tensor
 
 
 def fused_expert_range(num_experts: int, world: int, rank: int) -> tuple[int, int]:
     """Experts ``[start, stop)`` rank ``rank`` of ``world`` holds under
-    ``Shard(0)`` (``torch.chunk``: ceil(E / world) each, the last ranks the
-    rest, possibly none)."""
-    per = -(-num_experts // world)
-    start = min(num_experts, rank * per)
-    return start, min(num_experts, start + per)
+    ``Shard(0)``: the expert dimension's rows, as ``sources`` splits rows."""
+    from .sources import _rows_per_rank
+
+    counts = _rows_per_rank(num_experts, world)
+    start = sum(counts[:rank])
+    return start, start + counts[rank]
 
 
 def rows_travel_alone(name: str, shape: tuple[int, ...], dtype: torch.dtype, world: int, layout: Any) -> bool:
@@ -93,7 +94,7 @@ def rows_travel_alone(name: str, shape: tuple[int, ...], dtype: torch.dtype, wor
     rows). Fused 3-D experts never (the sender splits them per expert)."""
     from .sources import _how, _rows_per_rank
 
-    if _FUSED.match(name):
+    if _FUSED_EXPERTS_RE.match(name):
         return False
     if layout is None or len(shape) != 2 or not layout.quantizes(name, shape):
         return True
@@ -202,7 +203,7 @@ class RankParts:
         part = Split([], [])
         rest: list[tuple[str, Any]] = []
         for name, t in (weights.items() if isinstance(weights, Mapping) else weights):
-            if _FUSED.match(name) and _is_row_sharded(t) and t.ndim == 3 and self.num_experts:
+            if _FUSED_EXPERTS_RE.match(name) and _is_row_sharded(t) and t.ndim == 3 and self.num_experts:
                 if int(t.shape[0]) != self.num_experts:
                     raise ValueError(f"{name}: {t.shape[0]} experts, the engines serve {self.num_experts}")
                 part.experts.append((name, t))
