@@ -105,12 +105,20 @@ def push(root: Path, base: Path, urls: list[str], step_ckpt: Path, step: int, pe
     return result
 
 
+def assert_params_cold(url: str, model_dir: Path, workers: int) -> None:
+    """Each of the ``workers`` workers of the server at ``url`` holds the
+    parameters a cold load of ``model_dir`` gives that worker."""
+    warm = rpc(url, "weight_sync_digest")
+    cold = rpc(url, "weight_sync_cold_digest", model_dir=str(model_dir))
+    assert len(warm) == len(cold) == workers, (len(warm), len(cold))
+    for rank, (w, c) in enumerate(zip(warm, cold)):
+        assert w["digest"] == c["digest"], f"worker {rank}: parameters differ from a cold load"
+
+
 def assert_serves_cold(url: str, served: list[Path], k: int, cold: tuple[list, list]) -> None:
-    """Every worker of the server at ``url`` equals a cold load of W_k, and its
-    greedy tokens and logprobs a fresh engine's (``cold``)."""
-    for w in rpc(url, "weight_sync_digest"):
-        cold_digest = rpc(url, "weight_sync_cold_digest", model_dir=str(served[k]))[0]["digest"]
-        assert w["digest"] == cold_digest, f"{url} step {k}: parameters differ from a cold load"
+    """The one worker of the server at ``url`` equals a cold load of W_k, and
+    its greedy tokens and logprobs a fresh engine's (``cold``)."""
+    assert_params_cold(url, served[k], workers=1)
     warm = completions(url, str(served[0]), PROMPTS, NTOK)
     assert warm[0] == cold[0], f"{url} step {k}: tokens {warm[0]} vs cold {cold[0]}"
     assert warm[1] == cold[1], f"{url} step {k}: logprobs {warm[1]} vs cold {cold[1]}"
@@ -216,9 +224,7 @@ def test_fsdp2_ranks_send_their_rows_to_tp2_engine(tied_weights, tmp_path):
         assert rep["worker_parts"] == [2, 2], rep
         for rank, r in enumerate(result["reports_per_rank"]):
             assert [p["worker"] for p in r[0]["rank_parts"]] == [0, 1], (rank, r)
-        for w, c in zip(rpc(warm_url, "weight_sync_digest"),
-                        rpc(warm_url, "weight_sync_cold_digest", model_dir=str(served[1]))):
-            assert w["digest"] == c["digest"], "parameters differ from a cold load"
+        assert_params_cold(warm_url, served[1], workers=2)
         warm = completions(warm_url, str(served[0]), PROMPTS, NTOK)
     with vllm_serve(served[1], tmp_path / "cold.log", args=TP2, env=TP2_ENV) as cold_url:
         cold = completions(cold_url, str(served[1]), PROMPTS, NTOK)
@@ -260,11 +266,7 @@ def test_fsdp2_trainer_feeds_expert_parallel_engine(moe_weights, tmp_path):
         # each EP worker left the other rank's experts out of vLLM's loader (skip-other-ranks-experts):
         # 4 of 8 experts x 3 projections x 2 layers
         assert result["reports"][0]["other_ranks_expert_tensors"] == [24, 24], result
-        warm_digests = rpc(warm_url, "weight_sync_digest")
-        cold_digests = rpc(warm_url, "weight_sync_cold_digest", model_dir=str(served[1]))
-        assert len(warm_digests) == 2
-        for rank, (w, c) in enumerate(zip(warm_digests, cold_digests)):
-            assert w["digest"] == c["digest"], f"EP rank {rank}: parameters differ from a cold load"
+        assert_params_cold(warm_url, served[1], workers=2)
         warm = completions(warm_url, str(served[0]), PROMPTS, NTOK)
     assert warm != before, "the update changed no output"
     with vllm_serve(served[1], tmp_path / "cold.log", args=ep, env=env) as cold_url:
@@ -318,8 +320,7 @@ def test_fsdp2_ranks_send_their_experts_to_one_engine(moe_weights, tmp_path):
         assert rep["worker_parts"] == [2], rep  # the main stream and one part per trainer rank
         assert rep["worker_tensors"] == [69], rep  # 21 put together from rows, 24 + 24 experts
         assert rep["num_bytes"] == 0, rep  # the main stream carried nothing
-        assert rpc(url, "weight_sync_digest")[0]["digest"] == \
-            rpc(url, "weight_sync_cold_digest", model_dir=str(served[1]))[0]["digest"], "parameters differ from a cold load"
+        assert_params_cold(url, served[1], workers=1)
         warm = completions(url, str(served[0]), PROMPTS, NTOK)
     assert warm != before, "the update changed no output"
     cold = cold_outputs(served[1])
@@ -345,10 +346,7 @@ def test_fsdp2_ranks_feed_expert_parallel_workers_their_own_experts(moe_weights,
         # each worker received 21 non-expert tensors and its own 24 expert tensors, none of the other's
         assert rep["worker_tensors"] == [45, 45], rep
         assert rep["other_ranks_expert_tensors"] == [0, 0], rep
-        warm_digests = rpc(warm_url, "weight_sync_digest")
-        cold_digests = rpc(warm_url, "weight_sync_cold_digest", model_dir=str(served[1]))
-        for rank, (w, c) in enumerate(zip(warm_digests, cold_digests)):
-            assert w["digest"] == c["digest"], f"EP rank {rank}: parameters differ from a cold load"
+        assert_params_cold(warm_url, served[1], workers=2)
         warm = completions(warm_url, str(served[0]), PROMPTS, NTOK)
     assert warm != before, "the update changed no output"
     with vllm_serve(served[1], tmp_path / "cold.log", args=ep, env=env) as cold_url:
