@@ -135,6 +135,28 @@ def test_bounded_memory_bucket_count():
         assert all(s.buf.numel() == per_bucket * each + wire.SEAL_SIZE for s in sender._slots)
 
 
+def test_bucket_buffers_grow_to_what_a_step_needs():
+    """CPU bucket buffers start at FIRST_SLOT_BYTES and double as a bucket
+    fills, keeping what is packed already: a small step holds a small
+    buffer whatever bucket_bytes says, a large one gets full buckets, and
+    the bytes arrive unchanged across each growth."""
+    from vllm_fp8_overlay.sync.sender import FIRST_SLOT_BYTES
+
+    g = torch.Generator().manual_seed(5)
+    small = {f"s.{i}": torch.randn(1000, generator=g) for i in range(4)}  # 16 KB
+    big = {f"b.{i}": torch.randn(300_000, generator=g) for i in range(12)}  # 1.2 MB each
+    rec = RecordingTransport()
+    s = WeightSender(None, "", 0, 0, bucket_bytes=8 << 20, transport=rec)
+    s.send(small, step=1)
+    first = len(rec.messages)
+    assert [x.buf.numel() for x in s._slots if x.buf is not None] == [FIRST_SLOT_BYTES + wire.SEAL_SIZE]
+    stats = s.send(big, step=2)
+    assert stats.num_buckets == 2 and stats.oversize_tensors == 0  # 6 tensors (7.2 MB) per 8 MiB bucket
+    assert sorted(x.buf.numel() for x in s._slots if x.buf is not None) == [(8 << 20) + wire.SEAL_SIZE] * 2
+    assert _digests(_receiver(rec.messages[:first]).receive_all().tensors) == _digests(small.items())
+    assert _digests(_receiver(rec.messages[first:]).receive_all().tensors) == _digests(big.items())
+
+
 def test_receiver_reuses_one_streaming_buffer():
     sd = {f"w.{i}": torch.randn(1024) for i in range(10)}
     msgs, stats, _ = _record(sd, bucket_bytes=8192)

@@ -49,6 +49,10 @@ DEFAULT_CUDA_BUCKET_BYTES = 1 << 30
 
 _CACHE_MAX = 1 << 20  # entries per host cache before it is cleared (a guard, not a tuning knob)
 
+#: a non-grouped bucket buffer's first capacity; it doubles, up to
+#: ``bucket_bytes``, as a step needs more (see ``WeightSender._room``)
+FIRST_SLOT_BYTES = 1 << 20
+
 
 class WeightSender(GroupedSendPath, Outbox):
     """Rank 0 of the weight-sync group.
@@ -63,7 +67,9 @@ class WeightSender(GroupedSendPath, Outbox):
         world_size: 1 + total number of receiving workers.
         backend: ``"auto"`` (NCCL for a CUDA device, gloo for CPU), ``"gloo"``
             or ``"nccl"``.
-        bucket_bytes: capacity of each of the two bucket buffers.
+        bucket_bytes: capacity of each bucket buffer. On the non-grouped path
+            (CPU) a buffer starts at 1 MiB and grows as steps need, so a
+            sender of a few MB holds a few MB whatever its bucket size.
         device: device of the bucket buffers (``None``: current CUDA device if
             available, else CPU).
         timeout: seconds for group creation and each collective.
@@ -283,6 +289,7 @@ class WeightSender(GroupedSendPath, Outbox):
                 entries, end, manifest_est, off = [], 0, 64, 0
             entry = self._entry(name, t.dtype, t.shape, off, n)
             t0 = time.perf_counter()
+            self._room(slot, off + n, end)
             self._pack(slot.buf, entry, t)
             stats.pack_s += time.perf_counter() - t0
             entries.append(entry)
@@ -358,8 +365,25 @@ class WeightSender(GroupedSendPath, Outbox):
             slot.wait()
             stats.transfer_s += time.perf_counter() - t0
         if slot.buf is None:
-            slot.buf = torch.zeros(self.bucket_bytes + SEAL_SIZE, dtype=torch.uint8, device=self.device)
+            first = min(self.bucket_bytes, FIRST_SLOT_BYTES)
+            slot.buf = torch.zeros(first + SEAL_SIZE, dtype=torch.uint8, device=self.device)
         return slot
+
+    def _room(self, slot: _Slot, need: int, used: int) -> None:
+        """Make ``slot.buf`` (payload || seal) hold ``need`` payload bytes,
+        keeping its first ``used``. Why: buffers are zero-filled once (the
+        alignment gaps never carry stale memory), and a full ``bucket_bytes``
+        for every slot cost each small sender (rank parts: two per trainer
+        rank) 3 x 256 MiB of touched memory on CPU. Doubling keeps the copies
+        of a growing bucket under one bucket per slot, all in the first steps."""
+        have = slot.buf.numel() - SEAL_SIZE
+        if need <= have:
+            return
+        grown = torch.zeros(min(self.bucket_bytes, max(need, 2 * have)) + SEAL_SIZE, dtype=torch.uint8,
+                            device=self.device)
+        if used:
+            grown[:used].copy_(slot.buf[:used])
+        slot.buf = grown
 
     def _next_slot(self, stats: SendStats) -> _Slot:
         # Seam for overlap: bucket k is in flight in slot `cur` while bucket
