@@ -76,6 +76,25 @@ def test_other_ranks_experts_are_left_out(release):
     assert all(".experts." not in n or int(n.split(".experts.")[1].split(".")[0]) >= 4 for n in kept)
 
 
+def test_ownership_is_read_once_per_model(release):
+    """A step fed by rank parts asks for the expected names and then for the
+    loader's filter: the layers' expert maps are walked for the first ask
+    only, and a new model is walked again."""
+    m = _model()
+    calls = []
+    for layer in m.layers:
+        experts = layer.mlp.experts
+        mapping = experts._map_global_expert_id_to_local_expert_id
+        experts._map_global_expert_id_to_local_expert_id = lambda e, f=mapping: calls.append(e) or f(e)
+    mine = ep_experts.ownership_filter(m)
+    walked = len(calls)
+    assert walked == 2 * 8
+    f = ep_experts.other_ranks_experts(m)
+    assert len(calls) == walked and ep_experts.ownership_filter(m) is not None and len(calls) == walked
+    assert [mine(n) for n in _names()] == [f.mine(n) for n in _names()]
+    assert ep_experts.other_ranks_experts(_model()).remote == f.remote
+
+
 def test_off_without_expert_parallelism_or_release_or_switch(release, monkeypatch):
     assert ep_experts.other_ranks_experts(_model(use_ep=False)) is None  # TP-sharded experts: every rank needs all
     # checkpoint experts with replicas on several ranks: vLLM's loader places them
