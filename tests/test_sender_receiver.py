@@ -135,18 +135,23 @@ def test_bounded_memory_bucket_count():
         assert all(s.buf.numel() == per_bucket * each + wire.SEAL_SIZE for s in sender._slots)
 
 
-def test_bucket_buffers_grow_to_what_a_step_needs():
-    """CPU bucket buffers start at FIRST_SLOT_BYTES and double as a bucket
-    fills, keeping what is packed already: a small step holds a small
-    buffer whatever bucket_bytes says, a large one gets full buckets, and
-    the bytes arrive unchanged across each growth."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_bucket_buffers_grow_to_what_a_step_needs(device):
+    """Non-grouped bucket buffers (CPU; CUDA without Triton) start at
+    FIRST_SLOT_BYTES and double as a bucket fills, keeping what is packed
+    already: a small step holds a small buffer whatever bucket_bytes says, a
+    large one gets full buckets, and the bytes arrive unchanged across each
+    growth (on CUDA the packing copies are asynchronous, so a growth copy
+    must follow them on the stream)."""
     from vllm_fp8_overlay.sync.sender import FIRST_SLOT_BYTES
 
     g = torch.Generator().manual_seed(5)
-    small = {f"s.{i}": torch.randn(1000, generator=g) for i in range(4)}  # 16 KB
-    big = {f"b.{i}": torch.randn(300_000, generator=g) for i in range(12)}  # 1.2 MB each
-    rec = RecordingTransport()
+    small = {f"s.{i}": torch.randn(1000, generator=g).to(device) for i in range(4)}  # 16 KB
+    big = {f"b.{i}": torch.randn(300_000, generator=g).to(device) for i in range(12)}  # 1.2 MB each
+    rec = RecordingTransport(device=device)
     s = WeightSender(None, "", 0, 0, bucket_bytes=8 << 20, transport=rec)
+    s._grouped = False  # the path under test (CUDA takes the grouped one where Triton exists)
     s.send(small, step=1)
     first = len(rec.messages)
     assert [x.buf.numel() for x in s._slots if x.buf is not None] == [FIRST_SLOT_BYTES + wire.SEAL_SIZE]
