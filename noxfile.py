@@ -19,6 +19,7 @@ what each release needs.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -64,10 +65,20 @@ def _reference_python(session: nox.Session) -> str:
     return str(venv / "bin" / "python")
 
 
+def _trainer_sources() -> str:
+    """Newer releases' trainer sides (``TRAINER_SOURCES``), for the tests
+    that run a trainer of such a release against a ``TRAINER_ENGINE`` engine."""
+    return os.pathsep.join(
+        str(vllm_env.build_trainer_sources(v, ROOT / ".nox" / f"trainer-vllm-{v.replace('.', '-')}"))
+        for v in vllm_env.TRAINER_SOURCES)
+
+
 def _pytest(session: nox.Session, rel: vllm_env.Release, venv: Path, *args: str,
             success_codes: tuple[int, ...] = (0,), **extra_env: str) -> None:
     env = vllm_env.run_env(rel, venv) | extra_env
     env[vllm_env.REFERENCE_ENV] = _reference_python(session)
+    if rel.vllm == vllm_env.TRAINER_ENGINE:
+        env[vllm_env.TRAINER_SOURCES_ENV] = _trainer_sources()
     session.run(str(venv / "bin" / "python"), "-m", "pytest", *PYTEST_ARGS, *args,
                 env=env, external=True, success_codes=list(success_codes))
 

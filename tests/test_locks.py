@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,3 +107,17 @@ def test_reference_lock_pins_llmcompressor_on_the_cpu_torch():
     assert all(hashes for _, _, hashes in entries)
     for name in vllm_env.EXCLUDES:
         assert name not in pins
+
+
+def test_trainer_sources_are_pinned_wheels_of_newer_releases():
+    """A newer release's trainer side is fetched by URL and checked by
+    sha256 (``build_trainer_sources``): each entry names its own release's
+    wheel, and no release there also has a CPU lock (it would be tested as
+    an engine instead)."""
+    assert vllm_env.TRAINER_ENGINE in vllm_env.RELEASES
+    for version, (url, sha) in vllm_env.TRAINER_SOURCES.items():
+        assert url.startswith("https://files.pythonhosted.org/") and url.endswith(".whl"), url
+        assert f"/vllm-{version}-" in url, (version, url)
+        assert re.fullmatch(r"[0-9a-f]{64}", sha), sha
+        assert version not in vllm_env.RELEASES
+        assert Version(version) > Version(vllm_env.TRAINER_ENGINE), version

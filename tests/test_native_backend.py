@@ -361,3 +361,61 @@ def test_vllm_serve_native_routes_three_updates(native_server, weights):
             assert warm[0] == cold.tokens, f"serve update {k}: tokens {warm[0]} vs cold {cold.tokens}"
             assert warm[1] == cold.logprobs, f"serve update {k}: logprobs {warm[1]} vs cold {cold.logprobs}"
     compat.check_observation(harness.vllm_version(), "native_serve", {"format": FMT, "updates_equal_cold": STEPS})
+
+
+def _trainer_sources() -> list:
+    """The installed release's trainer side, and each newer release's whose
+    Python the run names (``TRAINER_SOURCES`` in ``tools/vllm_env.py``; the
+    nox sessions fetch and name them)."""
+    dirs = [d for d in os.environ.get("FP8_OVERLAY_TRAINER_SOURCES", "").split(os.pathsep) if d]
+    return [pytest.param(None, id="installed"), *(pytest.param(d, id=Path(d).name) for d in dirs)]
+
+
+@pytest.mark.parametrize("trainer_src", _trainer_sources())
+def test_vllm_trainer_api_over_http_drives_vllm_serve(native_server, weights, trainer_src):
+    """(6) A trainer process written against vLLM's API, ``fp8`` named:
+    vLLM's ``HTTPVLLMWeightSyncClient``, ``ModuleSource`` and
+    ``WeightTransferTrainerFactory`` drive ``vllm serve``; after each update
+    completions equal a fresh engine's. With ``trainer_src`` the trainer runs
+    a newer release's trainer side (0.33 made a ``WeightSource`` yield
+    through ``iter_full()`` instead of being iterable) against this engine."""
+    if VERSION < (0, 28):
+        pytest.skip(f"vLLM {harness.vllm_version()} has no trainer-side factory (from 0.28)")
+    url, model = native_server
+    ws, ckpt, base = weights
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if trainer_src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (trainer_src, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "vllm_fp8_overlay.testing.native_trainer", "--url", url, "--model", str(base),
+           "--port", str(free_port()), "--timeout", str(TIMEOUT),
+           "--takeover"]  # the workers still belong to the trainer of the test before (as after a crash)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+    def reply() -> str:
+        line = proc.stdout.readline()
+        if not line:
+            proc.stdin.close()
+            raise AssertionError(f"trainer exited ({proc.wait(60)}): {proc.stderr.read()[-4000:]}")
+        return line.split()
+
+    try:
+        ready = reply()
+        want = harness.vllm_version() if trainer_src is None else \
+            next(Path(trainer_src).glob("vllm-*.dist-info")).name[len("vllm-"):-len(".dist-info")]
+        assert ready == ["ready", want], ready
+        for k in range(1, tiers.steps(ci=2, full=STEPS) + 1):
+            step = next(STEP)
+            proc.stdin.write(f"{step} {ckpt['bf16'][k]}\n")
+            proc.stdin.flush()
+            assert reply() == ["ok", str(step)]
+            warm = _complete(url, model)
+            cold = out.cold_outputs(ckpt[FMT][k], PROMPTS, NTOK)
+            assert warm[0] == cold.tokens, f"trainer {ready[1]} update {k}: tokens {warm[0]} vs cold {cold.tokens}"
+            assert warm[1] == cold.logprobs, f"trainer {ready[1]} update {k}: logprobs differ from cold"
+        proc.stdin.close()
+        assert proc.wait(120) == 0, proc.stderr.read()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

