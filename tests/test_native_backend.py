@@ -372,13 +372,15 @@ def _trainer_sources() -> list:
 
 
 @pytest.mark.parametrize("trainer_src", _trainer_sources())
-def test_vllm_trainer_api_over_http_drives_vllm_serve(native_server, weights, trainer_src):
+def test_vllm_trainer_api_over_http_drives_vllm_serve(native_server, weights, trainer_src, tmp_path):
     """(6) A trainer process written against vLLM's API, ``fp8`` named:
     vLLM's ``HTTPVLLMWeightSyncClient``, ``ModuleSource`` and
     ``WeightTransferTrainerFactory`` drive ``vllm serve``; after each update
     completions equal a fresh engine's. With ``trainer_src`` the trainer runs
     a newer release's trainer side (0.33 made a ``WeightSource`` yield
     through ``iter_full()`` instead of being iterable) against this engine."""
+    from vllm_fp8_overlay.testing import native_trainer
+
     if VERSION < (0, 28):
         pytest.skip(f"vLLM {harness.vllm_version()} has no trainer-side factory (from 0.28)")
     url, model = native_server
@@ -389,15 +391,16 @@ def test_vllm_trainer_api_over_http_drives_vllm_serve(native_server, weights, tr
     cmd = [sys.executable, "-m", "vllm_fp8_overlay.testing.native_trainer", "--url", url, "--model", str(base),
            "--port", str(free_port()), "--timeout", str(TIMEOUT),
            "--takeover"]  # the workers still belong to the trainer of the test before (as after a crash)
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    log = tmp_path / "trainer.log"  # a file, not a pipe: a full pipe would stop the trainer mid-step
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fh, text=True, env=env)
 
-    def reply() -> str:
-        line = proc.stdout.readline()
-        if not line:
-            proc.stdin.close()
-            raise AssertionError(f"trainer exited ({proc.wait(60)}): {proc.stderr.read()[-4000:]}")
-        return line.split()
+    def reply() -> list[str]:
+        for line in proc.stdout:  # log lines a library prints to stdout are passed over
+            if line.startswith(native_trainer.PREFIX):
+                return line.split()[1:]
+        proc.stdin.close()
+        raise AssertionError(f"trainer exited ({proc.wait(60)}): {log.read_text()[-4000:]}")
 
     try:
         ready = reply()
@@ -414,7 +417,7 @@ def test_vllm_trainer_api_over_http_drives_vllm_serve(native_server, weights, tr
             assert warm[0] == cold.tokens, f"trainer {ready[1]} update {k}: tokens {warm[0]} vs cold {cold.tokens}"
             assert warm[1] == cold.logprobs, f"trainer {ready[1]} update {k}: logprobs differ from cold"
         proc.stdin.close()
-        assert proc.wait(120) == 0, proc.stderr.read()[-4000:]
+        assert proc.wait(120) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,9 +11,11 @@ than the engine's (that release's Python first on ``PYTHONPATH``: see
 
     python -m vllm_fp8_overlay.testing.native_trainer --url URL --model HF_DIR --port PORT
 
-It prints ``ready <vLLM release>`` once the group is up, then reads lines
-``<step> <checkpoint dir>`` from stdin: loads that checkpoint into its model
-in place (a training step), sends it, and prints ``ok <step>``. End of
+It prints ``native_trainer: ready <vLLM release>`` once the group is up,
+then reads lines ``<step> <checkpoint dir>`` from stdin: loads that
+checkpoint into its model in place (a training step), sends it, and prints
+``native_trainer: ok <step>`` (the prefix tells these lines from any log
+line a library writes to stdout). End of
 input shuts the engine down. Any error goes to stderr with a non-zero exit.
 """
 
@@ -21,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+#: starts every line of this process's answers on stdout
+PREFIX = "native_trainer:"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
                               timeout=a.timeout, takeover=a.takeover)
     engine = WeightTransferTrainerFactory.trainer_init(info, client=HTTPVLLMWeightSyncClient(a.url),
                                                        source=ModuleSource(model))
-    print("ready", installed_vllm_version(), flush=True)
+    print(PREFIX, "ready", installed_vllm_version(), flush=True)
     try:
         for line in sys.stdin:
             step, ckpt = line.split(maxsplit=1)
             model.load_state_dict(load_checkpoint(ckpt.strip()), strict=True)
             engine.send_weights(step=int(step))
-            print("ok", step, flush=True)
+            print(PREFIX, "ok", step, flush=True)
     finally:
         engine.shutdown()
     return 0
