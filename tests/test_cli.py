@@ -16,6 +16,7 @@ from importlib import metadata, resources
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 import vllm_fp8_overlay
 from vllm_fp8_overlay import __main__ as cli
@@ -88,6 +89,7 @@ def test_status_json_is_only_json(configure_logging):
     assert {"covered", "allowed", "entry_point", "reason"} <= set(data["plugin"])
     assert {row["id"] for row in data["patches"]} == {p.id for p in compat.patches()}
     assert all(row["state"] != "pending" for row in data["patches"]), data["patches"]
+    assert data["tested"] == "tested"  # every release the suite runs on is in the record
 
 
 @pytest.mark.vllm
@@ -180,6 +182,20 @@ print(json.dumps(out))
 
 
 # ------------------------------------------------------------------ compat
+def test_status_says_how_a_release_stands_against_the_tested_ones():
+    """A release outside the matrix is named as such in ``status``: newer than
+    the newest (vLLM 0.33 before its CPU wheel), older, or between two."""
+    releases = compat.tested_releases()
+    assert releases == sorted(compat.load_record(), key=Version) and len(releases) >= 2
+    assert all(compat.tested_verdict(r) == "tested" for r in releases)
+    newer = Version(releases[-1]).major, Version(releases[-1]).minor + 1
+    assert compat.tested_verdict(f"{newer[0]}.{newer[1]}.0").startswith(
+        f"newer than every release tested as an engine (newest: {releases[-1]})")
+    assert compat.tested_verdict("0.1.0") == f"older than every tested release (oldest: {releases[0]})"
+    assert compat.tested_verdict("0.21.0") == "not tested itself; tested releases around it: 0.20.2 and 0.22.1"
+    assert compat.tested_verdict(None) is None
+
+
 def test_compat_reads_the_packaged_record():
     resource = resources.files("vllm_fp8_overlay").joinpath(compat.RECORD_NAME)
     assert resource.is_file(), "the matrix record must live inside the package"

@@ -90,9 +90,12 @@ def _collect_status(import_vllm: bool) -> dict:
                 import_error = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a broken build (torch missing, undefined symbol ...)
             import_error = f"{type(exc).__name__}: {exc}"
+    from vllm_fp8_overlay.compat import tested_verdict
+
     return {
         "overlay": overlay.__version__,
         "vllm": str(version) if version else None,
+        "tested": tested_verdict(version),
         "vllm_import_error": import_error,
         "active": overlay.is_active(),
         "plugin": plugin_coverage().as_dict(),
@@ -113,6 +116,8 @@ def _status(args) -> int:
     print(f"vllm-fp8-overlay {data['overlay']}; vLLM {data['vllm'] or 'not installed'}")
     if data["vllm_import_error"]:
         print(f"  vLLM could not be imported: {data['vllm_import_error']}")
+    if data["tested"]:
+        print(f"  this vLLM against the test matrix: {data['tested']}")
     print(f"  this process: overlay {'active' if data['active'] else 'not active'}")
     plugin = data["plugin"]
     covered = "covered" if plugin["covered"] else "NOT covered"

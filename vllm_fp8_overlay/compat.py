@@ -52,6 +52,30 @@ def source_checkout() -> Path | None:
     return None
 
 
+def tested_releases(record: dict | None = None) -> list[str]:
+    """The vLLM releases the matrix tests ran as engines, oldest first."""
+    return sorted(load_record() if record is None else record, key=Version)
+
+
+def tested_verdict(version: str | Version | None, record: dict | None = None) -> str | None:
+    """How ``version`` stands against the tested releases: ``"tested"``, or
+    a sentence a user on another release should read (``None`` without vLLM)."""
+    releases = tested_releases(record)
+    if version is None or not releases:
+        return None
+    v = Version(str(version))
+    if str(v) in releases:
+        return "tested"
+    if v > Version(releases[-1]):
+        return (f"newer than every release tested as an engine (newest: {releases[-1]}): the overlay's "
+                "adapters and the worker extension assume the newest's APIs; COMPAT.md says what was checked")
+    if v < Version(releases[0]):
+        return f"older than every tested release (oldest: {releases[0]})"
+    below = max(r for r in releases if Version(r) < v)
+    above = min(r for r in releases if Version(r) > v)
+    return f"not tested itself; tested releases around it: {below} and {above}"
+
+
 def patches():
     return [cls() for cls in PATCH_CLASSES]
 
