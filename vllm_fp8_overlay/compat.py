@@ -57,10 +57,10 @@ def tested_releases(record: dict | None = None) -> list[str]:
     return sorted(load_record() if record is None else record, key=Version)
 
 
-def tested_verdict(version: str | Version | None, record: dict | None = None) -> str | None:
+def tested_verdict(version: str | Version | None) -> str | None:
     """How ``version`` stands against the tested releases: ``"tested"``, or
     a sentence a user on another release should read (``None`` without vLLM)."""
-    releases = tested_releases(record)
+    releases = tested_releases()
     if version is None or not releases:
         return None
     v = Version(str(version))
@@ -201,7 +201,7 @@ def render(record: dict | None = None) -> str:
         "| vLLM | " + " | ".join(f"`{p.id}`" for p in ps) + " |",
         "|---|" + "---|" * len(ps),
     ]
-    versions = sorted(record, key=Version)
+    versions = tested_releases(record)
     diffs = _fork_diffs()
     for v in versions:
         cells = []

@@ -119,10 +119,9 @@ _REMOTE_BY_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, frozense
 
 
 def _remote_by_prefix(model: torch.nn.Module) -> dict[str, frozenset[int]]:
-    try:
-        return _REMOTE_BY_MODEL[model]
-    except (KeyError, TypeError):
-        pass
+    known = _REMOTE_BY_MODEL.get(model)
+    if known is not None:
+        return known
     remote: dict[str, frozenset[int]] = {}
     for name, layer in model.named_modules():
         try:
@@ -133,10 +132,7 @@ def _remote_by_prefix(model: torch.nn.Module) -> dict[str, frozenset[int]]:
         if ids:
             for prefix in _checkpoint_prefixes(name):
                 remote[prefix] = ids
-    try:
-        _REMOTE_BY_MODEL[model] = remote
-    except TypeError:  # not weak-referenceable: computed again next time
-        pass
+    _REMOTE_BY_MODEL[model] = remote
     return remote
 
 
